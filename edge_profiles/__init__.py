@@ -1,0 +1,1 @@
+"""Edge device profiles (TOML), shipped as package data: faasmoe.edge_profiles."""

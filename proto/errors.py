@@ -1,0 +1,106 @@
+"""The one exception tree of faasmoe, shared by node and router.
+
+    FaasmoeError
+    ├── ConfigError              bad flags, profile or environment               (CLI exit 2)
+    ├── CheckpointError          malformed or unsupported checkpoint / store
+    ├── PlacementError           functions do not fit the nodes' budgets
+    └── MeshError                anything that happened talking to a node
+        ├── InvalidRequest       wrong dtype / shape / length, bad frame      INVALID_ARGUMENT
+        ├── FunctionNotFound     function id unknown on that node               NOT_FOUND
+        ├── IntegrityError       deployed bytes do not match their sha256       DATA_LOSS
+        ├── NodeFull             over the memory budget, or queue full          RESOURCE_EXHAUSTED
+        │   └── Backpressure     bounded wait queue full: retry later, not a failure
+        ├── NodeUnavailable      unreachable, crashed, or missed the deadline   UNAVAILABLE / DEADLINE_EXCEEDED
+        └── NodeInternalError    anything else the node reports                 INTERNAL
+
+gRPC status codes are mapped to this tree here and only here: nodes raise these errors and abort with
+``err.grpc_code``; routers turn a failed call into an error with :func:`from_grpc`.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class FaasmoeError(Exception):
+    """Root of every error faasmoe raises on purpose. ``str(err)`` is a one-line message."""
+
+    grpc_code = grpc.StatusCode.INTERNAL
+
+
+class ConfigError(FaasmoeError):
+    grpc_code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class CheckpointError(FaasmoeError):
+    pass
+
+
+class PlacementError(FaasmoeError):
+    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class MeshError(FaasmoeError):
+    def __init__(self, message: str, node: str | None = None):
+        super().__init__(f"{node}: {message}" if node else message)
+        self.node = node
+        self.detail = message
+
+
+class InvalidRequest(MeshError):
+    grpc_code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class FunctionNotFound(MeshError):
+    grpc_code = grpc.StatusCode.NOT_FOUND
+
+
+class IntegrityError(MeshError):
+    grpc_code = grpc.StatusCode.DATA_LOSS
+
+
+class NodeFull(MeshError):
+    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class Backpressure(NodeFull):
+    """The node's bounded wait queue is full. Callers back off and retry; it is not a failure."""
+
+
+BACKPRESSURE_PREFIX = "backpressure: "
+
+
+class NodeUnavailable(MeshError):
+    grpc_code = grpc.StatusCode.UNAVAILABLE
+
+
+class NodeInternalError(MeshError):
+    grpc_code = grpc.StatusCode.INTERNAL
+
+
+_BY_CODE: dict[grpc.StatusCode, type[MeshError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidRequest,
+    grpc.StatusCode.NOT_FOUND: FunctionNotFound,
+    grpc.StatusCode.DATA_LOSS: IntegrityError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: NodeFull,
+    grpc.StatusCode.UNAVAILABLE: NodeUnavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: NodeUnavailable,
+    grpc.StatusCode.CANCELLED: NodeUnavailable,
+}
+
+
+def grpc_details(err: FaasmoeError) -> str:
+    """The details string a node sends for ``err`` (backpressure is tagged so routers can tell)."""
+    detail = getattr(err, "detail", str(err))
+    return BACKPRESSURE_PREFIX + detail if isinstance(err, Backpressure) else detail
+
+
+def from_grpc(code: grpc.StatusCode, details: str | None, node: str) -> MeshError:
+    """The error a router raises for a failed call to ``node``."""
+    details = details or code.name.lower()
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and details.startswith(BACKPRESSURE_PREFIX):
+        return Backpressure(details[len(BACKPRESSURE_PREFIX):], node=node)
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return NodeUnavailable(f"missed the deadline ({details})", node=node)
+    cls = _BY_CODE.get(code, NodeInternalError)
+    return cls(details, node=node)

@@ -1,0 +1,189 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class TensorSpec(_message.Message):
+    __slots__ = ("dtype", "shape")
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    dtype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class FunctionHeader(_message.Message):
+    __slots__ = ("function_id", "size_bytes", "layer", "expert_ids", "model_id", "dtype")
+    FUNCTION_ID_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_IDS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    function_id: str
+    size_bytes: int
+    layer: int
+    expert_ids: _containers.RepeatedScalarFieldContainer[int]
+    model_id: str
+    dtype: str
+    def __init__(self, function_id: _Optional[str] = ..., size_bytes: _Optional[int] = ..., layer: _Optional[int] = ..., expert_ids: _Optional[_Iterable[int]] = ..., model_id: _Optional[str] = ..., dtype: _Optional[str] = ...) -> None: ...
+
+class DeployChunk(_message.Message):
+    __slots__ = ("header", "data")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    header: FunctionHeader
+    data: bytes
+    def __init__(self, header: _Optional[_Union[FunctionHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class DeployReply(_message.Message):
+    __slots__ = ("function_id", "already_present", "deployed_bytes")
+    FUNCTION_ID_FIELD_NUMBER: _ClassVar[int]
+    ALREADY_PRESENT_FIELD_NUMBER: _ClassVar[int]
+    DEPLOYED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    function_id: str
+    already_present: bool
+    deployed_bytes: int
+    def __init__(self, function_id: _Optional[str] = ..., already_present: _Optional[bool] = ..., deployed_bytes: _Optional[int] = ...) -> None: ...
+
+class UndeployRequest(_message.Message):
+    __slots__ = ("function_id",)
+    FUNCTION_ID_FIELD_NUMBER: _ClassVar[int]
+    function_id: str
+    def __init__(self, function_id: _Optional[str] = ...) -> None: ...
+
+class UndeployReply(_message.Message):
+    __slots__ = ("was_deployed", "deployed_bytes")
+    WAS_DEPLOYED_FIELD_NUMBER: _ClassVar[int]
+    DEPLOYED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    was_deployed: bool
+    deployed_bytes: int
+    def __init__(self, was_deployed: _Optional[bool] = ..., deployed_bytes: _Optional[int] = ...) -> None: ...
+
+class FunctionCall(_message.Message):
+    __slots__ = ("function_id", "rows", "expert_row_counts")
+    FUNCTION_ID_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_ROW_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    function_id: str
+    rows: _containers.RepeatedScalarFieldContainer[int]
+    expert_row_counts: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, function_id: _Optional[str] = ..., rows: _Optional[_Iterable[int]] = ..., expert_row_counts: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class InvokeRequest(_message.Message):
+    __slots__ = ("request_id", "tenant_id", "layer", "hidden", "calls")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    CALLS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    tenant_id: str
+    layer: int
+    hidden: TensorSpec
+    calls: _containers.RepeatedCompositeFieldContainer[FunctionCall]
+    def __init__(self, request_id: _Optional[str] = ..., tenant_id: _Optional[str] = ..., layer: _Optional[int] = ..., hidden: _Optional[_Union[TensorSpec, _Mapping]] = ..., calls: _Optional[_Iterable[_Union[FunctionCall, _Mapping]]] = ...) -> None: ...
+
+class CallResult(_message.Message):
+    __slots__ = ("function_id", "output", "compute_s", "cold_start", "load_s")
+    FUNCTION_ID_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
+    COLD_START_FIELD_NUMBER: _ClassVar[int]
+    LOAD_S_FIELD_NUMBER: _ClassVar[int]
+    function_id: str
+    output: TensorSpec
+    compute_s: float
+    cold_start: bool
+    load_s: float
+    def __init__(self, function_id: _Optional[str] = ..., output: _Optional[_Union[TensorSpec, _Mapping]] = ..., compute_s: _Optional[float] = ..., cold_start: _Optional[bool] = ..., load_s: _Optional[float] = ...) -> None: ...
+
+class InvokeReply(_message.Message):
+    __slots__ = ("request_id", "node_id", "results", "node_s")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    NODE_S_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    node_id: str
+    results: _containers.RepeatedCompositeFieldContainer[CallResult]
+    node_s: float
+    def __init__(self, request_id: _Optional[str] = ..., node_id: _Optional[str] = ..., results: _Optional[_Iterable[_Union[CallResult, _Mapping]]] = ..., node_s: _Optional[float] = ...) -> None: ...
+
+class LoadRequest(_message.Message):
+    __slots__ = ("function_ids", "wait")
+    FUNCTION_IDS_FIELD_NUMBER: _ClassVar[int]
+    WAIT_FIELD_NUMBER: _ClassVar[int]
+    function_ids: _containers.RepeatedScalarFieldContainer[str]
+    wait: bool
+    def __init__(self, function_ids: _Optional[_Iterable[str]] = ..., wait: _Optional[bool] = ...) -> None: ...
+
+class LoadReply(_message.Message):
+    __slots__ = ("loaded", "missing")
+    LOADED_FIELD_NUMBER: _ClassVar[int]
+    MISSING_FIELD_NUMBER: _ClassVar[int]
+    loaded: _containers.RepeatedScalarFieldContainer[str]
+    missing: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, loaded: _Optional[_Iterable[str]] = ..., missing: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class StatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class FunctionStatus(_message.Message):
+    __slots__ = ("function_id", "layer", "expert_ids", "size_bytes", "loaded", "idle_s", "invocations", "in_flight", "resident_bytes", "model_id")
+    FUNCTION_ID_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_IDS_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LOADED_FIELD_NUMBER: _ClassVar[int]
+    IDLE_S_FIELD_NUMBER: _ClassVar[int]
+    INVOCATIONS_FIELD_NUMBER: _ClassVar[int]
+    IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    RESIDENT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    function_id: str
+    layer: int
+    expert_ids: _containers.RepeatedScalarFieldContainer[int]
+    size_bytes: int
+    loaded: bool
+    idle_s: float
+    invocations: int
+    in_flight: int
+    resident_bytes: int
+    model_id: str
+    def __init__(self, function_id: _Optional[str] = ..., layer: _Optional[int] = ..., expert_ids: _Optional[_Iterable[int]] = ..., size_bytes: _Optional[int] = ..., loaded: _Optional[bool] = ..., idle_s: _Optional[float] = ..., invocations: _Optional[int] = ..., in_flight: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., model_id: _Optional[str] = ...) -> None: ...
+
+class StatusReply(_message.Message):
+    __slots__ = ("node_id", "version", "profile", "memory_budget_bytes", "deployed_bytes", "loaded_bytes", "disk_budget_bytes", "disk_used_bytes", "threads", "rss_bytes", "keep_alive_s", "functions", "queue_depth", "capacity_bytes")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DEPLOYED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LOADED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DISK_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DISK_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    THREADS_FIELD_NUMBER: _ClassVar[int]
+    RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KEEP_ALIVE_S_FIELD_NUMBER: _ClassVar[int]
+    FUNCTIONS_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    version: str
+    profile: str
+    memory_budget_bytes: int
+    deployed_bytes: int
+    loaded_bytes: int
+    disk_budget_bytes: int
+    disk_used_bytes: int
+    threads: int
+    rss_bytes: int
+    keep_alive_s: float
+    functions: _containers.RepeatedCompositeFieldContainer[FunctionStatus]
+    queue_depth: int
+    capacity_bytes: int
+    def __init__(self, node_id: _Optional[str] = ..., version: _Optional[str] = ..., profile: _Optional[str] = ..., memory_budget_bytes: _Optional[int] = ..., deployed_bytes: _Optional[int] = ..., loaded_bytes: _Optional[int] = ..., disk_budget_bytes: _Optional[int] = ..., disk_used_bytes: _Optional[int] = ..., threads: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., keep_alive_s: _Optional[float] = ..., functions: _Optional[_Iterable[_Union[FunctionStatus, _Mapping]]] = ..., queue_depth: _Optional[int] = ..., capacity_bytes: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,137 @@
+"""Invoke frames: a small protobuf header followed by raw little-endian tensor payloads.
+
+    frame := u32le(len(header)) | header | payload_0 | payload_1 | ...
+
+Each payload is exactly ``prod(spec.shape) * itemsize(spec.dtype)`` bytes, in the order the header lists
+its TensorSpecs. Decoding validates everything before a byte is interpreted and returns numpy views of the
+received buffer (no copy). No pickle, ever.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from faasmoe.proto import faasmoe_pb2 as pb
+from faasmoe.proto.errors import InvalidRequest
+
+# dtype name on the wire -> little-endian numpy dtype
+WIRE_DTYPES: dict[str, np.dtype] = {
+    "float32": np.dtype("<f4"),
+    "float16": np.dtype("<f2"),
+    "int64": np.dtype("<i8"),
+    "int32": np.dtype("<i4"),
+}
+HIDDEN_DTYPES = ("float32", "float16")
+_LEN = struct.Struct("<I")
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+def spec_of(arr: np.ndarray) -> pb.TensorSpec:
+    name = arr.dtype.name
+    if name not in WIRE_DTYPES:
+        raise InvalidRequest(f"dtype {name} cannot travel on the wire (allowed: {', '.join(WIRE_DTYPES)})")
+    return pb.TensorSpec(dtype=name, shape=list(arr.shape))
+
+
+def spec_nbytes(spec: pb.TensorSpec, what: str) -> int:
+    dtype = WIRE_DTYPES.get(spec.dtype)
+    if dtype is None:
+        raise InvalidRequest(f"{what}: unknown dtype {spec.dtype!r} (allowed: {', '.join(WIRE_DTYPES)})")
+    if any(d < 0 for d in spec.shape):
+        raise InvalidRequest(f"{what}: negative dimension in shape {list(spec.shape)}")
+    return int(np.prod(spec.shape, dtype=np.int64)) * dtype.itemsize
+
+
+def encode(header, tensors: Sequence[np.ndarray]) -> bytes:
+    """Frame ``header`` (a protobuf message) and the raw bytes of ``tensors``."""
+    head = header.SerializeToString()
+    parts = [_LEN.pack(len(head)), head]
+    for arr in tensors:
+        le = arr.astype(arr.dtype.newbyteorder("<"), copy=False)
+        parts.append(np.ascontiguousarray(le).data)
+    return b"".join(parts)
+
+
+def decode(frame: bytes, header_cls, specs_of) -> tuple[object, list[np.ndarray]]:
+    """Parse a frame; ``specs_of(header)`` lists ``(what, TensorSpec)`` in payload order."""
+    view = memoryview(frame)
+    if len(view) < _LEN.size:
+        raise InvalidRequest(f"frame of {len(view)} bytes is shorter than its length prefix")
+    (head_len,) = _LEN.unpack_from(view)
+    if _LEN.size + head_len > len(view):
+        raise InvalidRequest(f"frame header length {head_len} exceeds the frame ({len(view)} bytes)")
+    header = header_cls()
+    try:
+        header.ParseFromString(view[_LEN.size:_LEN.size + head_len])
+    except Exception as exc:  # protobuf raises DecodeError or others on garbage
+        raise InvalidRequest(f"malformed frame header: {exc}") from None
+    offset = _LEN.size + head_len
+    specs = list(specs_of(header))
+    sizes = [spec_nbytes(spec, what) for what, spec in specs]
+    if offset + sum(sizes) != len(view):
+        raise InvalidRequest(
+            f"payload is {len(view) - offset} bytes but the header's tensors need {sum(sizes)} "
+            f"({', '.join(f'{w} {s.dtype}{list(s.shape)}' for w, s in specs)})")
+    arrays = []
+    for (what, spec), size in zip(specs, sizes):
+        arr = np.frombuffer(view, dtype=WIRE_DTYPES[spec.dtype], count=size // WIRE_DTYPES[spec.dtype].itemsize,
+                            offset=offset).reshape(tuple(spec.shape))
+        arrays.append(arr)
+        offset += size
+    return header, arrays
+
+
+@dataclass(frozen=True)
+class Call:
+    """One function's share of an Invoke: rows of the hidden tensor per expert, in expert order."""
+
+    function_id: str
+    rows: np.ndarray              # int32 [M]
+    expert_row_counts: Sequence[int]
+
+
+def encode_request(request_id: str, tenant_id: str, layer: int, hidden: np.ndarray,
+                   calls: Sequence[Call]) -> bytes:
+    header = pb.InvokeRequest(request_id=request_id, tenant_id=tenant_id, layer=layer, hidden=spec_of(hidden))
+    for call in calls:
+        header.calls.add(function_id=call.function_id, rows=call.rows.tolist(),
+                         expert_row_counts=list(call.expert_row_counts))
+    return encode(header, [hidden])
+
+
+def decode_request(frame: bytes) -> tuple[pb.InvokeRequest, np.ndarray]:
+    """Validate an Invoke frame and return its header and the hidden rows [N, H] (a view)."""
+    header, (hidden,) = decode(frame, pb.InvokeRequest, lambda h: [("hidden", h.hidden)])
+    if header.hidden.dtype not in HIDDEN_DTYPES:
+        raise InvalidRequest(f"hidden: dtype {header.hidden.dtype} not allowed (use {' or '.join(HIDDEN_DTYPES)})")
+    if hidden.ndim != 2:
+        raise InvalidRequest(f"hidden: expected 2 dimensions [rows, hidden_size], got shape {list(hidden.shape)}")
+    n_rows = hidden.shape[0]
+    for call in header.calls:
+        counts = list(call.expert_row_counts)
+        if any(c < 0 for c in counts) or sum(counts) != len(call.rows):
+            raise InvalidRequest(f"{call.function_id}: expert_row_counts {counts} do not add up to "
+                                 f"{len(call.rows)} rows")
+        if call.rows and (min(call.rows) < 0 or max(call.rows) >= n_rows):
+            raise InvalidRequest(f"{call.function_id}: row index out of range [0, {n_rows})")
+    return header, hidden
+
+
+def encode_reply(request_id: str, node_id: str, results: Sequence[tuple[pb.CallResult, np.ndarray]],
+                 node_s: float) -> bytes:
+    header = pb.InvokeReply(request_id=request_id, node_id=node_id, node_s=node_s)
+    arrays = []
+    for result, output in results:
+        result.output.CopyFrom(spec_of(output))
+        header.results.append(result)
+        arrays.append(output)
+    return encode(header, arrays)
+
+
+def decode_reply(frame: bytes) -> tuple[pb.InvokeReply, list[np.ndarray]]:
+    return decode(frame, pb.InvokeReply,
+                  lambda h: [(f"output of {r.function_id}", r.output) for r in h.results])
