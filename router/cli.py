@@ -1,0 +1,91 @@
+"""``faasmoe-router``: generate through the mesh, place functions on nodes, show the mesh.
+
+Every flag can also come from an environment variable ``FAASMOE_ROUTER_<FLAG>`` (e.g.
+``FAASMOE_ROUTER_NODES=10.0.0.2:50051,10.0.0.3:50051``), handy in compose files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+
+from faasmoe.proto.errors import ConfigError, FaasmoeError
+
+log = logging.getLogger(__name__)
+ENV_PREFIX = "FAASMOE_ROUTER_"
+
+
+def env(flag: str, default=None):
+    return os.environ.get(ENV_PREFIX + flag.upper().replace("-", "_"), default)
+
+
+def add_mesh_arguments(p: argparse.ArgumentParser, store: bool = True) -> None:
+    if store:
+        p.add_argument("--store", default=env("store"), required=env("store") is None,
+                       help="store written by 'faasmoe split'")
+    p.add_argument("--nodes", default=env("nodes", ""),
+                   help="static node list HOST:PORT[,HOST:PORT...]")
+    p.add_argument("--discover", action="store_true", default=env("discover", "") not in ("", "0", "false"),
+                   help="find nodes over mDNS (_faasmoe._tcp.local.)")
+    p.add_argument("--mdns-interface", action="append", default=None,
+                   help="IPv4 address of an interface to browse mDNS on (repeatable; default: all)")
+    p.add_argument("--discover-wait-s", type=float, default=float(env("discover_wait_s", 3.0)),
+                   help="how long to wait for mDNS answers before planning (default 3)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="faasmoe-router", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    gen = sub.add_parser("generate", help="generate text through the mesh")
+    add_mesh_arguments(gen)
+    gen.add_argument("--prompt", action="append", required=True,
+                     help="prompt text (repeat for a batch of prompts)")
+    gen.add_argument("--max-new-tokens", type=int, default=int(env("max_new_tokens", 32)))
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--tenant", default=env("tenant", "default"), help="tenant id carried on every call")
+    gen.add_argument("--step-timeout-s", type=float, default=float(env("step_timeout_s", 30.0)),
+                     help="deadline of one layer step across all nodes (default 30)")
+    gen.add_argument("--no-replicas", action="store_true", help="place one copy of each function only")
+
+    place = sub.add_parser("place", help="plan where functions go (table) and deploy the difference")
+    add_mesh_arguments(place)
+    place.add_argument("--dry-run", action="store_true", help="show the plan, change nothing")
+    place.add_argument("--no-replicas", action="store_true", help="place one copy of each function only")
+
+    status = sub.add_parser("status", help="nodes, profiles, budgets, functions held and loaded, health")
+    add_mesh_arguments(status, store=False)
+    status.add_argument("--store", default=env("store"), help="name functions after this store's manifest")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        from faasmoe.router import commands
+        return getattr(commands, args.command)(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except FaasmoeError as exc:
+        if args.verbose:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""A router's connection to one node: deploy, invoke, status, load. Failed calls become the error tree
+of :mod:`faasmoe.proto.errors` here (the router's one mapping point).
+
+Channels are insecure today; :func:`make_channel` is the single place that will add mutual TLS.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Iterator
+
+import grpc
+
+from faasmoe.proto import faasmoe_pb2 as pb
+from faasmoe.proto.errors import MeshError, NodeUnavailable, from_grpc
+from faasmoe.proto.frames import DEFAULT_MAX_MESSAGE_BYTES
+
+SERVICE = "/faasmoe.v1.ExpertNode/"
+DEPLOY_CHUNK_BYTES = 1 << 20
+
+
+def make_channel(address: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> grpc.Channel:
+    options = [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.enable_retries", 0),
+        # reconnect quickly after a node comes back
+        ("grpc.initial_reconnect_backoff_ms", 200),
+        ("grpc.max_reconnect_backoff_ms", 1000),
+    ]
+    return grpc.insecure_channel(address, options=options)
+
+
+def raise_for(exc: grpc.RpcError, node: str) -> MeshError:
+    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+    details = exc.details() if hasattr(exc, "details") else str(exc)
+    return from_grpc(code, details, node)
+
+
+class NodeClient:
+    """Thread-safe; one per node. ``node`` names it in errors (its id, or its address)."""
+
+    def __init__(self, address: str, node: str | None = None,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+        self.address = address
+        self.node = node or address
+        self.max_message_bytes = max_message_bytes
+        self.channel = make_channel(address, max_message_bytes)
+        self._invoke = self.channel.unary_unary(SERVICE + "Invoke")   # raw frames both ways
+        self._deploy = self.channel.stream_unary(SERVICE + "Deploy", pb.DeployChunk.SerializeToString,
+                                                 pb.DeployReply.FromString)
+        self._undeploy = self.channel.unary_unary(SERVICE + "Undeploy", pb.UndeployRequest.SerializeToString,
+                                                  pb.UndeployReply.FromString)
+        self._load = self.channel.unary_unary(SERVICE + "Load", pb.LoadRequest.SerializeToString,
+                                              pb.LoadReply.FromString)
+        self._status = self.channel.unary_unary(SERVICE + "Status", pb.StatusRequest.SerializeToString,
+                                                pb.StatusReply.FromString)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def invoke_future(self, frame: bytes, timeout_s: float) -> grpc.Future:
+        return self._invoke.future(frame, timeout=max(timeout_s, 0.001))
+
+    def _call(self, method, request, timeout_s: float):
+        try:
+            return method(request, timeout=timeout_s)
+        except grpc.RpcError as exc:
+            raise raise_for(exc, self.node) from None
+
+    def status(self, timeout_s: float = 5.0) -> pb.StatusReply:
+        return self._call(self._status, pb.StatusRequest(), timeout_s)
+
+    def undeploy(self, function_id: str, timeout_s: float = 10.0) -> pb.UndeployReply:
+        return self._call(self._undeploy, pb.UndeployRequest(function_id=function_id), timeout_s)
+
+    def load(self, function_ids: list[str], wait: bool, timeout_s: float = 60.0) -> pb.LoadReply:
+        return self._call(self._load, pb.LoadRequest(function_ids=function_ids, wait=wait), timeout_s)
+
+    def deploy(self, path: Path, header: pb.FunctionHeader, timeout_s: float = 300.0) -> pb.DeployReply:
+        """Stream ``path`` to the node (1 MiB chunks, header first). The node verifies its sha256."""
+        return self._call(self._deploy, _chunks(Path(path), header), timeout_s)
+
+
+def _chunks(path: Path, header: pb.FunctionHeader) -> Iterator[pb.DeployChunk]:
+    with open(path, "rb") as fh:
+        first = fh.read(DEPLOY_CHUNK_BYTES)
+        yield pb.DeployChunk(header=header, data=first)
+        while chunk := fh.read(DEPLOY_CHUNK_BYTES):
+            yield pb.DeployChunk(data=chunk)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def unreachable(node: str, why: str) -> NodeUnavailable:
+    return NodeUnavailable(why, node=node)

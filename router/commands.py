@@ -1,0 +1,112 @@
+"""The router's subcommands (parsed in :mod:`faasmoe.router.cli`)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from contextlib import contextmanager
+
+from faasmoe.proto.errors import ConfigError
+from faasmoe.router import placement as pl
+from faasmoe.router.directory import NodeDirectory, parse_address
+from faasmoe.router.placement_format import format_plan, plan_to_dict
+
+MIB = 1 << 20
+
+
+@contextmanager
+def node_addresses(args):
+    """Yield the addresses of the nodes to use (static ``--nodes`` and/or ``--discover``)."""
+    static = [parse_address(a) for a in args.nodes.split(",") if a.strip()] if args.nodes else []
+    if not static and not args.discover:
+        raise ConfigError("no nodes: give --nodes HOST:PORT[,...] or --discover")
+    if not args.discover:
+        yield static, None
+        return
+    directory = NodeDirectory(static=static, mdns_interfaces=args.mdns_interface or [])
+    directory.start()
+    try:
+        directory.wait_for(lambda states: False, args.discover_wait_s)   # collect answers for a while
+        yield [s.address for s in directory.up_nodes()], directory
+    finally:
+        directory.stop()
+
+
+def _session(args):
+    from faasmoe.router.session import RouterSession
+    options = pl.PlacementOptions(replicate=not getattr(args, "no_replicas", False))
+    return RouterSession(args.store, tenant_id=getattr(args, "tenant", "default"),
+                         step_timeout_s=getattr(args, "step_timeout_s", 30.0), placement_options=options)
+
+
+def _specs(views):
+    return [pl.NodeSpec(v.address, v.capacity_bytes, max(1, v.status.threads)) for v in views]
+
+
+def place(args) -> int:
+    session = _session(args)
+    try:
+        with node_addresses(args) as addresses:
+            views = session.survey(addresses)
+            plan = session.plan(views)
+            deployed = undeployed = 0
+            if not args.dry_run:
+                deployed, undeployed = session.apply(plan, views)
+        if args.json:
+            out = plan_to_dict(plan, session.manifest.functions, _specs(views))
+            out.update(applied=not args.dry_run, deployed=deployed, undeployed=undeployed)
+            print(json.dumps(out))
+        else:
+            print(format_plan(plan, session.manifest.functions, _specs(views)))
+            print("dry run: nothing changed" if args.dry_run
+                  else f"deployed {deployed} function copies, undeployed {undeployed}")
+        return 0
+    finally:
+        session.close()
+
+
+def generate(args) -> int:
+    if args.max_new_tokens < 1:
+        raise ConfigError("--max-new-tokens must be at least 1")
+    from transformers import AutoTokenizer
+
+    from faasmoe.router.generate import generate as run
+    from faasmoe.router.model import build_mesh_model
+
+    session = _session(args)
+    try:
+        with node_addresses(args) as addresses:
+            t0 = time.perf_counter()
+            session.place_and_deploy(addresses)
+            t1 = time.perf_counter()
+            model = build_mesh_model(session.store, session.manifest, session.mesh)
+            tokenizer = AutoTokenizer.from_pretrained(str(session.store))
+            t2 = time.perf_counter()
+            results = run(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_p,
+                          args.seed)
+            t3 = time.perf_counter()
+        stats = session.mesh.stats
+        if args.json:
+            items = [dict(text=r.text, token_ids=r.token_ids, prompt_token_ids=r.prompt_token_ids,
+                          step_s=[round(s, 6) for s in r.step_s]) for r in results]
+            out = dict(items[0]) if len(items) == 1 else {"results": items}
+            out.update(deploy_s=round(t1 - t0, 3), load_model_s=round(t2 - t1, 3), generate_s=round(t3 - t2, 3),
+                       rpcs=stats.rpcs, cold_starts=stats.cold_starts, retries=stats.retries)
+            print(json.dumps(out))
+        else:
+            for r in results:
+                print(r.text)
+            print(f"[{sum(len(r.token_ids) for r in results)} tokens in {t3 - t2:.2f} s; "
+                  f"{stats.rpcs} RPCs, {stats.cold_starts} cold starts]", file=sys.stderr)
+        return 0
+    finally:
+        session.close()
+
+
+def status(args) -> int:
+    from faasmoe.router.status import collect, render
+    with node_addresses(args) as addresses:
+        report = collect(addresses, getattr(args, "store", None))
+    print(json.dumps(report) if args.json else render(report))
+    return 0

@@ -1,0 +1,98 @@
+"""Pure decision: which token rows go to which node, for one MoE layer and one step.
+
+Given the gate's choice ``top_k_index[T, k]`` and where each function lives, build one request per node:
+the distinct token rows that node needs (each sent once, even when several of its experts want it) and,
+per function, each expert's rows. Rows of one expert are ordered (slot, token) — the order transformers'
+``torch.where(expert_mask[e])`` yields — so the combine step can add them in transformers' order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from faasmoe.proto.errors import FunctionNotFound
+from faasmoe.proto.frames import Call
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Where one expert's outputs sit in a node's reply and which (token, slot) pairs they belong to."""
+
+    expert_id: int
+    call_index: int        # index of the call in the node's request
+    start: int             # first output row of this expert within that call's output
+    tokens: np.ndarray     # int64 [n] token indices into the step's T rows
+    slots: np.ndarray      # int64 [n] top-k slot of each pair
+
+
+@dataclass(frozen=True)
+class NodeBatch:
+    node_id: str
+    token_rows: np.ndarray          # int64 [N]: the step's rows this node receives, ascending
+    calls: tuple[Call, ...]
+    segments: tuple[Segment, ...]
+
+    @property
+    def pair_count(self) -> int:
+        return sum(len(s.tokens) for s in self.segments)
+
+
+@dataclass(frozen=True)
+class LayerFunctions:
+    """The functions of one layer: function id -> its expert ids (in the function's order)."""
+
+    experts_of: Mapping[str, Sequence[int]]
+
+    def function_of_expert(self) -> dict[int, tuple[str, int]]:
+        return {e: (fid, j) for fid, experts in self.experts_of.items() for j, e in enumerate(experts)}
+
+
+def plan_layer(top_k_index: np.ndarray, functions: LayerFunctions, node_of: Mapping[str, str],
+               layer: int = -1, pair_mask: np.ndarray | None = None) -> list[NodeBatch]:
+    """Group the (token, slot) pairs of ``top_k_index`` into one batch per node.
+
+    ``node_of`` maps each function id to the node chosen for it in this step; ``pair_mask[T, k]`` (optional)
+    keeps only some pairs (a retry of the pairs a failed node did not answer).
+    """
+    n_tokens, top_k = top_k_index.shape
+    experts = top_k_index.reshape(-1).astype(np.int64)
+    tokens = np.repeat(np.arange(n_tokens, dtype=np.int64), top_k)
+    slots = np.tile(np.arange(top_k, dtype=np.int64), n_tokens)
+    if pair_mask is not None:
+        keep = pair_mask.reshape(-1)
+        experts, tokens, slots = experts[keep], tokens[keep], slots[keep]
+    order = np.lexsort((tokens, slots, experts))          # by expert, then slot, then token
+    experts, tokens, slots = experts[order], tokens[order], slots[order]
+    hit, starts = np.unique(experts, return_index=True)
+    bounds = list(starts) + [len(experts)]
+    where = functions.function_of_expert()
+
+    per_node: dict[str, dict[str, dict[int, tuple[np.ndarray, np.ndarray]]]] = {}
+    for i, expert in enumerate(hit.tolist()):
+        if expert not in where:
+            raise FunctionNotFound(f"layer {layer}: no function holds expert {expert}")
+        fid, _ = where[expert]
+        node = node_of[fid]
+        per_node.setdefault(node, {}).setdefault(fid, {})[expert] = (
+            tokens[bounds[i]:bounds[i + 1]], slots[bounds[i]:bounds[i + 1]])
+
+    batches = []
+    for node in sorted(per_node):
+        funcs = per_node[node]
+        token_rows = np.unique(np.concatenate([t for f in funcs.values() for t, _ in f.values()]))
+        calls, segments = [], []
+        for ci, fid in enumerate(sorted(funcs)):
+            rows, counts, start = [], [], 0
+            for expert in functions.experts_of[fid]:
+                toks, sl = funcs[fid].get(expert, (np.empty(0, np.int64), np.empty(0, np.int64)))
+                counts.append(len(toks))
+                if len(toks):
+                    rows.append(np.searchsorted(token_rows, toks))
+                    segments.append(Segment(expert, ci, start, toks, sl))
+                    start += len(toks)
+            calls.append(Call(fid, np.concatenate(rows).astype(np.int32), tuple(counts)))
+        batches.append(NodeBatch(node, token_rows, tuple(calls), tuple(segments)))
+    return batches

@@ -1,0 +1,180 @@
+"""Fan-out of one MoE layer step to the nodes: one RPC per node, all concurrent, one absolute deadline.
+
+The mesh knows where functions live (``placement``: function id -> node ids) and the clients of those
+nodes. A node that fails with UNAVAILABLE is handed to ``on_node_failure`` (the router's recovery: re-place
+and deploy its functions on the survivors, or raise saying why it cannot); the unanswered pairs are then
+retried within the same deadline. Back-pressure (a node's full wait queue) is retried, not failed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+import grpc
+import numpy as np
+
+from faasmoe.proto import frames
+from faasmoe.proto.errors import Backpressure, MeshError, NodeUnavailable
+from faasmoe.router.client import NodeClient, raise_for
+from faasmoe.router.grouping import LayerFunctions, NodeBatch, plan_layer
+
+log = logging.getLogger(__name__)
+BACKOFF_S = (0.005, 0.02, 0.05, 0.1, 0.2)
+
+
+@dataclass
+class MeshStats:
+    """Where a step's time goes, summed over layer calls since the last reset."""
+
+    layer_calls: int = 0
+    rpcs: int = 0
+    function_calls: int = 0
+    rows_sent: int = 0
+    wall_s: float = 0.0          # run_layer end to end
+    encode_s: float = 0.0        # planning + framing on the router
+    wait_s: float = 0.0          # from sending to the last reply (RPC + node time)
+    node_compute_s: float = 0.0  # slowest node's ONNX time per layer call, summed
+    decode_s: float = 0.0        # reading replies
+    cold_starts: int = 0
+    retries: int = 0
+    by_node: dict = field(default_factory=dict)   # node -> rpc count
+
+    def dispatch_s(self) -> float:
+        """Time the mesh added beyond expert compute: serialization, RPC, waiting."""
+        return max(self.wall_s - self.node_compute_s, 0.0)
+
+
+@dataclass(frozen=True)
+class ExpertResult:
+    tokens: np.ndarray      # int64 [n]
+    slots: np.ndarray       # int64 [n]
+    output: np.ndarray      # float32 [n, H], unweighted expert output
+
+
+class ExpertMesh:
+    def __init__(self, layers: Mapping[int, LayerFunctions], clients: Mapping[str, NodeClient],
+                 placement: Mapping[str, Sequence[str]], *, tenant_id: str = "default",
+                 step_timeout_s: float = 30.0, max_message_bytes: int = frames.DEFAULT_MAX_MESSAGE_BYTES,
+                 on_node_failure: Callable[[str, MeshError], None] | None = None):
+        self.layers = dict(layers)
+        self.clients = dict(clients)
+        self.placement = {fid: tuple(nodes) for fid, nodes in placement.items()}
+        self.tenant_id = tenant_id
+        self.step_timeout_s = step_timeout_s
+        self.max_message_bytes = max_message_bytes
+        self.on_node_failure = on_node_failure
+        self.stats = MeshStats()
+        self._lock = threading.Lock()
+        self._turn = itertools.count()
+
+    def update(self, clients: Mapping[str, NodeClient], placement: Mapping[str, Sequence[str]]) -> None:
+        with self._lock:
+            self.clients = dict(clients)
+            self.placement = {fid: tuple(nodes) for fid, nodes in placement.items()}
+
+    def _route(self, layer: int) -> dict[str, str]:
+        """Pick one replica per function of ``layer`` (rotating, so replicas share the load)."""
+        turn = next(self._turn)
+        node_of = {}
+        with self._lock:
+            for fid in self.layers[layer].experts_of:
+                nodes = [n for n in self.placement.get(fid, ()) if n in self.clients]
+                if not nodes:
+                    raise NodeUnavailable(f"layer {layer}: function {fid[:12]} is on no reachable node")
+                node_of[fid] = nodes[turn % len(nodes)]
+        return node_of
+
+    def run_layer(self, layer: int, hidden: np.ndarray, top_k_index: np.ndarray,
+                  request_id: str | None = None) -> dict[int, list[ExpertResult]]:
+        """Expert outputs of ``layer`` for every (token, slot) pair, grouped by expert id."""
+        start = time.perf_counter()
+        deadline = start + self.step_timeout_s
+        hidden = np.ascontiguousarray(hidden, dtype=np.float32)
+        max_rows = max(1, int(0.9 * self.max_message_bytes) // (hidden.shape[1] * 4 * top_k_index.shape[1]))
+        results: dict[int, list[ExpertResult]] = {}
+        for lo in range(0, hidden.shape[0], max_rows):
+            part = self._run_chunk(layer, hidden[lo:lo + max_rows], top_k_index[lo:lo + max_rows], deadline,
+                                   request_id or uuid.uuid4().hex)
+            for expert, items in part.items():
+                results.setdefault(expert, []).extend(
+                    ExpertResult(r.tokens + lo, r.slots, r.output) for r in items)
+        self.stats.layer_calls += 1
+        self.stats.wall_s += time.perf_counter() - start
+        return results
+
+    def _run_chunk(self, layer, hidden, top_k_index, deadline, request_id):
+        pending = np.ones(top_k_index.shape, dtype=bool)
+        results: dict[int, list[ExpertResult]] = {}
+        backoff = iter(BACKOFF_S)
+        while pending.any():
+            t0 = time.perf_counter()
+            batches = plan_layer(top_k_index, self.layers[layer], self._route(layer), layer, pending)
+            failures = self._fan_out(layer, hidden, batches, deadline, request_id, results, pending, t0)
+            if not failures:
+                break
+            self.stats.retries += 1
+            for node, err in failures:
+                if isinstance(err, Backpressure):
+                    continue
+                if not isinstance(err, NodeUnavailable) or self.on_node_failure is None:
+                    raise err
+                self.on_node_failure(node, err)   # re-places, or raises why it cannot
+            if all(isinstance(e, Backpressure) for _, e in failures):
+                pause_s = next(backoff, BACKOFF_S[-1])
+                if time.perf_counter() + pause_s >= deadline:
+                    raise failures[0][1]
+                time.sleep(pause_s)
+            if time.perf_counter() >= deadline:
+                raise NodeUnavailable(f"layer {layer}: step deadline passed while retrying", node=failures[0][0])
+        return results
+
+    def _fan_out(self, layer, hidden, batches: list[NodeBatch], deadline, request_id, results, pending, t0):
+        futures = []
+        try:
+            for batch in batches:
+                frame = frames.encode_request(request_id, self.tenant_id, layer, hidden[batch.token_rows],
+                                              batch.calls)
+                client = self.clients[batch.node_id]
+                futures.append((batch, client.invoke_future(frame, deadline - time.perf_counter())))
+                self.stats.rows_sent += len(batch.token_rows)
+                self.stats.function_calls += len(batch.calls)
+                self.stats.by_node[batch.node_id] = self.stats.by_node.get(batch.node_id, 0) + 1
+            t1 = time.perf_counter()
+            self.stats.encode_s += t1 - t0
+            self.stats.rpcs += len(futures)
+            failures, replies = [], []
+            for batch, fut in futures:
+                try:
+                    replies.append((batch, fut.result()))
+                except grpc.RpcError as exc:
+                    failures.append((batch.node_id, raise_for(exc, batch.node_id)))
+                except grpc.FutureTimeoutError:
+                    failures.append((batch.node_id, NodeUnavailable("missed the step deadline", batch.node_id)))
+            t2 = time.perf_counter()
+            self.stats.wait_s += t2 - t1
+            slowest = 0.0
+            for batch, frame in replies:
+                header, outputs = frames.decode_reply(frame)
+                if len(outputs) != len(batch.calls):
+                    raise MeshError(f"replied {len(outputs)} results for {len(batch.calls)} calls", batch.node_id)
+                slowest = max(slowest, sum(r.compute_s + r.load_s for r in header.results))
+                self.stats.cold_starts += sum(r.cold_start for r in header.results)
+                for seg in batch.segments:
+                    out = outputs[seg.call_index][seg.start:seg.start + len(seg.tokens)]
+                    if out.shape != (len(seg.tokens), hidden.shape[1]):
+                        raise MeshError(f"output of expert {seg.expert_id} has shape {list(out.shape)}",
+                                        batch.node_id)
+                    results.setdefault(seg.expert_id, []).append(ExpertResult(seg.tokens, seg.slots, out))
+                    pending[seg.tokens, seg.slots] = False
+            self.stats.node_compute_s += slowest
+            self.stats.decode_s += time.perf_counter() - t2
+            return failures
+        finally:
+            for _, fut in futures:
+                fut.cancel()    # stragglers after an error; no-op for finished calls

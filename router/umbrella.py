@@ -1,0 +1,55 @@
+"""``faasmoe``: the umbrella command.
+
+    faasmoe demo [--model DIR] [--nodes N] [--group-size G]   the whole path on loopback
+    faasmoe split MODEL_DIR --out STORE [--group-size G]      checkpoint -> dense part + expert functions
+    faasmoe router ...                                        same as faasmoe-router
+    faasmoe node ...                                          same as faasmoe-node (started as its own program)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from faasmoe.proto.errors import ConfigError, FaasmoeError
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["router"]:
+        from faasmoe.router.cli import main as router_main
+        return router_main(argv[1:])
+    if argv[:1] == ["node"]:
+        # the node is a separate program (node and router never import each other)
+        os.execv(sys.executable, [sys.executable, "-m", "faasmoe.node", *argv[1:]])
+    parser = argparse.ArgumentParser(prog="faasmoe", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n".join(__doc__.splitlines()[2:]))
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    from faasmoe.router import demo, split
+    demo.add_arguments(sub.add_parser("demo", help="split a model, start local nodes, generate, compare"))
+    split.add_arguments(sub.add_parser("split", help="split a checkpoint into dense part + expert functions"))
+    sub.add_parser("router", help="the router's commands (faasmoe-router --help)", add_help=False)
+    sub.add_parser("node", help="run an edge node (faasmoe-node --help)", add_help=False)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return (demo.run if args.command == "demo" else split.run)(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except FaasmoeError as exc:
+        if args.verbose:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
