@@ -20,8 +20,8 @@ SERVICE = "/faasmoe.v1.ExpertNode/"
 DEPLOY_CHUNK_BYTES = 1 << 20
 
 
-def make_channel(address: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> grpc.Channel:
-    options = [
+def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
+    return [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.enable_retries", 0),
@@ -29,7 +29,10 @@ def make_channel(address: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTE
         ("grpc.initial_reconnect_backoff_ms", 200),
         ("grpc.max_reconnect_backoff_ms", 1000),
     ]
-    return grpc.insecure_channel(address, options=options)
+
+
+def make_channel(address: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> grpc.Channel:
+    return grpc.insecure_channel(address, options=channel_options(max_message_bytes))
 
 
 def raise_for(exc: grpc.RpcError, node: str) -> MeshError:
@@ -60,8 +63,8 @@ class NodeClient:
     def close(self) -> None:
         self.channel.close()
 
-    def invoke_future(self, frame: bytes, timeout_s: float) -> grpc.Future:
-        return self._invoke.future(frame, timeout=max(timeout_s, 0.001))
+    def invoke_blocking(self, frame: bytes, timeout_s: float) -> bytes:
+        return self._invoke(frame, timeout=max(timeout_s, 0.001))
 
     def _call(self, method, request, timeout_s: float):
         try:

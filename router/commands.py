@@ -47,7 +47,7 @@ def _specs(views):
 def place(args) -> int:
     session = _session(args)
     try:
-        with node_addresses(args) as addresses:
+        with node_addresses(args) as (addresses, directory):
             views = session.survey(addresses)
             plan = session.plan(views)
             deployed = undeployed = 0
@@ -76,7 +76,9 @@ def generate(args) -> int:
 
     session = _session(args)
     try:
-        with node_addresses(args) as addresses:
+        with node_addresses(args) as (addresses, directory):
+            if directory is not None:
+                session.on_mark_down = directory.mark_down
             t0 = time.perf_counter()
             session.place_and_deploy(addresses)
             t1 = time.perf_counter()
@@ -106,7 +108,7 @@ def generate(args) -> int:
 
 def status(args) -> int:
     from faasmoe.router.status import collect, render
-    with node_addresses(args) as addresses:
+    with node_addresses(args) as (addresses, directory):
         report = collect(addresses, getattr(args, "store", None))
     print(json.dumps(report) if args.json else render(report))
     return 0

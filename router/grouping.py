@@ -96,3 +96,30 @@ def plan_layer(top_k_index: np.ndarray, functions: LayerFunctions, node_of: Mapp
             calls.append(Call(fid, np.concatenate(rows).astype(np.int32), tuple(counts)))
         batches.append(NodeBatch(node, token_rows, tuple(calls), tuple(segments)))
     return batches
+
+
+def choose_replicas(needed: Sequence[str], replicas: Mapping[str, Sequence[str]], turn: int,
+                    compact: bool) -> dict[str, str]:
+    """Pick one node per needed function.
+
+    ``compact``: as few distinct nodes as possible (greedy set cover; a small decode step is dominated by
+    round trips, so one RPC to a node holding all four experts beats four parallel ones). Otherwise rotate
+    over each function's replicas by ``turn`` so large batches spread their compute. Ties rotate by ``turn``
+    too, so replicas share the load across steps. Functions with no replica are left out.
+    """
+    live = {fid: sorted(replicas[fid]) for fid in needed if replicas.get(fid)}
+    if not compact:
+        return {fid: nodes[turn % len(nodes)] for fid, nodes in live.items()}
+    chosen: dict[str, str] = {}
+    todo = set(live)
+    all_nodes = sorted({n for nodes in live.values() for n in nodes})
+    while todo:
+        cover = {n: sum(1 for fid in todo if n in live[fid]) for n in all_nodes}
+        best = max(cover.values())
+        ties = [n for n in all_nodes if cover[n] == best]
+        node = ties[turn % len(ties)]
+        for fid in sorted(todo):
+            if node in live[fid]:
+                chosen[fid] = node
+        todo -= set(chosen)
+    return chosen

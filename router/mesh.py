@@ -22,7 +22,8 @@ import numpy as np
 from faasmoe.proto import frames
 from faasmoe.proto.errors import Backpressure, MeshError, NodeUnavailable
 from faasmoe.router.client import NodeClient, raise_for
-from faasmoe.router.grouping import LayerFunctions, NodeBatch, plan_layer
+from faasmoe.router.fanout import invoke_all
+from faasmoe.router.grouping import LayerFunctions, NodeBatch, choose_replicas, plan_layer
 
 log = logging.getLogger(__name__)
 BACKOFF_S = (0.005, 0.02, 0.05, 0.1, 0.2)
@@ -61,7 +62,8 @@ class ExpertMesh:
     def __init__(self, layers: Mapping[int, LayerFunctions], clients: Mapping[str, NodeClient],
                  placement: Mapping[str, Sequence[str]], *, tenant_id: str = "default",
                  step_timeout_s: float = 30.0, max_message_bytes: int = frames.DEFAULT_MAX_MESSAGE_BYTES,
-                 on_node_failure: Callable[[str, MeshError], None] | None = None):
+                 on_node_failure: Callable[[str, MeshError], None] | None = None,
+                 compact_max_rows: int = 16):
         self.layers = dict(layers)
         self.clients = dict(clients)
         self.placement = {fid: tuple(nodes) for fid, nodes in placement.items()}
@@ -70,6 +72,9 @@ class ExpertMesh:
         self.max_message_bytes = max_message_bytes
         self.on_node_failure = on_node_failure
         self.stats = MeshStats()
+        self.compact_max_rows = compact_max_rows
+        self._where = {layer: {e: fid for e, (fid, _) in lf.function_of_expert().items()}
+                       for layer, lf in self.layers.items()}
         self._lock = threading.Lock()
         self._turn = itertools.count()
 
@@ -78,17 +83,17 @@ class ExpertMesh:
             self.clients = dict(clients)
             self.placement = {fid: tuple(nodes) for fid, nodes in placement.items()}
 
-    def _route(self, layer: int) -> dict[str, str]:
-        """Pick one replica per function of ``layer`` (rotating, so replicas share the load)."""
-        turn = next(self._turn)
-        node_of = {}
+    def _route(self, layer: int, top_k_index: np.ndarray, pending: np.ndarray) -> dict[str, str]:
+        """One replica per function this step needs (fewest nodes for small steps, rotation otherwise)."""
+        where = self._where[layer]
+        needed = sorted({where[e] for e in np.unique(top_k_index[pending]).tolist() if e in where})
         with self._lock:
-            for fid in self.layers[layer].experts_of:
-                nodes = [n for n in self.placement.get(fid, ()) if n in self.clients]
-                if not nodes:
-                    raise NodeUnavailable(f"layer {layer}: function {fid[:12]} is on no reachable node")
-                node_of[fid] = nodes[turn % len(nodes)]
-        return node_of
+            replicas = {fid: [n for n in self.placement.get(fid, ()) if n in self.clients] for fid in needed}
+        for fid, nodes in replicas.items():
+            if not nodes:
+                raise NodeUnavailable(f"layer {layer}: function {fid[:12]} is on no reachable node")
+        compact = top_k_index.shape[0] <= self.compact_max_rows
+        return choose_replicas(needed, replicas, next(self._turn), compact)
 
     def run_layer(self, layer: int, hidden: np.ndarray, top_k_index: np.ndarray,
                   request_id: str | None = None) -> dict[int, list[ExpertResult]]:
@@ -114,7 +119,8 @@ class ExpertMesh:
         backoff = iter(BACKOFF_S)
         while pending.any():
             t0 = time.perf_counter()
-            batches = plan_layer(top_k_index, self.layers[layer], self._route(layer), layer, pending)
+            batches = plan_layer(top_k_index, self.layers[layer], self._route(layer, top_k_index, pending), layer,
+                                 pending)
             failures = self._fan_out(layer, hidden, batches, deadline, request_id, results, pending, t0)
             if not failures:
                 break
@@ -135,46 +141,35 @@ class ExpertMesh:
         return results
 
     def _fan_out(self, layer, hidden, batches: list[NodeBatch], deadline, request_id, results, pending, t0):
-        futures = []
-        try:
-            for batch in batches:
-                frame = frames.encode_request(request_id, self.tenant_id, layer, hidden[batch.token_rows],
-                                              batch.calls)
-                client = self.clients[batch.node_id]
-                futures.append((batch, client.invoke_future(frame, deadline - time.perf_counter())))
-                self.stats.rows_sent += len(batch.token_rows)
-                self.stats.function_calls += len(batch.calls)
-                self.stats.by_node[batch.node_id] = self.stats.by_node.get(batch.node_id, 0) + 1
-            t1 = time.perf_counter()
-            self.stats.encode_s += t1 - t0
-            self.stats.rpcs += len(futures)
-            failures, replies = [], []
-            for batch, fut in futures:
-                try:
-                    replies.append((batch, fut.result()))
-                except grpc.RpcError as exc:
-                    failures.append((batch.node_id, raise_for(exc, batch.node_id)))
-                except grpc.FutureTimeoutError:
-                    failures.append((batch.node_id, NodeUnavailable("missed the step deadline", batch.node_id)))
-            t2 = time.perf_counter()
-            self.stats.wait_s += t2 - t1
-            slowest = 0.0
-            for batch, frame in replies:
-                header, outputs = frames.decode_reply(frame)
-                if len(outputs) != len(batch.calls):
-                    raise MeshError(f"replied {len(outputs)} results for {len(batch.calls)} calls", batch.node_id)
-                slowest = max(slowest, sum(r.compute_s + r.load_s for r in header.results))
-                self.stats.cold_starts += sum(r.cold_start for r in header.results)
-                for seg in batch.segments:
-                    out = outputs[seg.call_index][seg.start:seg.start + len(seg.tokens)]
-                    if out.shape != (len(seg.tokens), hidden.shape[1]):
-                        raise MeshError(f"output of expert {seg.expert_id} has shape {list(out.shape)}",
-                                        batch.node_id)
-                    results.setdefault(seg.expert_id, []).append(ExpertResult(seg.tokens, seg.slots, out))
-                    pending[seg.tokens, seg.slots] = False
-            self.stats.node_compute_s += slowest
-            self.stats.decode_s += time.perf_counter() - t2
-            return failures
-        finally:
-            for _, fut in futures:
-                fut.cancel()    # stragglers after an error; no-op for finished calls
+        calls = []
+        for batch in batches:
+            frame = frames.encode_request(request_id, self.tenant_id, layer, hidden[batch.token_rows], batch.calls)
+            calls.append((self.clients[batch.node_id], frame))
+            self.stats.rows_sent += len(batch.token_rows)
+            self.stats.function_calls += len(batch.calls)
+            self.stats.by_node[batch.node_id] = self.stats.by_node.get(batch.node_id, 0) + 1
+        t1 = time.perf_counter()
+        self.stats.encode_s += t1 - t0
+        self.stats.rpcs += len(calls)
+        replies = invoke_all(calls, deadline)
+        t2 = time.perf_counter()
+        self.stats.wait_s += t2 - t1
+        failures, slowest = [], 0.0
+        for batch, reply in zip(batches, replies):
+            if isinstance(reply, grpc.RpcError):
+                failures.append((batch.node_id, raise_for(reply, batch.node_id)))
+                continue
+            header, outputs = frames.decode_reply(reply)
+            if len(outputs) != len(batch.calls):
+                raise MeshError(f"replied {len(outputs)} results for {len(batch.calls)} calls", batch.node_id)
+            slowest = max(slowest, sum(r.compute_s + r.load_s for r in header.results))
+            self.stats.cold_starts += sum(r.cold_start for r in header.results)
+            for seg in batch.segments:
+                out = outputs[seg.call_index][seg.start:seg.start + len(seg.tokens)]
+                if out.shape != (len(seg.tokens), hidden.shape[1]):
+                    raise MeshError(f"output of expert {seg.expert_id} has shape {list(out.shape)}", batch.node_id)
+                results.setdefault(seg.expert_id, []).append(ExpertResult(seg.tokens, seg.slots, out))
+                pending[seg.tokens, seg.slots] = False
+        self.stats.node_compute_s += slowest
+        self.stats.decode_s += time.perf_counter() - t2
+        return failures

@@ -36,20 +36,21 @@ class MeshExperts(torch.nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
-        final = torch.zeros_like(hidden_states)
         x = hidden_states.detach().to(torch.float32).contiguous().numpy()
+        weights = top_k_weights.detach().to(torch.float32).numpy()
         results = self.mesh.run_layer(self.layer, x, top_k_index.detach().cpu().numpy())
+        final = np.zeros_like(x)
         for expert in sorted(results):
             items = results[expert]
-            tokens = np.concatenate([r.tokens for r in items])
-            slots = np.concatenate([r.slots for r in items])
+            tokens = np.concatenate([r.tokens for r in items]) if len(items) > 1 else items[0].tokens
+            slots = np.concatenate([r.slots for r in items]) if len(items) > 1 else items[0].slots
             out = np.concatenate([r.output for r in items]) if len(items) > 1 else items[0].output
-            order = np.lexsort((tokens, slots))          # (slot, token): transformers' order
-            tok = torch.from_numpy(tokens[order])
-            weighted = torch.from_numpy(np.ascontiguousarray(out[order])).to(final.dtype) \
-                * top_k_weights[tok, torch.from_numpy(slots[order]), None]
-            final.index_add_(0, tok, weighted.to(final.dtype))
-        return final
+            if len(items) > 1:
+                order = np.lexsort((tokens, slots))      # (slot, token): transformers' order
+                tokens, slots, out = tokens[order], slots[order], out[order]
+            # a token meets an expert at most once, so this is transformers' index_add_, in numpy
+            final[tokens] += out * weights[tokens, slots, None]
+        return torch.from_numpy(final).to(hidden_states.dtype)
 
 
 def moe_layers(config) -> list[int]:

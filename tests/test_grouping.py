@@ -62,3 +62,23 @@ def test_pair_mask_limits_the_plan():
 def test_unknown_expert_is_a_clear_error():
     with pytest.raises(FunctionNotFound, match="expert 7"):
         plan_layer(np.array([[7, 0]]), FUNCS, {"fA": "n1", "fB": "n1", "fC": "n1"}, layer=3)
+
+
+REPLICA_CASES = [
+    # id, needed, replicas, turn, compact, expected
+    ("single-replicas-forced", ["a", "b"], {"a": ["n1"], "b": ["n2"]}, 0, True, {"a": "n1", "b": "n2"}),
+    ("compact-one-node-covers-all", ["a", "b", "c"], {"a": ["n1", "n2"], "b": ["n2", "n3"], "c": ["n2"]}, 0, True,
+     {"a": "n2", "b": "n2", "c": "n2"}),
+    ("compact-two-nodes", ["a", "b", "c"], {"a": ["n1"], "b": ["n1", "n2"], "c": ["n2", "n3"]}, 0, True,
+     {"a": "n1", "b": "n1", "c": "n2"}),
+    ("compact-ties-rotate", ["a"], {"a": ["n1", "n2"]}, 1, True, {"a": "n2"}),
+    ("spread-rotates", ["a", "b"], {"a": ["n1", "n2"], "b": ["n2", "n3"]}, 1, False, {"a": "n2", "b": "n3"}),
+    ("no-replica-left-out", ["a", "b"], {"a": ["n1"], "b": []}, 0, True, {"a": "n1"}),
+]
+
+
+@pytest.mark.parametrize("needed,replicas,turn,compact,expected", [c[1:] for c in REPLICA_CASES],
+                         ids=[c[0] for c in REPLICA_CASES])
+def test_choose_replicas(needed, replicas, turn, compact, expected):
+    from faasmoe.router.grouping import choose_replicas
+    assert choose_replicas(needed, replicas, turn, compact) == expected

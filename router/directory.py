@@ -1,0 +1,314 @@
+"""The router's node directory: static ``host:port`` nodes plus mDNS records, kept honest by gRPC health checks.
+
+A node is ``up`` only while the standard gRPC health service answers SERVING. mDNS only tells us a node exists
+(a crashed node stays listed for minutes); every known node gets one channel and one checker thread that calls
+``grpc.health.v1.Health/Check`` every ``health_interval_s``, and at once when the channel's connection drops.
+A killed node (its kernel resets the connection) is reported down within milliseconds; a hung or partitioned
+one after at most about ``health_interval_s + health_timeout_s``.
+
+Subscribers get a :class:`DirectoryEvent` for every change, in order, from one dispatcher thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from faasmoe.proto.errors import ConfigError
+from faasmoe.router.discovery import MdnsBrowser, NodeRecord
+
+log = logging.getLogger(__name__)
+
+# Reconnect quickly once a node is back (gRPC's default backoff grows to 120 s).
+CHANNEL_OPTIONS = (
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+)
+STOP_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True)
+class NodeState:
+    node_id: str
+    address: str  # host:port
+    record: NodeRecord | None  # the mDNS record, None for a static node nobody advertises
+    up: bool
+    last_ok_s_ago: float | None  # None: never answered a health check
+    consecutive_failures: int
+    static: bool
+
+
+@dataclass(frozen=True)
+class DirectoryEvent:
+    kind: str  # "added" | "removed" | "up" | "down" | "updated"
+    node: NodeState
+
+
+def parse_address(address: str) -> str:
+    """Normalise ``host:port`` (``[v6]:port`` too); ConfigError when malformed."""
+    host, sep, port = address.strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"node address {address!r} is not host:port (e.g. 192.168.1.5:50051)")
+    return f"{host}:{int(port)}"
+
+
+@dataclass(eq=False)
+class _Entry:
+    address: str
+    static: bool
+    record: NodeRecord | None = None
+    up: bool = False
+    last_ok_monotonic_s: float | None = None
+    consecutive_failures: int = 0
+    stopped: bool = False
+    wake: threading.Event = field(default_factory=threading.Event)
+    channel: grpc.Channel | None = None
+    thread: threading.Thread | None = None
+
+    @property
+    def node_id(self) -> str:
+        return self.record.node_id if self.record is not None else self.address
+
+    def state(self, now_s: float) -> NodeState:
+        last = self.last_ok_monotonic_s
+        return NodeState(self.node_id, self.address, self.record, self.up,
+                         None if last is None else now_s - last, self.consecutive_failures, self.static)
+
+
+class NodeDirectory:
+    def __init__(
+        self,
+        static: Sequence[str] = (),
+        mdns_interfaces: Sequence[str] | None = None,  # None: no mDNS; []: all non-loopback IPv4
+        health_interval_s: float = 1.0,
+        health_timeout_s: float = 1.0,
+        failures_to_down: int = 1,
+    ):
+        if health_interval_s <= 0 or health_timeout_s <= 0 or failures_to_down < 1:
+            raise ConfigError("health interval and timeout must be > 0 s and failures_to_down >= 1")
+        self._static = list(dict.fromkeys(parse_address(a) for a in static))
+        self._interval_s, self._timeout_s = health_interval_s, health_timeout_s
+        self._failures_to_down = failures_to_down
+        self._cond = threading.Condition()
+        self._entries: dict[str, _Entry] = {}  # by address
+        self._subscribers: list[Callable[[DirectoryEvent], None]] = []
+        self._events: queue.SimpleQueue[DirectoryEvent | None] = queue.SimpleQueue()
+        self._dispatcher: threading.Thread | None = None
+        self._browser = MdnsBrowser(mdns_interfaces, self._on_mdns) if mdns_interfaces is not None else None
+        self._running = False
+
+    # -- lifecycle ---------------------------------------------------------------------------------------
+    def start(self) -> None:
+        with self._cond:
+            if self._running:
+                return
+            self._running = True
+            self._dispatcher = threading.Thread(target=self._dispatch, name="faasmoe-directory-events",
+                                                daemon=True)
+            self._dispatcher.start()
+            for address in self._static:
+                self._add(address, static=True, record=None)
+        if self._browser is not None:
+            try:
+                self._browser.start()
+            except BaseException:
+                self.stop()
+                raise
+
+    def stop(self) -> None:
+        if self._browser is not None:
+            self._browser.stop()
+        with self._cond:
+            if not self._running:
+                return
+            self._running = False
+            entries = list(self._entries.values())
+            for entry in entries:
+                self._retire(entry)
+            self._entries.clear()
+            self._cond.notify_all()
+        for entry in entries:
+            if entry.thread is not None:
+                entry.thread.join(self._timeout_s + STOP_TIMEOUT_S)
+        self._events.put(None)
+        if self._dispatcher is not None:
+            self._dispatcher.join(STOP_TIMEOUT_S)
+
+    def __enter__(self) -> NodeDirectory:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    # -- queries -----------------------------------------------------------------------------------------
+    def snapshot(self) -> list[NodeState]:
+        with self._cond:
+            return self._snapshot_locked()
+
+    def _snapshot_locked(self) -> list[NodeState]:
+        now_s = time.monotonic()
+        return sorted((e.state(now_s) for e in self._entries.values()), key=lambda s: (s.node_id, s.address))
+
+    def up_nodes(self) -> list[NodeState]:
+        return [state for state in self.snapshot() if state.up]
+
+    def channel(self, address: str) -> grpc.Channel | None:
+        """The directory's channel to ``address`` (closed when the node is removed)."""
+        with self._cond:
+            entry = self._entries.get(address)
+            return entry.channel if entry is not None else None
+
+    def wait_for(self, predicate: Callable[[list[NodeState]], bool], timeout_s: float) -> bool:
+        """Block until ``predicate(snapshot)`` holds (re-evaluated on every change and health check)."""
+        deadline_s = time.monotonic() + timeout_s
+        with self._cond:
+            while not predicate(self._snapshot_locked()):
+                remaining_s = deadline_s - time.monotonic()
+                if remaining_s <= 0:
+                    return False
+                self._cond.wait(remaining_s)
+            return True
+
+    def subscribe(self, callback: Callable[[DirectoryEvent], None]) -> Callable[[], None]:
+        """Call ``callback(event)`` on every change; returns a function that unsubscribes."""
+        with self._cond:
+            self._subscribers.append(callback)
+
+        def unsubscribe() -> None:
+            with self._cond:
+                if callback in self._subscribers:
+                    self._subscribers.remove(callback)
+
+        return unsubscribe
+
+    def mark_down(self, address: str) -> None:
+        """Stop reporting ``address`` up at once (an RPC to it failed with UNAVAILABLE); the next successful
+        health check brings it back."""
+        with self._cond:
+            entry = self._entries.get(address)
+            if entry is None:
+                return
+            entry.consecutive_failures += 1
+            if entry.up:
+                entry.up = False
+                log.warning("node %s (%s) marked down by the router", entry.node_id, address)
+                self._emit("down", entry)
+            entry.wake.set()
+
+    # -- mDNS --------------------------------------------------------------------------------------------
+    def _on_mdns(self, node_id: str, record: NodeRecord | None) -> None:
+        with self._cond:
+            if not self._running:
+                return
+            for entry in list(self._entries.values()):
+                if entry.record is not None and entry.record.node_id == node_id:
+                    if record is not None and entry.address == record.address:
+                        if entry.record != record:
+                            entry.record = record
+                            self._emit("updated", entry)
+                        return
+                    self._detach(entry)  # gone, or moved to another address
+            if record is None:
+                return
+            entry = self._entries.get(record.address)
+            if entry is None:
+                self._add(record.address, static=False, record=record)
+            else:
+                entry.record = record
+                self._emit("updated", entry)
+
+    def _detach(self, entry: _Entry) -> None:
+        if entry.static:
+            entry.record = None
+            self._emit("updated", entry)
+        else:
+            self._retire(entry)
+            del self._entries[entry.address]
+            self._emit("removed", entry)
+
+    # -- entries and health checks (call with the lock held) ---------------------------------------------
+    def _add(self, address: str, static: bool, record: NodeRecord | None) -> None:
+        entry = _Entry(address, static, record)
+        entry.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        entry.thread = threading.Thread(target=self._check_loop, args=(entry,),
+                                        name=f"faasmoe-health-{address}", daemon=True)
+        self._entries[address] = entry
+        self._emit("added", entry)
+        entry.thread.start()
+
+    def _retire(self, entry: _Entry) -> None:
+        entry.stopped = True  # the checker thread closes the channel on its way out
+        if entry.up:
+            entry.up = False
+        entry.wake.set()
+
+    def _check_loop(self, entry: _Entry) -> None:
+        stub = health_pb2_grpc.HealthStub(entry.channel)
+        request = health_pb2.HealthCheckRequest(service="")
+        was_ready = False
+
+        def on_connectivity(state: grpc.ChannelConnectivity) -> None:
+            nonlocal was_ready  # a dropped connection (node killed, GOAWAY) triggers a check at once
+            if was_ready and state is not grpc.ChannelConnectivity.READY:
+                entry.wake.set()
+            was_ready = state is grpc.ChannelConnectivity.READY
+
+        entry.channel.subscribe(on_connectivity)
+        try:
+            while not entry.stopped:
+                entry.wake.clear()
+                try:
+                    reply = stub.Check(request, timeout=self._timeout_s)
+                    ok = reply.status == health_pb2.HealthCheckResponse.SERVING
+                    why = "" if ok else health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+                except grpc.RpcError as err:
+                    ok, why = False, f"{err.code().name}: {err.details()}"
+                except Exception as err:  # e.g. the channel was closed under us
+                    ok, why = False, repr(err)
+                self._record_check(entry, ok, why)
+                entry.wake.wait(self._interval_s)
+        finally:
+            entry.channel.unsubscribe(on_connectivity)
+            entry.channel.close()
+
+    def _record_check(self, entry: _Entry, ok: bool, why: str) -> None:
+        with self._cond:
+            if entry.stopped or self._entries.get(entry.address) is not entry:
+                return
+            if ok:
+                entry.last_ok_monotonic_s = time.monotonic()
+                entry.consecutive_failures = 0
+                if not entry.up:
+                    entry.up = True
+                    log.info("node %s (%s) is up", entry.node_id, entry.address)
+                    self._emit("up", entry)
+            else:
+                entry.consecutive_failures += 1
+                if entry.up and entry.consecutive_failures >= self._failures_to_down:
+                    entry.up = False
+                    log.warning("node %s (%s) is down: %s", entry.node_id, entry.address, why)
+                    self._emit("down", entry)
+            self._cond.notify_all()
+
+    def _emit(self, kind: str, entry: _Entry) -> None:
+        self._events.put(DirectoryEvent(kind, entry.state(time.monotonic())))
+        self._cond.notify_all()
+
+    def _dispatch(self) -> None:
+        while (event := self._events.get()) is not None:
+            with self._cond:
+                subscribers = list(self._subscribers)
+            for callback in subscribers:
+                try:
+                    callback(event)
+                except Exception:
+                    log.exception("directory subscriber %r failed on %s", callback, event.kind)

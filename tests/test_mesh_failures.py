@@ -1,0 +1,146 @@
+"""Failures seen from the router: unreachable and silent nodes fail within the deadline naming the node;
+a node killed mid-generation is replaced by the survivors (same tokens) or fails saying why."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from faasmoe.proto.errors import NodeUnavailable, PlacementError
+from faasmoe.router.client import NodeClient
+from faasmoe.router.generate import generate
+from faasmoe.router.grouping import LayerFunctions
+from faasmoe.router.local_mesh import LocalMesh
+from faasmoe.router.mesh import ExpertMesh
+from faasmoe.router.model import build_mesh_model
+from faasmoe.router.session import RouterSession
+from faasmoe.router.split import split_checkpoint
+from model_factory import make_checkpoint
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class SilentServer:
+    """Accepts TCP connections and never answers: a hung node."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.address = "127.0.0.1:%d" % self.sock.getsockname()[1]
+        self.conns = []
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self):
+        while True:
+            try:
+                self.conns.append(self.sock.accept()[0])
+            except OSError:
+                return
+
+    def close(self):
+        self.sock.close()
+        for c in self.conns:
+            c.close()
+
+
+def _mesh_to(address: str, timeout_s: float) -> ExpertMesh:
+    layers = {0: LayerFunctions({"f" * 64: (0, 1)})}
+    return ExpertMesh(layers, {address: NodeClient(address)}, {"f" * 64: (address,)}, step_timeout_s=timeout_s)
+
+
+@pytest.mark.parametrize("kind", ["refused", "silent"])
+def test_unreachable_node_fails_within_deadline_naming_it(kind):
+    server = SilentServer() if kind == "silent" else None
+    address = server.address if server else f"127.0.0.1:{_free_port()}"
+    mesh = _mesh_to(address, timeout_s=1.5)
+    start = time.monotonic()
+    try:
+        with pytest.raises(NodeUnavailable, match=address.replace(".", r"\.")):
+            mesh.run_layer(0, np.zeros((2, 8), np.float32), np.array([[0, 1], [1, 0]]))
+    finally:
+        if server:
+            server.close()
+    assert time.monotonic() - start < 1.5 + 1.0
+
+
+def test_no_reachable_node_is_a_placement_error(tmp_path):
+    model_dir = make_checkpoint(tmp_path / "model")
+    split_checkpoint(model_dir, tmp_path / "store", group_size=4, progress=False)
+    session = RouterSession(tmp_path / "store", status_timeout_s=1.0)
+    with pytest.raises(PlacementError, match="no reachable node"):
+        session.place_and_deploy([f"127.0.0.1:{_free_port()}"])
+
+
+@pytest.fixture
+def model_and_store(tmp_path):
+    model_dir = make_checkpoint(tmp_path / "model", num_layers=2, hidden_size=64, moe_intermediate_size=32,
+                                num_experts=8, top_k=2, vocab_size=260, seed=11)
+    split_checkpoint(model_dir, tmp_path / "store", group_size=2, progress=False)
+    return model_dir, tmp_path / "store"
+
+
+def _kill_after_calls(session: RouterSession, node, calls: int):
+    """Wrap the mesh so ``node`` is SIGKILLed once ``calls`` layer steps have run (mid-generation)."""
+    original = session.mesh.run_layer
+    count = {"n": 0}
+
+    def run_layer(*a, **kw):
+        count["n"] += 1
+        if count["n"] == calls:
+            node.kill()
+        return original(*a, **kw)
+
+    session.mesh.run_layer = run_layer
+
+
+def test_killed_node_is_replaced_by_survivors_same_tokens(tmp_path, model_and_store):
+    model_dir, store = model_and_store
+    tok = AutoTokenizer.from_pretrained(str(store))
+    ref = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    expected = generate(ref, tok, ["hello mesh"], 10)[0].token_ids
+    with LocalMesh(3, tmp_path / "nodes", memory_budget_mb=64) as mesh:
+        session = RouterSession(store, step_timeout_s=10)
+        try:
+            session.place_and_deploy(mesh.addresses)
+            model = build_mesh_model(store, session.manifest, session.mesh)
+            _kill_after_calls(session, mesh.nodes[1], calls=7)
+            out = generate(model, tok, ["hello mesh"], 10)[0]
+            assert mesh.nodes[1].address in session.dead
+            assert all(mesh.nodes[1].address not in nodes for nodes in session.placement.values())
+        finally:
+            session.close()
+    assert out.token_ids == expected
+
+
+def test_killed_node_without_room_fails_saying_so(tmp_path):
+    model_dir = make_checkpoint(tmp_path / "model", num_layers=2, hidden_size=256, moe_intermediate_size=256,
+                                num_experts=8, top_k=2, vocab_size=260, seed=11)
+    store = tmp_path / "store"
+    split_checkpoint(model_dir, store, group_size=2, progress=False)
+    tok = AutoTokenizer.from_pretrained(str(store))
+    function_bytes = sum(f.bytes for f in RouterSession(store).manifest.functions)
+    budget_mb = 1.05 * function_bytes / 2**20 / 2      # two nodes hold everything once, one cannot
+    with LocalMesh(2, tmp_path / "nodes", memory_budget_mb=budget_mb) as mesh:
+        session = RouterSession(store, step_timeout_s=10)
+        try:
+            session.place_and_deploy(mesh.addresses)
+            model = build_mesh_model(store, session.manifest, session.mesh)
+            _kill_after_calls(session, mesh.nodes[0], calls=5)
+            start = time.monotonic()
+            with pytest.raises(NodeUnavailable, match="cannot hold"):
+                generate(model, tok, ["hello mesh"], 10)
+            assert time.monotonic() - start < 10
+        finally:
+            session.close()
