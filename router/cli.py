@@ -61,6 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
     place.add_argument("--dry-run", action="store_true", help="show the plan, change nothing")
     place.add_argument("--no-replicas", action="store_true", help="place one copy of each function only")
 
+    serve = sub.add_parser("serve", help="keep the store placed on the live mesh: re-place and redeploy when "
+                                         "nodes join or leave (long-running)")
+    add_mesh_arguments(serve)
+    serve.add_argument("--no-replicas", action="store_true", help="place one copy of each function only")
+    serve.add_argument("--metrics-port", type=int, default=env("metrics_port"),
+                       help="serve Prometheus /metrics on this port (default: off)")
+    serve.add_argument("--mqtt", default=env("mqtt"), help="MQTT broker URL to read node telemetry from")
+    serve.add_argument("--settle-s", type=float, default=float(env("settle_s", 1.0)),
+                       help="wait this long after a mesh change before re-placing (default 1)")
+
     status = sub.add_parser("status", help="nodes, profiles, budgets, functions held and loaded, health")
     add_mesh_arguments(status, store=False)
     status.add_argument("--store", default=env("store"), help="name functions after this store's manifest")

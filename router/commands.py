@@ -112,3 +112,33 @@ def status(args) -> int:
         report = collect(addresses, getattr(args, "store", None))
     print(json.dumps(report) if args.json else render(report))
     return 0
+
+
+def serve(args) -> int:
+    """Long-running: keep the store placed on the live mesh until SIGINT/SIGTERM."""
+    import signal
+    import threading
+
+    from faasmoe.router.controller import PlacementController
+
+    static = [parse_address(a) for a in args.nodes.split(",") if a.strip()] if args.nodes else []
+    if not static and not args.discover:
+        raise ConfigError("no nodes: give --nodes HOST:PORT[,...] or --discover")
+    session = _session(args)
+    directory = NodeDirectory(static=static, mdns_interfaces=(args.mdns_interface or []) if args.discover else None)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    directory.start()
+    controller = PlacementController(session, directory, settle_s=args.settle_s)
+    controller.start()
+    print(f"faasmoe-router serving {session.manifest.model_id} ({len(session.manifest.functions)} functions)",
+          flush=True)
+    try:
+        while not stop.wait(1.0):
+            pass
+    finally:
+        controller.stop()
+        directory.stop()
+        session.close()
+    return 0

@@ -95,4 +95,11 @@ def build_mesh_model(store: str | Path, manifest: Manifest, mesh: ExpertMesh,
 
 
 def dense_bytes(model: torch.nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    """Bytes of the router's weights (tied tensors counted once)."""
+    seen, total = set(), 0
+    for t in model.state_dict().values():
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in seen:
+            seen.add(ptr)
+            total += t.untyped_storage().nbytes()
+    return total

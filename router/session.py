@@ -45,6 +45,7 @@ class RouterSession:
         self.placement: dict[str, tuple[str, ...]] = {}
         self._by_id = {f.function_id: f for f in self.manifest.functions}
         self._lock = threading.RLock()
+        self._place_lock = threading.Lock()
         self.mesh = ExpertMesh(
             {layer: LayerFunctions({f.function_id: f.expert_ids for f in self.manifest.layer_functions(layer)})
              for layer in self.manifest.moe_layers},
@@ -112,10 +113,18 @@ class RouterSession:
         return len(to_deploy), len(to_undeploy)
 
     def place_and_deploy(self, addresses: Sequence[str]) -> tuple[dict, list[NodeView]]:
-        views = self.survey([a for a in addresses if a not in self.dead])
-        plan = self.plan(views)
-        self.apply(plan, views)
-        return plan, views
+        """Survey ``addresses`` (minus nodes known dead), plan, deploy the difference. Serialised: the
+        controller (mesh changes) and recovery (a failed call) may both ask at once."""
+        with self._place_lock:
+            views = self.survey([a for a in addresses if a not in self.dead])
+            plan = self.plan(views)
+            self.apply(plan, views)
+            return plan, views
+
+    def revive(self, address: str) -> None:
+        """``address`` answers health checks again: it may be placed on."""
+        with self._lock:
+            self.dead.discard(address)
 
     def recover(self, address: str, err: MeshError) -> None:
         """A node failed mid-request: drop it, re-place its functions on the survivors and deploy them."""

@@ -22,12 +22,14 @@ UNK = "<unk>"
 def make_config(*, num_layers: int = 2, hidden_size: int = 32, num_experts: int = 8, top_k: int = 2,
                 moe_intermediate_size: int = 16, shared_expert_intermediate_size: int = 48,
                 norm_topk_prob: bool = False, vocab_size: int = 128, mlp_only_layers: Sequence[int] = (),
-                decoder_sparse_step: int = 1, **_ignored):
+                decoder_sparse_step: int = 1, num_attention_heads: int | None = None,
+                num_key_value_heads: int | None = None, **_ignored):
     from transformers import Qwen2MoeConfig
-    heads = 4 if hidden_size % 4 == 0 else 1
+    heads = num_attention_heads or (4 if hidden_size % 4 == 0 else 1)
+    kv_heads = num_key_value_heads or max(1, heads // 2)
     return Qwen2MoeConfig(
         vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
+        num_hidden_layers=num_layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
         max_position_embeddings=256, num_experts=num_experts, num_experts_per_tok=top_k,
         moe_intermediate_size=moe_intermediate_size, shared_expert_intermediate_size=shared_expert_intermediate_size,
         norm_topk_prob=norm_topk_prob, mlp_only_layers=list(mlp_only_layers), decoder_sparse_step=decoder_sparse_step,
@@ -125,7 +127,7 @@ def make_checkpoint(dir: str | Path, *, num_layers: int = 2, hidden_size: int = 
                     top_k: int = 2, moe_intermediate_size: int = 16, shared_expert_intermediate_size: int = 48,
                     norm_topk_prob: bool = False, vocab_size: int = 128, layout: str = "per_expert", shards: int = 1,
                     mlp_only_layers: Sequence[int] = (), decoder_sparse_step: int = 1, seed: int = 0,
-                    with_tokenizer: bool = True, dtype: str = "float32") -> Path:
+                    with_tokenizer: bool = True, dtype: str = "float32", **config_kw) -> Path:
     """Write ``make_model(...)`` (same keyword arguments) to ``dir`` and return ``dir`` as a Path.
 
     ``layout``: ``"per_expert"`` (``experts.{e}.{gate,up,down}_proj.weight``, as checkpoints on disk) or
@@ -137,7 +139,7 @@ def make_checkpoint(dir: str | Path, *, num_layers: int = 2, hidden_size: int = 
     kw = dict(num_layers=num_layers, hidden_size=hidden_size, num_experts=num_experts, top_k=top_k,
               moe_intermediate_size=moe_intermediate_size, shared_expert_intermediate_size=shared_expert_intermediate_size,
               norm_topk_prob=norm_topk_prob, vocab_size=vocab_size, mlp_only_layers=tuple(mlp_only_layers),
-              decoder_sparse_step=decoder_sparse_step)
+              decoder_sparse_step=decoder_sparse_step, **config_kw)
     model = make_model(seed=seed, dtype=dtype, **kw)
     directory = Path(dir)
     directory.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,175 @@
+"""Time per output token: the mesh (N local nodes) over transformers' own generate(), same model and prompt,
+measured in one run; plus router RSS over dense bytes, a node's idle RSS, and where a decode step goes.
+
+    python bench/mesh_vs_transformers.py --model ../shared/models/qwen2moe-tiny-code      # (a) trained tiny
+    python bench/mesh_vs_transformers.py --full-dims                                       # (b) Qwen1.5-MoE dims, 2 layers
+
+Each phase runs in its own process (so RSS figures are clean); results print as a table and go to
+bench/out/<name>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+OUT = Path(__file__).resolve().parent / "out"
+FULL_DIMS = dict(num_layers=2, hidden_size=2048, num_experts=60, top_k=4, moe_intermediate_size=1408,
+                 shared_expert_intermediate_size=5632, vocab_size=151936, num_attention_heads=16,
+                 num_key_value_heads=16, norm_topk_prob=False, seed=1234)
+PROMPT = "def quicksort(xs):\n    "
+
+
+def _prompt_ids(store_or_model: Path, n_fallback: int = 12) -> list[int]:
+    try:
+        from transformers import AutoTokenizer
+        return AutoTokenizer.from_pretrained(str(store_or_model))(PROMPT)["input_ids"]
+    except Exception:
+        return [(i * 7919) % 1000 + 10 for i in range(n_fallback)]
+
+
+def _timed_generate(model, ids: list[int], new_tokens: int) -> tuple[list[int], list[float]]:
+    import torch
+
+    from faasmoe.router.generate import StepClock
+    clock = StepClock()
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                             temperature=None, top_p=None, top_k=None, streamer=clock, pad_token_id=0)
+    return out[0, len(ids):].tolist(), clock.step_times_s()
+
+
+def phase_transformers(args) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+    torch.set_num_threads(args.torch_threads)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    ids = _prompt_ids(Path(args.model))
+    _timed_generate(model, ids, 8)                                    # warm up
+    tokens, steps = _timed_generate(model, ids, args.new_tokens)
+    return dict(token_ids=tokens, decode_s=steps[1:], prefill_s=steps[0],
+                rss_bytes=psutil.Process().memory_info().rss)
+
+
+def phase_mesh(args) -> dict:
+    import torch
+
+    from faasmoe.router.local_mesh import LocalMesh
+    from faasmoe.router.mesh import MeshStats
+    from faasmoe.router.model import build_mesh_model, dense_bytes
+    from faasmoe.router.placement import PlacementOptions
+    from faasmoe.router.session import RouterSession
+    torch.set_num_threads(args.torch_threads)
+    store = Path(args.store)
+    ids = _prompt_ids(store)
+    extra = ["--threads", str(args.node_threads), "--keep-alive-s", "inf"]
+    with tempfile.TemporaryDirectory() as tmp, LocalMesh(args.nodes, Path(tmp), memory_budget_mb=args.node_budget_mb,
+                                                          extra_args=extra) as mesh:
+        node_idle_rss = [psutil.Process(n.process.pid).memory_info().rss for n in mesh.nodes]
+        session = RouterSession(store, placement_options=PlacementOptions(max_replicas=args.max_replicas))
+        session.place_and_deploy(mesh.addresses)
+        model = build_mesh_model(store, session.manifest, session.mesh)
+        router_rss = psutil.Process().memory_info().rss
+        _timed_generate(model, ids, 8)                                # warm up: loads every session needed
+        session.mesh.stats = MeshStats()
+        tokens, steps = _timed_generate(model, ids, args.new_tokens)
+        stats = session.mesh.stats
+        node_rss = [psutil.Process(n.process.pid).memory_info().rss for n in mesh.nodes]
+        session.close()
+    decode_total_s = sum(steps[1:])
+    per_step = stats.layer_calls / max(1, len(steps))
+    return dict(token_ids=tokens, decode_s=steps[1:], prefill_s=steps[0], router_rss_bytes=router_rss,
+                dense_bytes=dense_bytes(model), node_idle_rss_bytes=node_idle_rss, node_loaded_rss_bytes=node_rss,
+                rpcs_per_token=stats.rpcs / len(steps), layer_calls_per_token=per_step,
+                mesh_wall_s=stats.wall_s, node_compute_s=stats.node_compute_s, encode_s=stats.encode_s,
+                wait_s=stats.wait_s, decode_reply_s=stats.decode_s, total_s=sum(steps),
+                decode_total_s=decode_total_s)
+
+
+def build_full_dims(root: Path) -> Path:
+    from faasmoe.router.tiny_model import make_checkpoint
+    model_dir = root / "qwen-moe-dims-2l"
+    if not (model_dir / "config.json").exists():
+        make_checkpoint(model_dir, with_tokenizer=False, **FULL_DIMS)
+    return model_dir
+
+
+def run_phase(name: str, argv: list[str]) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--phase", name, *argv], capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.exit(f"error: phase {name} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", help="Qwen2MoeForCausalLM directory")
+    p.add_argument("--full-dims", action="store_true", help="Qwen1.5-MoE dims cut to 2 layers, random weights")
+    p.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "faasmoe-bench"))
+    p.add_argument("--store")
+    p.add_argument("--group-size", type=int, default=4)
+    p.add_argument("--nodes", type=int, default=3)
+    p.add_argument("--node-threads", type=int, default=1)
+    p.add_argument("--torch-threads", type=int, default=2)
+    p.add_argument("--max-replicas", type=int, default=3)
+    p.add_argument("--node-budget-mb", type=float, default=2048)
+    p.add_argument("--new-tokens", type=int, default=48)
+    p.add_argument("--name")
+    p.add_argument("--phase", choices=["transformers", "mesh"], help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.phase:
+        print(json.dumps((phase_transformers if args.phase == "transformers" else phase_mesh)(args)))
+        return 0
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    model_dir = build_full_dims(work) if args.full_dims else Path(args.model)
+    name = args.name or ("full-dims-2l" if args.full_dims else model_dir.name)
+    store = work / f"store-{name}-G{args.group_size}"
+    if not (store / "manifest.json").exists():
+        from faasmoe.router.split import split_checkpoint
+        split_checkpoint(model_dir, store, group_size=args.group_size, progress=False)
+    common = ["--model", str(model_dir), "--store", str(store), "--nodes", str(args.nodes),
+              "--node-threads", str(args.node_threads), "--torch-threads", str(args.torch_threads),
+              "--max-replicas", str(args.max_replicas), "--node-budget-mb", str(args.node_budget_mb),
+              "--new-tokens", str(args.new_tokens), "--group-size", str(args.group_size)]
+    tf = run_phase("transformers", common)
+    mesh = run_phase("mesh", common)
+    tf_ms, mesh_ms = 1000 * statistics.median(tf["decode_s"]), 1000 * statistics.median(mesh["decode_s"])
+    router_compute_s = mesh["total_s"] - mesh["mesh_wall_s"]
+    dispatch_s = mesh["mesh_wall_s"] - mesh["node_compute_s"]
+    result = dict(
+        name=name, group_size=args.group_size, nodes=args.nodes, node_threads=args.node_threads,
+        max_replicas=args.max_replicas, new_tokens=args.new_tokens,
+        transformers_ms_per_token=round(tf_ms, 2), mesh_ms_per_token=round(mesh_ms, 2),
+        ratio_mesh_over_transformers=round(mesh_ms / tf_ms, 3),
+        tokens_identical=tf["token_ids"] == mesh["token_ids"],
+        router_rss_over_dense=round(mesh["router_rss_bytes"] / mesh["dense_bytes"], 3),
+        router_rss_mib=round(mesh["router_rss_bytes"] / 2**20, 1), dense_mib=round(mesh["dense_bytes"] / 2**20, 1),
+        transformers_rss_mib=round(tf["rss_bytes"] / 2**20, 1),
+        node_idle_rss_mib=round(statistics.median(mesh["node_idle_rss_bytes"]) / 2**20, 1),
+        node_loaded_rss_mib=[round(b / 2**20, 1) for b in mesh["node_loaded_rss_bytes"]],
+        rpcs_per_token=round(mesh["rpcs_per_token"], 2),
+        share_router_compute=round(router_compute_s / mesh["total_s"], 3),
+        share_dispatch=round(dispatch_s / mesh["total_s"], 3),
+        share_node_compute=round(mesh["node_compute_s"] / mesh["total_s"], 3),
+    )
+    OUT.mkdir(exist_ok=True)
+    (OUT / f"mesh_vs_transformers-{name}.json").write_text(json.dumps(result, indent=1))
+    width = max(len(k) for k in result)
+    for k, v in result.items():
+        print(f"{k:<{width}}  {v}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

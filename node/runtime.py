@@ -1,0 +1,398 @@
+"""The node's function registry and its ONNX Runtime sessions (serverless: load on demand, release when idle).
+
+- *deployed bytes*: file sizes of deployed functions, at most ``memory_budget_bytes x overcommit``.
+- *resident bytes* of a loaded function: a **calibrated factor** over its file size (not a measurement),
+  :func:`resident_estimate_bytes` = 1.02 x file + 1 MiB, known before the load so it can be admitted. Measured
+  with onnxruntime 1.32 / glibc, arena off and ``M_MMAP_THRESHOLD`` 4 MiB (:func:`faasmoe.node.cli.tune_malloc`):
+  process RSS grows by 1.00-1.01 x the file size per loaded session (30, 33, 48 MiB files; the very first
+  load adds ~10 MiB of ORT global state) and falls back to baseline on release. The RSS delta around each
+  load is kept in :class:`FunctionStats` and logged (a warning when far above the estimate). A load peaks
+  transiently at ~1.7 x its file; loads run one at a time, which bounds that overshoot.
+- *loaded bytes* (sum of resident bytes) stay within ``memory_budget_bytes``: a load evicts least recently
+  used idle sessions, never one with calls in flight; when that cannot make room, it waits.
+
+Calls that must wait (for a load or a free run slot) form a bounded queue; beyond ``max_queue`` a call fails
+with :class:`Backpressure`. Concurrent calls for a cold function share one load (single flight). ORT runs in
+worker threads (it releases the GIL), ``run_slots`` = CPUs // threads at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import math
+import time
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Sequence
+
+import numpy as np
+import onnxruntime as ort
+import psutil
+
+from faasmoe.node import eviction
+from faasmoe.node.config import NodeConfig, default_threads
+from faasmoe.node.store import ContentStore, FunctionInfo, check_function_id
+from faasmoe.proto import faasmoe_pb2 as pb
+from faasmoe.proto import function_abi as abi
+from faasmoe.proto.errors import Backpressure, FunctionNotFound, InvalidRequest, NodeFull, NodeInternalError
+
+log = logging.getLogger(__name__)
+MIB = 1024 * 1024
+RESIDENT_FACTOR = 1.02
+RESIDENT_OVERHEAD_BYTES = MIB
+
+
+def resident_estimate_bytes(size_bytes: int) -> int:
+    return int(size_bytes * RESIDENT_FACTOR) + RESIDENT_OVERHEAD_BYTES
+
+
+def trim_malloc() -> None:
+    """Hand freed heap pages back to the OS after a release (glibc; a no-op elsewhere)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+@dataclass
+class FunctionStats:
+    invocations: int = 0
+    rows: int = 0
+    in_flight: int = 0                    # calls running or waiting on this function
+    cold_starts: int = 0                  # loads caused by calls
+    loads: int = 0                        # all loads (calls and prefetch)
+    load_s: float = 0.0                   # seconds, last load including warm-up
+    compute_s: float = 0.0                # seconds of session runs, total
+    last_used_s: float = field(default_factory=time.monotonic)  # monotonic; last call end, load or deploy
+    rss_delta_bytes: int = 0              # RSS change measured around the last load
+
+
+@dataclass
+class NodeCounters:
+    loads: int = 0
+    cold_starts: int = 0
+    evictions_keep_alive: int = 0
+    evictions_memory: int = 0
+    backpressure: int = 0                 # calls refused with Backpressure
+    memory_waits: int = 0                 # loads that had to wait for in-flight calls to free memory
+
+
+@dataclass
+class Function:
+    info: FunctionInfo
+    stats: FunctionStats = field(default_factory=FunctionStats)
+    session: ort.InferenceSession | None = None
+    resident_bytes: int = 0               # accounted while loaded or loading
+    deployed: bool = True
+    loading: asyncio.Future | None = None
+
+
+class Runtime:
+    """Deployed functions, their sessions and the calls running on them (one per node, one event loop)."""
+
+    def __init__(self, config: NodeConfig, store: ContentStore, run_executor: Executor | None = None):
+        self.config, self.store, self.node_id = config, store, config.node_id
+        self.counters = NodeCounters()
+        self.run_slots = max(1, default_threads() // config.threads)
+        self.deployed: dict[str, Function] = {}         # read-only outside
+        self._draining: dict[str, Function] = {}       # undeployed, still running calls
+        self._pending_deploy_bytes = 0
+        self.queue_depth = 0                             # calls waiting for a load or a run slot
+        self._slots = asyncio.Semaphore(self.run_slots)
+        self._own_pool = run_executor is None
+        self._run_pool = run_executor or ThreadPoolExecutor(self.run_slots, "faasmoe-run")
+        self._load_pool = ThreadPoolExecutor(1, "faasmoe-load")
+        self._load_lock = asyncio.Lock()
+        self._changed = asyncio.Event()
+        self._background: set[asyncio.Task] = set()
+        self._proc = psutil.Process()
+
+    # ---- lifecycle
+    async def start(self) -> None:
+        if math.isfinite(self.config.keep_alive_s):
+            self._spawn(self._reap_loop())
+
+    async def close(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        for fn in [*self.deployed.values(), *self._draining.values()]:
+            self._release(fn, "shutdown")
+        await asyncio.to_thread(self._load_pool.shutdown)
+        if self._own_pool:
+            await asyncio.to_thread(self._run_pool.shutdown)
+
+    def _spawn(self, coro) -> asyncio.Task:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    # ---- accounting
+    @property
+    def deployed_bytes(self) -> int:
+        return sum(fn.info.size_bytes for fn in self.deployed.values()) + self._pending_deploy_bytes
+
+    @property
+    def loaded_bytes(self) -> int:
+        return sum(fn.resident_bytes for fn in self._all())
+
+    def function(self, function_id: str) -> Function:
+        fn = self.deployed.get(function_id)
+        if fn is None:
+            raise FunctionNotFound(f"function {function_id} is not deployed on node {self.node_id}; deploy it "
+                                   "there first or send its rows to a node that has it", node=self.node_id)
+        return fn
+
+    def _all(self) -> list[Function]:
+        return [*self.deployed.values(), *self._draining.values()]
+
+    def _loaded_view(self) -> list[eviction.LoadedFunction]:
+        return [eviction.LoadedFunction(fn.info.function_id, fn.resident_bytes, fn.stats.in_flight,
+                                        fn.stats.last_used_s) for fn in self._all() if fn.session is not None]
+
+    def _notify(self) -> None:                    # wakes loads waiting for memory
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    # ---- deploy
+    def check_capacity(self, function_id: str, size_bytes: int) -> None:
+        budget, need = self.config.memory_budget_bytes, resident_estimate_bytes(size_bytes)
+        if need > budget:
+            raise NodeFull(f"function {function_id} needs ~{need / MIB:.1f} MiB when loaded, more than the whole "
+                           f"memory budget of node {self.node_id} ({budget / MIB:.1f} MiB); use smaller functions "
+                           "(fewer experts per function) or a node with more memory", node=self.node_id)
+        used, cap = self.deployed_bytes, self.config.capacity_bytes
+        if used + size_bytes > cap:
+            raise NodeFull(f"node {self.node_id}: deploying {function_id} ({size_bytes / MIB:.1f} MiB) would exceed "
+                           f"its capacity: {used / MIB:.1f} of {cap / MIB:.1f} MiB used (memory budget "
+                           f"{budget / MIB:.1f} MiB x overcommit {self.config.overcommit:g}); undeploy functions, "
+                           "raise --memory-budget-mb or --overcommit, or place it on another node", node=self.node_id)
+
+    async def deploy(self, header: pb.FunctionHeader, chunks: AsyncIterator[bytes]) -> bool:
+        """Register a function, receiving its file unless the store has it. Returns ``already_present``."""
+        fid, size = header.function_id, header.size_bytes
+        check_function_id(fid)
+        if size <= 0:
+            raise InvalidRequest(f"function {fid}: size_bytes must be > 0, got {size}")
+        if fid in self.deployed:
+            return True
+        present = self.store.has(fid)
+        if present and self.store.size_bytes(fid) != size:
+            raise InvalidRequest(f"function {fid}: announced {size} bytes but its content is "
+                                 f"{self.store.size_bytes(fid)} bytes")
+        self.check_capacity(fid, size)                 # before a byte of data is read
+        if not present:
+            self._pending_deploy_bytes += size
+            try:
+                await self.store.receive(fid, size, chunks)
+            finally:
+                self._pending_deploy_bytes -= size
+                self._load_pool.submit(trim_malloc)     # upload buffers
+        info = FunctionInfo.from_file(self.store.path(fid), fid, size)
+        if fid not in self.deployed:
+            fn = self._draining.pop(fid, None) or Function(info)
+            fn.deployed = True
+            self.deployed[fid] = fn
+            self.store.pin(fid)
+            log.info("deployed %s (layer %d, experts %s, %.1f MiB)%s", fid[:12], info.layer, list(info.expert_ids),
+                     size / MIB, " from the disk cache" if present else "")
+        return present
+
+    def undeploy(self, function_id: str) -> bool:
+        fn = self.deployed.pop(function_id, None)
+        if fn is None:
+            return False
+        fn.deployed = False
+        self.store.unpin(function_id)
+        if fn.stats.in_flight:
+            self._draining[function_id] = fn          # released when its last call ends
+        else:
+            self._release(fn, "undeploy")
+        log.info("undeployed %s", function_id[:12])
+        return True
+
+    # ---- loading and eviction
+    async def _load_once(self, fn: Function, by_call: bool) -> float:
+        """Single flight: every caller of a cold function awaits the same load. Returns its seconds."""
+        if fn.loading is None:
+            fn.loading = self._spawn(self._load(fn))
+            fn.loading.add_done_callback(lambda fut: fut.cancelled() or fut.exception())
+            if by_call:
+                fn.stats.cold_starts += 1
+                self.counters.cold_starts += 1
+        return await asyncio.shield(fn.loading)
+
+    async def _load(self, fn: Function) -> float:
+        try:
+            async with self._load_lock:
+                need = resident_estimate_bytes(fn.info.size_bytes)
+                while (victims := eviction.evict_for_load(self._loaded_view(), need,
+                                                          self.config.memory_budget_bytes)) is None:
+                    self.counters.memory_waits += 1
+                    log.info("load of %s waits: %.1f MiB needed, every loaded function has calls in flight",
+                             fn.info.function_id[:12], need / MIB)
+                    await self._changed.wait()
+                for fid in victims:
+                    self.counters.evictions_memory += 1
+                    self._release(next(f for f in self._all() if f.info.function_id == fid), "memory pressure")
+                fn.resident_bytes = need
+                try:
+                    session, load_s, delta = await asyncio.get_running_loop().run_in_executor(
+                        self._load_pool, _create_session, fn.info, self.config.threads, self._proc)
+                except Exception as err:
+                    fn.resident_bytes = 0
+                    raise NodeInternalError(f"node {self.node_id} could not load function {fn.info.function_id}: "
+                                            f"{err}", node=self.node_id) from err
+                fn.session, st = session, fn.stats
+                st.loads, st.load_s, st.rss_delta_bytes, st.last_used_s = st.loads + 1, load_s, delta, time.monotonic()
+                self.counters.loads += 1
+                self.store.touch(fn.info.function_id)
+                if not fn.deployed and not st.in_flight:
+                    self._release(fn, "undeployed while loading")
+                level = logging.WARNING if delta > need * 1.25 + 16 * MIB else logging.INFO   # 1st load: ORT init
+                log.log(level, "loaded %s in %.3f s: %.1f MiB accounted, RSS +%.1f MiB", fn.info.function_id[:12],
+                        load_s, need / MIB, delta / MIB)
+                return load_s
+        finally:
+            fn.loading = None
+
+    def _release(self, fn: Function, why: str) -> None:
+        session, fn.session = fn.session, None
+        fn.resident_bytes = 0
+        if not fn.deployed:
+            self._draining.pop(fn.info.function_id, None)
+        if session is not None:
+            del session
+            with contextlib.suppress(RuntimeError):     # the pool is shut down when closing
+                self._load_pool.submit(trim_malloc)
+            log.info("released %s (%s)", fn.info.function_id[:12], why)
+            self._notify()
+
+    def evict_idle(self, now_s: float | None = None) -> list[str]:
+        """Release sessions idle for at least keep_alive_s (the keep-alive task calls this)."""
+        now_s = time.monotonic() if now_s is None else now_s
+        expired = eviction.past_keep_alive(self._loaded_view(), now_s, self.config.keep_alive_s)
+        for fn in [f for f in self._all() if f.info.function_id in expired]:
+            self.counters.evictions_keep_alive += 1
+            self._release(fn, f"idle {now_s - fn.stats.last_used_s:.1f} s")
+        return expired
+
+    async def _reap_loop(self) -> None:
+        while True:
+            deadline = eviction.next_keep_alive_deadline_s(self._loaded_view(), self.config.keep_alive_s)
+            idle_wait_s = min(max(self.config.keep_alive_s, 0.01), 1.0)   # lateness <= keep-alive (<= 1 s)
+            await asyncio.sleep(idle_wait_s if deadline is None else
+                                min(max(deadline - time.monotonic(), 0.005), idle_wait_s))
+            self.evict_idle()
+
+    async def load(self, function_ids: Sequence[str], wait: bool) -> tuple[list[str], list[str]]:
+        """Prefetch. Returns (loaded now, not deployed); with ``wait=False`` loads continue in the background."""
+        missing = [fid for fid in function_ids if fid not in self.deployed]
+        cold = [self.deployed[fid] for fid in dict.fromkeys(function_ids) if fid in self.deployed]
+        for fn in cold:
+            if fn.session is None:
+                if wait:
+                    await self._load_once(fn, by_call=False)
+                elif fn.loading is None:
+                    self._spawn(self._load_once(fn, by_call=False))
+        return [fid for fid in function_ids if fid in self.deployed and self.deployed[fid].session], missing
+
+    # ---- calls
+    async def invoke(self, calls: Sequence[pb.FunctionCall], hidden: np.ndarray) -> list[tuple[pb.CallResult,
+                                                                                             np.ndarray]]:
+        """Run every call of one Invoke on ``hidden`` [N, H]; all calls are validated before any runs."""
+        fns = [self._validate(call, hidden) for call in calls]
+        x = hidden if hidden.dtype == np.float32 else hidden.astype(np.float32)
+        if len(calls) == 1:
+            return [await self._call(fns[0], calls[0], x, hidden.dtype)]
+        return list(await asyncio.gather(*(self._call(fn, c, x, hidden.dtype) for fn, c in zip(fns, calls))))
+
+    def _validate(self, call: pb.FunctionCall, hidden: np.ndarray) -> Function:
+        fn = self.function(call.function_id)
+        n_experts = len(fn.info.expert_ids)
+        if len(call.expert_row_counts) != n_experts:
+            raise InvalidRequest(f"function {call.function_id}: {len(call.expert_row_counts)} expert_row_counts "
+                                 f"for its {n_experts} experts")
+        if hidden.shape[1] != fn.info.hidden_size:
+            raise InvalidRequest(f"function {call.function_id}: hidden width {hidden.shape[1]} != its hidden "
+                                 f"size {fn.info.hidden_size}")
+        return fn
+
+    async def _call(self, fn: Function, call: pb.FunctionCall, x: np.ndarray, out_dtype) -> tuple[pb.CallResult,
+                                                                                                  np.ndarray]:
+        result = pb.CallResult(function_id=call.function_id)
+        if not call.rows:
+            return result, np.zeros((0, x.shape[1]), out_dtype)
+        st = fn.stats
+        st.in_flight += 1
+        try:
+            if fn.session is None or self._slots.locked():
+                if self.queue_depth >= self.config.max_queue:
+                    self.counters.backpressure += 1
+                    raise Backpressure(f"node {self.node_id}: {self.queue_depth} calls already wait for a load or "
+                                       f"a run slot (max queue {self.config.max_queue}); retry shortly",
+                                       node=self.node_id)
+                self.queue_depth += 1
+                try:
+                    if fn.session is None:
+                        result.cold_start, result.load_s = True, await self._load_once(fn, by_call=True)
+                    await self._slots.acquire()
+                finally:
+                    self.queue_depth -= 1
+            else:
+                await self._slots.acquire()
+            try:
+                t0 = time.perf_counter()
+                job = asyncio.get_running_loop().run_in_executor(
+                    self._run_pool, _run_session, fn.session, fn.info.rows_inputs, x, call.rows,
+                    call.expert_row_counts)
+                try:
+                    out = await asyncio.shield(job)
+                except asyncio.CancelledError:      # caller gone: keep slot and in-flight until ORT is done
+                    await asyncio.wait([job])
+                    raise
+                result.compute_s = time.perf_counter() - t0
+            finally:
+                self._slots.release()
+            st.invocations, st.rows = st.invocations + 1, st.rows + len(call.rows)
+            st.compute_s += result.compute_s
+        finally:
+            st.in_flight -= 1
+            st.last_used_s = time.monotonic()
+            if st.in_flight == 0:
+                if self.config.keep_alive_s == 0 or not fn.deployed:
+                    self._release(fn, "keep-alive 0" if fn.deployed else "undeployed")
+                self._notify()
+        return result, (out if out.dtype == out_dtype else out.astype(out_dtype))
+
+
+def _create_session(info: FunctionInfo, threads: int, proc: psutil.Process):
+    """Create and warm up a session (worker thread). Returns (session, seconds, RSS delta bytes)."""
+    t0, rss0 = time.perf_counter(), proc.memory_info().rss
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.enable_cpu_mem_arena = False          # freed tensors go back to malloc, so RSS falls on release
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(str(info.path), opts, providers=["CPUExecutionProvider"])
+    names = {i.name for i in session.get_inputs()}
+    if names != {abi.HIDDEN_INPUT, *info.rows_inputs}:
+        raise InvalidRequest(f"inputs {sorted(names)} do not follow the function ABI for {len(info.expert_ids)} "
+                             "experts")
+    feeds = {name: np.zeros(0, np.int64) for name in info.rows_inputs}
+    feeds[info.rows_inputs[0]] = np.zeros(1, np.int64)
+    session.run([abi.OUTPUT], {abi.HIDDEN_INPUT: np.zeros((1, info.hidden_size), np.float32), **feeds})
+    return session, time.perf_counter() - t0, proc.memory_info().rss - rss0
+
+
+def _run_session(session: ort.InferenceSession, rows_inputs: tuple[str, ...], x: np.ndarray, rows, counts):
+    rows_all, feeds, start = np.asarray(rows, dtype=np.int64), {abi.HIDDEN_INPUT: x}, 0
+    for name, n in zip(rows_inputs, counts):
+        feeds[name] = rows_all[start:start + n]
+        start += n
+    return session.run([abi.OUTPUT], feeds)[0]

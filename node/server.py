@@ -1,0 +1,205 @@
+"""The node's gRPC server (grpc.aio): thin handlers that decode, call the runtime, encode.
+
+``faasmoe.v1.ExpertNode``: Deploy, Undeploy, Load and Status carry protobuf; Invoke carries raw frames
+(:mod:`faasmoe.proto.frames`) with no (de)serializer, so tensors are never copied into protobuf fields.
+Errors of :mod:`faasmoe.proto.errors` become gRPC statuses in :func:`_rpc` and nowhere else. The standard
+gRPC health service reports SERVING for "" and for the ExpertNode service while the node runs.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import time
+from concurrent.futures import Executor
+
+import grpc
+import psutil
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from faasmoe.node.config import NodeConfig
+from faasmoe.node.runtime import Runtime
+from faasmoe.node.store import ContentStore
+from faasmoe.proto import __version__, frames
+from faasmoe.proto import faasmoe_pb2 as pb
+from faasmoe.proto.errors import FaasmoeError, InvalidRequest, NodeInternalError, grpc_details
+
+log = logging.getLogger(__name__)
+SERVICE = "faasmoe.v1.ExpertNode"
+SHUTDOWN_GRACE_S = 10.0
+
+
+def _rpc(handler):
+    """The one place where errors become gRPC statuses."""
+    @functools.wraps(handler)
+    async def wrapper(self: NodeServer, request, context: grpc.aio.ServicerContext):
+        try:
+            return await handler(self, request, context)
+        except FaasmoeError as err:
+            error = err
+            log.debug("%s failed: %s", handler.__name__, err)
+        except Exception as exc:  # noqa: BLE001 - report, never crash the server
+            log.exception("%s failed unexpectedly", handler.__name__)
+            error = NodeInternalError(f"node {self.node_id}: unexpected {type(exc).__name__}: {exc}")
+        await context.abort(error.grpc_code, grpc_details(error))
+    return wrapper
+
+
+def format_address(host: str, port: int) -> str:
+    """``HOST:PORT`` to dial; a wildcard host is reported as loopback, IPv6 hosts get brackets."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class NodeServer:
+    """A running node: store + runtime + gRPC server. ``async with NodeServer(cfg) as node: node.address``."""
+
+    def __init__(self, config: NodeConfig, run_executor: Executor | None = None):
+        self.config, self.node_id = config, config.node_id
+        self._run_executor = run_executor
+        self.store: ContentStore | None = None
+        self.runtime: Runtime | None = None
+        self.port = 0
+        self._server: grpc.aio.Server | None = None
+        self._health = health.aio.HealthServicer()
+        self._proc = psutil.Process()
+
+    @property
+    def address(self) -> str:
+        return format_address(self.config.host, self.port)
+
+    async def start(self) -> None:
+        cfg = self.config
+        self.store = ContentStore(cfg.store_dir, cfg.disk_budget_bytes, node=cfg.node_id)
+        try:
+            self.runtime = Runtime(cfg, self.store, self._run_executor)
+            self._server = grpc.aio.server(options=[
+                ("grpc.max_receive_message_length", cfg.max_message_bytes),
+                ("grpc.max_send_message_length", cfg.max_message_bytes),
+                ("grpc.so_reuseport", 0),          # a port in use is an error, not a shared port
+            ])
+            self._server.add_generic_rpc_handlers((self._handlers(),))
+            health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+            bind = f"[{cfg.host}]:{cfg.port}" if ":" in cfg.host else f"{cfg.host}:{cfg.port}"
+            try:
+                self.port = self._server.add_insecure_port(bind)
+            except RuntimeError as err:
+                raise FaasmoeError(f"cannot listen on {bind} ({err}); the port is in use or the address is not "
+                                   "local: pick another --port (0 = any free port) or --host") from None
+            if not self.port:
+                raise FaasmoeError(f"cannot listen on {bind}: pick another --port (0 = any free port) or --host")
+            await self.runtime.start()
+            await self._server.start()
+        except BaseException:
+            await self._cleanup()
+            raise
+        for name in ("", SERVICE):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("node %s serving on %s (memory budget %.0f MiB, capacity %.0f MiB, %d threads, store %s)",
+                 self.node_id, self.address, cfg.memory_budget_bytes / 2**20, cfg.capacity_bytes / 2**20,
+                 cfg.threads, cfg.store_dir)
+
+    async def stop(self, grace_s: float = SHUTDOWN_GRACE_S) -> None:
+        """Stop accepting calls, let in-flight ones finish within ``grace_s``, release every session."""
+        await self._health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(grace_s)
+        await self._cleanup()
+        log.info("node %s stopped", self.node_id)
+
+    def advert(self) -> dict[str, str]:
+        """What discovery announces (mDNS TXT, MQTT): ``free_bytes`` = capacity not deployed yet."""
+        cfg, deployed = self.config, self.runtime.deployed_bytes if self.runtime else 0
+        return {"memory_budget_bytes": str(cfg.memory_budget_bytes), "threads": str(cfg.threads),
+                "free_bytes": str(max(0, cfg.capacity_bytes - deployed)), "profile": cfg.profile,
+                "version": __version__}
+
+    async def _cleanup(self) -> None:
+        if self.runtime is not None:
+            await self.runtime.close()
+            self.runtime = None
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+
+    async def wait_for_termination(self) -> None:
+        await self._server.wait_for_termination()
+
+    async def __aenter__(self) -> NodeServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.stop(grace_s=1.0)
+
+    def _handlers(self) -> grpc.GenericRpcHandler:
+        return grpc.method_handlers_generic_handler(SERVICE, {
+            "Deploy": grpc.stream_unary_rpc_method_handler(
+                self._deploy, pb.DeployChunk.FromString, pb.DeployReply.SerializeToString),
+            "Undeploy": grpc.unary_unary_rpc_method_handler(
+                self._undeploy, pb.UndeployRequest.FromString, pb.UndeployReply.SerializeToString),
+            "Invoke": grpc.unary_unary_rpc_method_handler(self._invoke, None, None),   # raw frames
+            "Load": grpc.unary_unary_rpc_method_handler(
+                self._load, pb.LoadRequest.FromString, pb.LoadReply.SerializeToString),
+            "Status": grpc.unary_unary_rpc_method_handler(
+                self._status, pb.StatusRequest.FromString, pb.StatusReply.SerializeToString),
+        })
+
+    @_rpc
+    async def _invoke(self, frame: bytes, context) -> bytes:
+        t0 = time.perf_counter()
+        header, hidden = frames.decode_request(frame)
+        results = await self.runtime.invoke(header.calls, hidden)
+        return frames.encode_reply(header.request_id, self.node_id, results, time.perf_counter() - t0)
+
+    @_rpc
+    async def _deploy(self, chunks, context) -> pb.DeployReply:
+        it = chunks.__aiter__()
+        try:
+            first = await it.__anext__()
+        except StopAsyncIteration:
+            first = None
+        if first is None or not first.HasField("header"):
+            raise InvalidRequest("the first Deploy chunk must carry the function header")
+
+        async def data():
+            yield first.data
+            async for chunk in it:
+                yield chunk.data
+
+        present = await self.runtime.deploy(first.header, data())
+        return pb.DeployReply(function_id=first.header.function_id, already_present=present,
+                              deployed_bytes=self.runtime.deployed_bytes)
+
+    @_rpc
+    async def _undeploy(self, request: pb.UndeployRequest, context) -> pb.UndeployReply:
+        was = self.runtime.undeploy(request.function_id)
+        return pb.UndeployReply(was_deployed=was, deployed_bytes=self.runtime.deployed_bytes)
+
+    @_rpc
+    async def _load(self, request: pb.LoadRequest, context) -> pb.LoadReply:
+        loaded, missing = await self.runtime.load(list(request.function_ids), request.wait)
+        return pb.LoadReply(loaded=loaded, missing=missing)
+
+    @_rpc
+    async def _status(self, request: pb.StatusRequest, context) -> pb.StatusReply:
+        return self.status()
+
+    def status(self) -> pb.StatusReply:
+        cfg, rt, now = self.config, self.runtime, time.monotonic()
+        reply = pb.StatusReply(
+            node_id=self.node_id, version=__version__, profile=cfg.profile,
+            memory_budget_bytes=cfg.memory_budget_bytes, deployed_bytes=rt.deployed_bytes,
+            loaded_bytes=rt.loaded_bytes, disk_budget_bytes=cfg.disk_budget_bytes,
+            disk_used_bytes=self.store.used_bytes, threads=cfg.threads, rss_bytes=self._proc.memory_info().rss,
+            keep_alive_s=cfg.keep_alive_s if math.isfinite(cfg.keep_alive_s) else -1.0,
+            queue_depth=rt.queue_depth, capacity_bytes=cfg.capacity_bytes)
+        for fn in rt.deployed.values():
+            info, st = fn.info, fn.stats
+            reply.functions.add(
+                function_id=info.function_id, layer=info.layer, expert_ids=info.expert_ids,
+                size_bytes=info.size_bytes, loaded=fn.session is not None, idle_s=max(0.0, now - st.last_used_s),
+                invocations=st.invocations, in_flight=st.in_flight, resident_bytes=fn.resident_bytes,
+                model_id=info.model_id)
+        return reply

@@ -1,0 +1,261 @@
+"""Content-addressed on-disk store of function files, within a disk budget.
+
+    STORE_DIR/<sha256>.onnx          one file per function, named by the sha256 of its content
+    STORE_DIR/<sha256>.<rand>.part   upload in progress (removed on restart)
+    STORE_DIR/.lock                  flock held by the node owning the directory
+
+Uploads stream into a temp file while hashing; the file is renamed into place only when its length and
+sha256 match what the deployer announced (atomic: a reader never sees half a file). Files of deployed
+functions are pinned; others form a warm disk cache that is dropped least-recently-used first when a new
+upload needs room. The directory is re-indexed on start (sizes are checked, content is not re-hashed; the
+atomic rename is what guarantees integrity); the LRU order survives restarts through file mtimes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import re
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import AsyncIterator, BinaryIO
+
+from faasmoe.node import eviction
+from faasmoe.proto import function_abi as abi
+from faasmoe.proto.errors import FaasmoeError, IntegrityError, InvalidRequest, NodeFull
+
+log = logging.getLogger(__name__)
+SUFFIX = ".onnx"
+PART_SUFFIX = ".part"
+_ID = re.compile(r"[0-9a-f]{64}")
+MIB = 1024 * 1024
+
+
+def check_function_id(function_id: str) -> None:
+    if not _ID.fullmatch(function_id):
+        raise InvalidRequest(f"function id {function_id!r} is not a lowercase sha256 hex digest (64 chars)")
+
+
+@dataclass
+class _File:
+    size_bytes: int
+    last_used_s: float       # wall clock, mirrored in the file's mtime
+
+
+class ContentStore:
+    def __init__(self, root: Path, disk_budget_bytes: int, node: str = "node"):
+        self.root = Path(root)
+        self.disk_budget_bytes = disk_budget_bytes
+        self.node = node
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._lock_fd = _lock(self.root / ".lock")
+        except OSError as err:
+            raise FaasmoeError(f"cannot use store dir {self.root}: {err}; pick a writable --store-dir") from err
+        self._files: dict[str, _File] = {}
+        self._pinned: set[str] = set()
+        self._reserved_bytes = 0
+        self._reindex()
+
+    def _reindex(self) -> None:
+        for entry in os.scandir(self.root):
+            name = entry.name
+            if name.endswith(PART_SUFFIX):
+                log.info("store: removing upload leftover %s", name)
+                os.unlink(entry.path)
+            elif name.endswith(SUFFIX) and _ID.fullmatch(name[:-len(SUFFIX)]) and entry.is_file():
+                st = entry.stat()
+                self._files[name[:-len(SUFFIX)]] = _File(st.st_size, st.st_mtime)
+        log.info("store %s: %d files, %.1f MiB of %.1f MiB", self.root, len(self._files),
+                 self.used_bytes / MIB, self.disk_budget_bytes / MIB)
+
+    def close(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)   # releases the flock
+            self._lock_fd = None
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(f.size_bytes for f in self._files.values())
+
+    def has(self, function_id: str) -> bool:
+        return function_id in self._files
+
+    def path(self, function_id: str) -> Path:
+        return self.root / f"{function_id}{SUFFIX}"
+
+    def size_bytes(self, function_id: str) -> int:
+        return self._files[function_id].size_bytes
+
+    def touch(self, function_id: str) -> None:
+        """Mark a file as recently used (deploy, load)."""
+        f = self._files.get(function_id)
+        if f is not None:
+            f.last_used_s = time.time()
+            try:
+                os.utime(self.path(function_id), (f.last_used_s, f.last_used_s))
+            except OSError:
+                pass
+
+    def pin(self, function_id: str) -> None:
+        self._pinned.add(function_id)
+        self.touch(function_id)
+
+    def unpin(self, function_id: str) -> None:
+        self._pinned.discard(function_id)
+
+    def make_room(self, need_bytes: int) -> list[str]:
+        """Drop LRU unpinned files until ``need_bytes`` more fit the disk budget; NodeFull if they cannot."""
+        files = [eviction.StoredFile(fid, f.size_bytes, f.last_used_s, fid in self._pinned)
+                 for fid, f in self._files.items()]
+        victims = eviction.files_to_drop(files, need_bytes, self.disk_budget_bytes, self._reserved_bytes)
+        if victims is None:
+            pinned_bytes = sum(f.size_bytes for f in files if f.pinned)
+            raise NodeFull(f"storing {need_bytes / MIB:.1f} MiB would exceed the disk budget of node {self.node}: "
+                           f"{pinned_bytes / MIB:.1f} MiB of deployed files and {self._reserved_bytes / MIB:.1f} MiB "
+                           f"of uploads in progress in a {self.disk_budget_bytes / MIB:.1f} MiB budget; undeploy "
+                           "functions or raise --disk-budget-mb")
+        for fid in victims:
+            self.remove(fid)
+        return victims
+
+    def remove(self, function_id: str) -> None:
+        if function_id in self._pinned:
+            raise ValueError(f"refusing to remove {function_id}: it is deployed")
+        f = self._files.pop(function_id, None)
+        if f is not None:
+            self.path(function_id).unlink(missing_ok=True)
+            log.info("store: dropped %s (%.1f MiB) for the disk budget", function_id[:12], f.size_bytes / MIB)
+
+    async def receive(self, function_id: str, size_bytes: int, chunks: AsyncIterator[bytes]) -> Path:
+        """Stream ``chunks`` into the store; verify length and sha256; atomic rename. Returns the path."""
+        check_function_id(function_id)
+        self.make_room(size_bytes)
+        self._reserved_bytes += size_bytes
+        tmp = self.root / f"{function_id}.{secrets.token_hex(4)}{PART_SUFFIX}"
+        try:
+            digest, received = hashlib.sha256(), 0
+            with open(tmp, "wb") as fh:
+                async for data in chunks:
+                    received += len(data)
+                    if received > size_bytes:
+                        raise IntegrityError(f"function {function_id}: received more than the announced "
+                                             f"{size_bytes} bytes")
+                    if data:
+                        await asyncio.to_thread(_write, fh, digest, data)
+                await asyncio.to_thread(_sync, fh)
+            if received != size_bytes:
+                raise IntegrityError(f"function {function_id}: received {received} bytes, announced {size_bytes}")
+            if digest.hexdigest() != function_id:
+                raise IntegrityError(f"function {function_id}: content sha256 is {digest.hexdigest()}; the upload "
+                                     "was corrupted or the id is wrong, deploy it again")
+            os.replace(tmp, self.path(function_id))
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        finally:
+            self._reserved_bytes -= size_bytes
+        self._files[function_id] = _File(size_bytes, time.time())
+        return self.path(function_id)
+
+
+def _write(fh: BinaryIO, digest, data: bytes) -> None:
+    digest.update(data)
+    fh.write(data)
+
+
+def _sync(fh: BinaryIO) -> None:
+    fh.flush()
+    os.fsync(fh.fileno())
+
+
+def _lock(path: Path) -> int:
+    import fcntl
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise OSError(f"another node is using it ({path} is locked)") from None
+    return fd
+
+
+@dataclass(frozen=True)
+class FunctionInfo:
+    function_id: str
+    size_bytes: int               # file size
+    layer: int
+    expert_ids: tuple[int, ...]
+    hidden_size: int
+    model_id: str
+    path: Path
+
+    @property
+    def rows_inputs(self) -> tuple[str, ...]:
+        return tuple(abi.rows_input(j) for j in range(len(self.expert_ids)))
+
+    @classmethod
+    def from_file(cls, path: Path, function_id: str, size_bytes: int) -> FunctionInfo:
+        meta = read_metadata_props(path)
+        if meta.get(abi.META_ABI) != abi.ABI_VERSION:
+            raise InvalidRequest(f"function {function_id} is not a faasmoe expert function of ABI "
+                                 f"{abi.ABI_VERSION} (metadata {abi.META_ABI}={meta.get(abi.META_ABI)!r})")
+        try:
+            experts = tuple(int(e) for e in meta[abi.META_EXPERTS].split(","))
+            return cls(function_id, size_bytes, int(meta[abi.META_LAYER]), experts, int(meta[abi.META_HIDDEN]),
+                       meta.get(abi.META_MODEL, ""), path)
+        except (KeyError, ValueError) as err:
+            raise InvalidRequest(f"function {function_id}: bad or missing ABI metadata ({err})") from None
+
+
+def read_metadata_props(path: Path) -> dict[str, str]:
+    """ONNX ``metadata_props`` of a model file without the onnx package and without reading the weights:
+    walk the top-level protobuf fields of ModelProto, seeking over everything but field 14."""
+    props: dict[str, str] = {}
+    with open(path, "rb") as fh:
+        end = os.fstat(fh.fileno()).st_size
+        while fh.tell() < end:
+            key = _varint(fh)
+            field_no, wire = key >> 3, key & 7
+            if wire == 0:
+                _varint(fh)
+            elif wire in (1, 5):
+                fh.seek(8 if wire == 1 else 4, os.SEEK_CUR)
+            elif wire == 2:
+                length = _varint(fh)
+                if field_no == 14:
+                    props.update([_string_pair(fh.read(length))])
+                else:
+                    fh.seek(length, os.SEEK_CUR)
+            else:
+                raise InvalidRequest(f"{path.name} is not an ONNX model (wire type {wire} at top level)")
+    return props
+
+
+def _varint(fh: BinaryIO) -> int:
+    value = shift = 0
+    while True:
+        byte = fh.read(1)
+        if not byte:
+            raise InvalidRequest("truncated ONNX file")
+        value |= (byte[0] & 0x7F) << shift
+        if byte[0] < 0x80 or shift > 63:
+            return value
+        shift += 7
+
+
+def _string_pair(buf: bytes) -> tuple[str, str]:
+    import io
+
+    fields, fh = {1: b"", 2: b""}, io.BytesIO(buf)
+    while fh.tell() < len(buf):
+        key = _varint(fh)
+        if key & 7 != 2:
+            raise InvalidRequest("malformed ONNX metadata_props entry")
+        fields[key >> 3] = fh.read(_varint(fh))
+    return fields[1].decode("utf-8", "replace"), fields[2].decode("utf-8", "replace")

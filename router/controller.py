@@ -1,0 +1,88 @@
+"""Keep a store placed on the live mesh: when the directory reports a node joining, leaving, dying or
+coming back, wait for the mesh to settle, re-place (moving little) and deploy the difference."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from faasmoe.proto.errors import FaasmoeError
+from faasmoe.router.directory import DirectoryEvent, NodeDirectory
+from faasmoe.router.session import RouterSession
+
+log = logging.getLogger(__name__)
+
+
+class PlacementController:
+    def __init__(self, session: RouterSession, directory: NodeDirectory, settle_s: float = 1.0):
+        self.session = session
+        self.directory = directory
+        self.settle_s = settle_s
+        self.replacements = 0              # successful re-placements since start
+        self.last_error: str | None = None
+        self.last_replace_s: float | None = None   # duration of the last re-place + deploy
+        self._changed = threading.Event()
+        self._stop = threading.Event()
+        self._done = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._unsubscribe = None
+
+    def start(self) -> None:
+        self.session.on_mark_down = self.directory.mark_down
+        self._unsubscribe = self.directory.subscribe(self._on_event)
+        self._changed.set()                # place once at start
+        self._thread = threading.Thread(target=self._run, name="faasmoe-placement", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._changed.set()
+        if self._unsubscribe:
+            self._unsubscribe()
+        if self._thread:
+            self._thread.join(30)
+
+    def _on_event(self, event: DirectoryEvent) -> None:
+        if event.kind == "up":
+            self.session.revive(event.node.address)
+        if event.kind in ("up", "down", "added", "removed"):
+            self._changed.set()
+
+    def wait_for_replacements(self, count: int, timeout_s: float) -> bool:
+        """Block until ``count`` re-placements have completed (tests, benchmarks)."""
+        deadline = time.monotonic() + timeout_s
+        with self._done:
+            while self.replacements < count:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._done.wait(left)
+        return True
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._changed.wait()
+            if self._stop.is_set():
+                return
+            # settle: let a burst of events (several nodes starting) land before planning
+            while self._changed.is_set() and not self._stop.is_set():
+                self._changed.clear()
+                self._stop.wait(self.settle_s)
+            self.reconcile()
+
+    def reconcile(self) -> None:
+        addresses = [s.address for s in self.directory.up_nodes()]
+        start = time.perf_counter()
+        try:
+            plan, views = self.session.place_and_deploy(addresses)
+        except FaasmoeError as exc:
+            self.last_error = str(exc)
+            log.error("re-placement failed: %s", exc)
+            return
+        self.last_error = None
+        self.last_replace_s = time.perf_counter() - start
+        log.info("placed %d functions on %d nodes in %.2f s", len(plan), len(views), self.last_replace_s)
+        with self._done:
+            self.replacements += 1
+            self._done.notify_all()
