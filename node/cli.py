@@ -39,8 +39,12 @@ Extension = Callable[["NodeServer"], contextlib.AbstractAsyncContextManager]  # 
 
 def default_extensions(config: NodeConfig) -> list[Extension]:
     """Extensions the config asks for. Hook point for mDNS (config.mdns), MQTT (config.mqtt_url) and
-    Prometheus metrics (config.metrics_port); none is wired in yet."""
-    return []
+    Prometheus metrics (config.metrics_port)."""
+    extensions: list[Extension] = []
+    if config.mdns:
+        from faasmoe.node.mdns import advertised
+        extensions.append(advertised)
+    return extensions
 
 
 def tune_malloc() -> bool:
