@@ -19,21 +19,49 @@ log = logging.getLogger(__name__)
 ENV_PREFIX = "FAASMOE_ROUTER_"
 
 
-def env(flag: str, default=None):
-    return os.environ.get(ENV_PREFIX + flag.upper().replace("-", "_"), default)
+TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
+
+
+def _from_env(action: argparse.Action, name: str, text: str):
+    try:
+        if isinstance(action, argparse._StoreTrueAction):
+            if text.strip().lower() not in TRUE + FALSE:
+                raise ValueError("expected 1/0, true/false, yes/no or on/off")
+            return text.strip().lower() in TRUE
+        convert = action.type or str
+        if isinstance(action, argparse._AppendAction):
+            return [convert(part.strip()) for part in text.split(",") if part.strip()]
+        return convert(text)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{name}={text!r} is not valid for {action.option_strings[0]}: {exc}") from None
+
+
+def apply_env_defaults(parser: argparse.ArgumentParser, environ=None) -> None:
+    """Every flag of every subcommand may come from ``FAASMOE_ROUTER_<FLAG>``; the command line wins."""
+    environ = os.environ if environ is None else environ
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                apply_env_defaults(sub, environ)
+            continue
+        if not action.option_strings or action.dest in ("help", "verbose"):
+            continue
+        name = ENV_PREFIX + action.dest.upper()
+        if name in environ:
+            action.default = _from_env(action, name, environ[name])
+            action.required = False
 
 
 def add_mesh_arguments(p: argparse.ArgumentParser, store: bool = True) -> None:
     if store:
-        p.add_argument("--store", default=env("store"), required=env("store") is None,
-                       help="store written by 'faasmoe split'")
-    p.add_argument("--nodes", default=env("nodes", ""),
+        p.add_argument("--store", required=True, help="store written by 'faasmoe split'")
+    p.add_argument("--nodes", default="",
                    help="static node list HOST:PORT[,HOST:PORT...]")
-    p.add_argument("--discover", action="store_true", default=env("discover", "") not in ("", "0", "false"),
+    p.add_argument("--discover", action="store_true",
                    help="find nodes over mDNS (_faasmoe._tcp.local.)")
     p.add_argument("--mdns-interface", action="append", default=None,
                    help="IPv4 address of an interface to browse mDNS on (repeatable; default: all)")
-    p.add_argument("--discover-wait-s", type=float, default=float(env("discover_wait_s", 3.0)),
+    p.add_argument("--discover-wait-s", type=float, default=3.0,
                    help="how long to wait for mDNS answers before planning (default 3)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
 
@@ -47,12 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_mesh_arguments(gen)
     gen.add_argument("--prompt", action="append", required=True,
                      help="prompt text (repeat for a batch of prompts)")
-    gen.add_argument("--max-new-tokens", type=int, default=int(env("max_new_tokens", 32)))
+    gen.add_argument("--max-new-tokens", type=int, default=32)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=None)
-    gen.add_argument("--tenant", default=env("tenant", "default"), help="tenant id carried on every call")
-    gen.add_argument("--step-timeout-s", type=float, default=float(env("step_timeout_s", 30.0)),
+    gen.add_argument("--tenant", default="default", help="tenant id carried on every call")
+    gen.add_argument("--step-timeout-s", type=float, default=30.0,
                      help="deadline of one layer step across all nodes (default 30)")
     gen.add_argument("--no-replicas", action="store_true", help="place one copy of each function only")
 
@@ -65,20 +93,25 @@ def build_parser() -> argparse.ArgumentParser:
                                          "nodes join or leave (long-running)")
     add_mesh_arguments(serve)
     serve.add_argument("--no-replicas", action="store_true", help="place one copy of each function only")
-    serve.add_argument("--metrics-port", type=int, default=env("metrics_port"),
+    serve.add_argument("--metrics-port", type=int, default=None,
                        help="serve Prometheus /metrics on this port (default: off)")
-    serve.add_argument("--mqtt", default=env("mqtt"), help="MQTT broker URL to read node telemetry from")
-    serve.add_argument("--settle-s", type=float, default=float(env("settle_s", 1.0)),
+    serve.add_argument("--mqtt", default=None, help="MQTT broker URL to read node telemetry from")
+    serve.add_argument("--settle-s", type=float, default=1.0,
                        help="wait this long after a mesh change before re-placing (default 1)")
 
     status = sub.add_parser("status", help="nodes, profiles, budgets, functions held and loaded, health")
     add_mesh_arguments(status, store=False)
-    status.add_argument("--store", default=env("store"), help="name functions after this store's manifest")
+    status.add_argument("--store", default=None, help="name functions after this store's manifest")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    try:
+        apply_env_defaults(parser)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
