@@ -30,11 +30,11 @@ PROMPT = "def quicksort(xs):\n    "
 
 
 def _prompt_ids(store_or_model: Path, n_fallback: int = 12) -> list[int]:
-    try:
+    ids = []
+    if (Path(store_or_model) / "tokenizer.json").exists():
         from transformers import AutoTokenizer
-        return AutoTokenizer.from_pretrained(str(store_or_model))(PROMPT)["input_ids"]
-    except Exception:
-        return [(i * 7919) % 1000 + 10 for i in range(n_fallback)]
+        ids = AutoTokenizer.from_pretrained(str(store_or_model))(PROMPT)["input_ids"]
+    return ids or [(i * 7919) % 1000 + 10 for i in range(n_fallback)]
 
 
 def _timed_generate(model, ids: list[int], new_tokens: int) -> tuple[list[int], list[float]]:

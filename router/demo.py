@@ -42,6 +42,7 @@ def run(args) -> int:
     if args.nodes < 1:
         raise ConfigError("--nodes must be at least 1")
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     from faasmoe.router.generate import generate
     from faasmoe.router.local_mesh import LocalMesh
@@ -49,6 +50,7 @@ def run(args) -> int:
     from faasmoe.router.session import RouterSession
     from faasmoe.router.split import split_checkpoint
 
+    hf_logging.disable_progress_bar()
     with tempfile.TemporaryDirectory(prefix="faasmoe-demo-") as tmp:
         tmp = Path(tmp)
         t0 = time.perf_counter()
@@ -90,6 +92,8 @@ def run(args) -> int:
         print(json.dumps(report))
     else:
         print(f"prompt: {args.prompt!r}\ncompletion: {out.text!r}")
+        if not args.model:
+            print("(random weights, so the text is noise; --model DIR runs a trained Qwen2-MoE checkpoint)")
         print(f"split {report['split_s']} s into {report['functions']} functions (G={report['group_size']}); "
               f"{args.nodes} nodes started in {report['start_nodes_s']} s; "
               f"{report['function_copies']} copies deployed in {report['deploy_s']} s")

@@ -51,6 +51,7 @@ class RouterSession:
              for layer in self.manifest.moe_layers},
             {}, {}, tenant_id=tenant_id, step_timeout_s=step_timeout_s, on_node_failure=self.recover)
         self.dead: set[str] = set()
+        self.unreachable: dict[str, str] = {}     # address -> why, from the last survey
         self.on_mark_down = None     # set by callers that keep a NodeDirectory
 
     # -- nodes -----------------------------------------------------------------------------------------
@@ -68,10 +69,12 @@ class RouterSession:
             except MeshError as exc:
                 return address, None, exc
         views = []
+        self.unreachable = {}
         with ThreadPoolExecutor(max_workers=max(1, len(addresses))) as pool:
             for address, status, err in pool.map(one, addresses):
                 if err is not None:
-                    log.warning("%s", err)
+                    log.info("left out of placement: %s", err)
+                    self.unreachable[address] = err.detail
                     continue
                 held = frozenset(f.function_id for f in status.functions if f.function_id in self._by_id)
                 foreign = sum(f.size_bytes for f in status.functions if f.function_id not in self._by_id)
@@ -81,7 +84,9 @@ class RouterSession:
     # -- placement -------------------------------------------------------------------------------------
     def plan(self, views: Sequence[NodeView]) -> dict[str, tuple[str, ...]]:
         if not views:
-            raise PlacementError("no reachable node: start faasmoe-node on some devices or check --nodes")
+            tried = "; ".join(f"{a}: {why.split(';')[0]}" for a, why in sorted(self.unreachable.items()))
+            raise PlacementError("no reachable node" + (f" ({tried})" if tried else "")
+                                 + ": start faasmoe-node on some devices or check --nodes")
         nodes = [pl.NodeSpec(v.address, v.capacity_bytes, max(1, v.status.threads)) for v in views]
         current = {fid: [v.address for v in views if fid in v.held] for fid in self._by_id}
         return pl.place(self.manifest.functions, nodes, current, self.placement_options)

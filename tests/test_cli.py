@@ -1,0 +1,77 @@
+"""The command lines as a user runs them: the demo, split errors, router errors and place."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from faasmoe.router.local_mesh import LocalMesh
+from faasmoe.router.split import split_checkpoint
+from model_factory import make_checkpoint
+
+
+def run(*args, timeout=240, env=None):
+    import os
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def test_demo_runs_and_matches_transformers():
+    proc = run("faasmoe.router.umbrella", "demo", "--nodes", "3", "--max-new-tokens", "6", "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["matches_transformers"] is True
+    assert report["nodes"] == 3 and len(report["token_ids"]) == 6 and report["rpcs"] > 0
+
+
+def test_split_of_a_malformed_checkpoint_is_one_line(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    proc = run("faasmoe.router.umbrella", "split", str(tmp_path), "--out", str(tmp_path / "store"))
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "config.json" in lines[0]
+    assert not (tmp_path / "store").exists()
+
+
+@pytest.mark.parametrize("argv,code,needle", [
+    (["generate", "--store", "{store}", "--prompt", "x"], 2, "no nodes"),
+    (["generate", "--store", "{store}", "--nodes", "nohost", "--prompt", "x"], 2, "host:port"),
+    (["generate", "--store", "{missing}", "--nodes", "127.0.0.1:1", "--prompt", "x"], 1, "manifest"),
+    (["generate", "--store", "{store}", "--nodes", "127.0.0.1:1", "--prompt", "x"], 1, "no reachable node"),
+], ids=["no-nodes", "bad-address", "missing-store", "unreachable"])
+def test_router_errors_are_one_line(tmp_path, argv, code, needle):
+    model_dir = make_checkpoint(tmp_path / "model")
+    split_checkpoint(model_dir, tmp_path / "store", group_size=4, progress=False)
+    argv = [a.format(store=tmp_path / "store", missing=tmp_path / "nope") for a in argv]
+    proc = run("faasmoe.router.cli", *argv)
+    assert proc.returncode == code, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], proc.stderr
+
+
+def test_router_flags_come_from_the_environment(tmp_path):
+    proc = run("faasmoe.router.cli", "status", env={"FAASMOE_ROUTER_DISCOVER_WAIT_S": "soon"})
+    assert proc.returncode == 2 and "FAASMOE_ROUTER_DISCOVER_WAIT_S" in proc.stderr
+
+
+def test_place_dry_run_then_apply(tmp_path):
+    model_dir = make_checkpoint(tmp_path / "model", num_experts=8, top_k=2)
+    store = tmp_path / "store"
+    manifest = split_checkpoint(model_dir, store, group_size=2, progress=False)
+    with LocalMesh(3, tmp_path / "nodes", memory_budget_mb=64) as mesh:
+        nodes = ",".join(mesh.addresses)
+        dry = run("faasmoe.router.cli", "place", "--store", str(store), "--nodes", nodes, "--dry-run", "--json")
+        assert dry.returncode == 0, dry.stderr
+        plan = json.loads(dry.stdout)
+        assert plan["applied"] is False and set(plan["placement"]) == {f.function_id for f in manifest.functions}
+        for node in plan["nodes"]:
+            assert node["used_bytes"] <= node["capacity_bytes"]
+        table = run("faasmoe.router.cli", "place", "--store", str(store), "--nodes", nodes)
+        assert table.returncode == 0 and "used / capacity" in table.stdout
+        status = run("faasmoe.router.cli", "status", "--nodes", nodes, "--json")
+        report = json.loads(status.stdout)
+        held = {f["function_id"] for n in report["nodes"] for f in n["functions"]}
+        assert held == {f.function_id for f in manifest.functions}
