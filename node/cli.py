@@ -44,6 +44,12 @@ def default_extensions(config: NodeConfig) -> list[Extension]:
     if config.mdns:
         from faasmoe.node.mdns import advertised
         extensions.append(advertised)
+    if config.metrics_port is not None:
+        from faasmoe.node.metrics import metrics_extension
+        extensions.append(metrics_extension(config))
+    if config.mqtt_url:
+        from faasmoe.node.telemetry import mqtt_extension
+        extensions.append(mqtt_extension(config))      # a bad URL raises ConfigError here: exit 2
     return extensions
 
 

@@ -34,9 +34,10 @@ import psutil
 
 from faasmoe.node import eviction
 from faasmoe.node.config import NodeConfig, default_threads
+from faasmoe.node.metrics import HeatWindow, Listeners
+from faasmoe.node.sessions import create_session, is_tiny, run_session
 from faasmoe.node.store import ContentStore, FunctionInfo, check_function_id
 from faasmoe.proto import faasmoe_pb2 as pb
-from faasmoe.proto import function_abi as abi
 from faasmoe.proto.errors import Backpressure, FunctionNotFound, InvalidRequest, NodeFull, NodeInternalError
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,7 @@ class FunctionStats:
     compute_s: float = 0.0                # seconds of session runs, total
     last_used_s: float = field(default_factory=time.monotonic)  # monotonic; last call end, load or deploy
     rss_delta_bytes: int = 0              # RSS change measured around the last load
+    heat: HeatWindow = field(default_factory=HeatWindow)   # rows per expert, sliding window
 
 
 @dataclass
@@ -96,6 +98,7 @@ class Runtime:
     def __init__(self, config: NodeConfig, store: ContentStore, run_executor: Executor | None = None):
         self.config, self.store, self.node_id = config, store, config.node_id
         self.counters = NodeCounters()
+        self.listeners = Listeners()      # callables(event dict), on the loop, per load / evict
         self.run_slots = max(1, default_threads() // config.threads)
         self.deployed: dict[str, Function] = {}         # read-only outside
         self._draining: dict[str, Function] = {}       # undeployed, still running calls
@@ -219,14 +222,14 @@ class Runtime:
     async def _load_once(self, fn: Function, by_call: bool) -> float:
         """Single flight: every caller of a cold function awaits the same load. Returns its seconds."""
         if fn.loading is None:
-            fn.loading = self._spawn(self._load(fn))
+            fn.loading = self._spawn(self._load(fn, by_call))
             fn.loading.add_done_callback(lambda fut: fut.cancelled() or fut.exception())
             if by_call:
                 fn.stats.cold_starts += 1
                 self.counters.cold_starts += 1
         return await asyncio.shield(fn.loading)
 
-    async def _load(self, fn: Function) -> float:
+    async def _load(self, fn: Function, by_call: bool) -> float:
         try:
             async with self._load_lock:
                 need = resident_estimate_bytes(fn.info.size_bytes)
@@ -237,12 +240,11 @@ class Runtime:
                              fn.info.function_id[:12], need / MIB)
                     await self._changed.wait()
                 for fid in victims:
-                    self.counters.evictions_memory += 1
-                    self._release(next(f for f in self._all() if f.info.function_id == fid), "memory pressure")
+                    self._release(next(f for f in self._all() if f.info.function_id == fid), "memory", "pressure")
                 fn.resident_bytes = need
                 try:
                     session, load_s, delta = await asyncio.get_running_loop().run_in_executor(
-                        self._load_pool, _create_session, fn.info, self.config.threads, self._proc)
+                        self._load_pool, create_session, fn.info, self.config.threads, self._proc)
                 except Exception as err:
                     fn.resident_bytes = 0
                     raise NodeInternalError(f"node {self.node_id} could not load function {fn.info.function_id}: "
@@ -250,9 +252,10 @@ class Runtime:
                 fn.session, st = session, fn.stats
                 st.loads, st.load_s, st.rss_delta_bytes, st.last_used_s = st.loads + 1, load_s, delta, time.monotonic()
                 self.counters.loads += 1
+                self.listeners.emit("load", fn.info, fn.resident_bytes, load_s=load_s, cold_start=by_call)
                 self.store.touch(fn.info.function_id)
                 if not fn.deployed and not st.in_flight:
-                    self._release(fn, "undeployed while loading")
+                    self._release(fn, "undeploy", "while loading")
                 level = logging.WARNING if delta > need * 1.25 + 16 * MIB else logging.INFO   # 1st load: ORT init
                 log.log(level, "loaded %s in %.3f s: %.1f MiB accounted, RSS +%.1f MiB", fn.info.function_id[:12],
                         load_s, need / MIB, delta / MIB)
@@ -260,16 +263,21 @@ class Runtime:
         finally:
             fn.loading = None
 
-    def _release(self, fn: Function, why: str) -> None:
+    def _release(self, fn: Function, reason: str, detail: str = "") -> None:
+        """Drop the session; ``reason``: keep_alive | memory | undeploy | shutdown (counted and emitted)."""
         session, fn.session = fn.session, None
-        fn.resident_bytes = 0
+        resident_bytes, fn.resident_bytes = fn.resident_bytes, 0
         if not fn.deployed:
             self._draining.pop(fn.info.function_id, None)
         if session is not None:
             del session
             with contextlib.suppress(RuntimeError):     # the pool is shut down when closing
                 self._load_pool.submit(trim_malloc)
-            log.info("released %s (%s)", fn.info.function_id[:12], why)
+            self.counters.evictions_keep_alive += reason == "keep_alive"
+            self.counters.evictions_memory += reason == "memory"
+            log.info("released %s (%s%s)", fn.info.function_id[:12], reason, f", {detail}" if detail else "")
+            self.listeners.emit("evict", fn.info, resident_bytes, reason=reason,
+                                idle_s=round(time.monotonic() - fn.stats.last_used_s, 3))
             self._notify()
 
     def evict_idle(self, now_s: float | None = None) -> list[str]:
@@ -277,8 +285,7 @@ class Runtime:
         now_s = time.monotonic() if now_s is None else now_s
         expired = eviction.past_keep_alive(self._loaded_view(), now_s, self.config.keep_alive_s)
         for fn in [f for f in self._all() if f.info.function_id in expired]:
-            self.counters.evictions_keep_alive += 1
-            self._release(fn, f"idle {now_s - fn.stats.last_used_s:.1f} s")
+            self._release(fn, "keep_alive", f"idle {now_s - fn.stats.last_used_s:.1f} s")
         return expired
 
     async def _reap_loop(self) -> None:
@@ -347,52 +354,29 @@ class Runtime:
                 await self._slots.acquire()
             try:
                 t0 = time.perf_counter()
-                job = asyncio.get_running_loop().run_in_executor(
-                    self._run_pool, _run_session, fn.session, fn.info.rows_inputs, x, call.rows,
-                    call.expert_row_counts)
-                try:
-                    out = await asyncio.shield(job)
-                except asyncio.CancelledError:      # caller gone: keep slot and in-flight until ORT is done
-                    await asyncio.wait([job])
-                    raise
+                if self._own_pool and is_tiny(call, fn.info):
+                    # a tiny run costs less than the hand-off to a worker thread: run it on the loop
+                    out = run_session(fn.session, fn.info.rows_inputs, x, call.rows, call.expert_row_counts)
+                else:
+                    job = asyncio.get_running_loop().run_in_executor(
+                        self._run_pool, run_session, fn.session, fn.info.rows_inputs, x, call.rows,
+                        call.expert_row_counts)
+                    try:
+                        out = await asyncio.shield(job)
+                    except asyncio.CancelledError:      # caller gone: keep slot and in-flight until ORT is done
+                        await asyncio.wait([job])
+                        raise
                 result.compute_s = time.perf_counter() - t0
             finally:
                 self._slots.release()
             st.invocations, st.rows = st.invocations + 1, st.rows + len(call.rows)
             st.compute_s += result.compute_s
+            st.heat.add(call.expert_row_counts, time.monotonic())
         finally:
             st.in_flight -= 1
             st.last_used_s = time.monotonic()
             if st.in_flight == 0:
                 if self.config.keep_alive_s == 0 or not fn.deployed:
-                    self._release(fn, "keep-alive 0" if fn.deployed else "undeployed")
+                    self._release(fn, *(("keep_alive", "keep-alive 0") if fn.deployed else ("undeploy",)))
                 self._notify()
         return result, (out if out.dtype == out_dtype else out.astype(out_dtype))
-
-
-def _create_session(info: FunctionInfo, threads: int, proc: psutil.Process):
-    """Create and warm up a session (worker thread). Returns (session, seconds, RSS delta bytes)."""
-    t0, rss0 = time.perf_counter(), proc.memory_info().rss
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.enable_cpu_mem_arena = False          # freed tensors go back to malloc, so RSS falls on release
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.log_severity_level = 3
-    session = ort.InferenceSession(str(info.path), opts, providers=["CPUExecutionProvider"])
-    names = {i.name for i in session.get_inputs()}
-    if names != {abi.HIDDEN_INPUT, *info.rows_inputs}:
-        raise InvalidRequest(f"inputs {sorted(names)} do not follow the function ABI for {len(info.expert_ids)} "
-                             "experts")
-    feeds = {name: np.zeros(0, np.int64) for name in info.rows_inputs}
-    feeds[info.rows_inputs[0]] = np.zeros(1, np.int64)
-    session.run([abi.OUTPUT], {abi.HIDDEN_INPUT: np.zeros((1, info.hidden_size), np.float32), **feeds})
-    return session, time.perf_counter() - t0, proc.memory_info().rss - rss0
-
-
-def _run_session(session: ort.InferenceSession, rows_inputs: tuple[str, ...], x: np.ndarray, rows, counts):
-    rows_all, feeds, start = np.asarray(rows, dtype=np.int64), {abi.HIDDEN_INPUT: x}, 0
-    for name, n in zip(rows_inputs, counts):
-        feeds[name] = rows_all[start:start + n]
-        start += n
-    return session.run([abi.OUTPUT], feeds)[0]

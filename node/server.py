@@ -13,12 +13,14 @@ import logging
 import math
 import time
 from concurrent.futures import Executor
+from typing import Callable
 
 import grpc
 import psutil
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from faasmoe.node.config import NodeConfig
+from faasmoe.node.metrics import HEAT_WINDOW_S
 from faasmoe.node.runtime import Runtime
 from faasmoe.node.store import ContentStore
 from faasmoe.proto import __version__, frames
@@ -61,6 +63,9 @@ class NodeServer:
         self.store: ContentStore | None = None
         self.runtime: Runtime | None = None
         self.port = 0
+        self.metrics_port: int | None = None     # set while the Prometheus endpoint runs (faasmoe.node.metrics)
+        # called after each successful Invoke with (layer, results, handler seconds); keep them cheap
+        self.invoke_listeners: list[Callable[[int, list, float], None]] = []
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
         self._proc = psutil.Process()
@@ -151,7 +156,15 @@ class NodeServer:
         t0 = time.perf_counter()
         header, hidden = frames.decode_request(frame)
         results = await self.runtime.invoke(header.calls, hidden)
-        return frames.encode_reply(header.request_id, self.node_id, results, time.perf_counter() - t0)
+        reply = frames.encode_reply(header.request_id, self.node_id, results, time.perf_counter() - t0)
+        if self.invoke_listeners:
+            elapsed_s = time.perf_counter() - t0
+            for listener in self.invoke_listeners:
+                try:
+                    listener(header.layer, results, elapsed_s)
+                except Exception:  # noqa: BLE001 - telemetry never fails a call
+                    log.exception("invoke listener %r failed", listener)
+        return reply
 
     @_rpc
     async def _deploy(self, chunks, context) -> pb.DeployReply:
@@ -194,12 +207,12 @@ class NodeServer:
             loaded_bytes=rt.loaded_bytes, disk_budget_bytes=cfg.disk_budget_bytes,
             disk_used_bytes=self.store.used_bytes, threads=cfg.threads, rss_bytes=self._proc.memory_info().rss,
             keep_alive_s=cfg.keep_alive_s if math.isfinite(cfg.keep_alive_s) else -1.0,
-            queue_depth=rt.queue_depth, capacity_bytes=cfg.capacity_bytes)
+            queue_depth=rt.queue_depth, capacity_bytes=cfg.capacity_bytes, heat_window_s=HEAT_WINDOW_S)
         for fn in rt.deployed.values():
             info, st = fn.info, fn.stats
             reply.functions.add(
                 function_id=info.function_id, layer=info.layer, expert_ids=info.expert_ids,
                 size_bytes=info.size_bytes, loaded=fn.session is not None, idle_s=max(0.0, now - st.last_used_s),
                 invocations=st.invocations, in_flight=st.in_flight, resident_bytes=fn.resident_bytes,
-                model_id=info.model_id)
+                model_id=info.model_id, expert_calls_window=st.heat.totals(len(info.expert_ids), now))
         return reply

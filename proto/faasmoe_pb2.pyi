@@ -133,7 +133,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class FunctionStatus(_message.Message):
-    __slots__ = ("function_id", "layer", "expert_ids", "size_bytes", "loaded", "idle_s", "invocations", "in_flight", "resident_bytes", "model_id")
+    __slots__ = ("function_id", "layer", "expert_ids", "size_bytes", "loaded", "idle_s", "invocations", "in_flight", "resident_bytes", "model_id", "expert_calls_window")
     FUNCTION_ID_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
     EXPERT_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -144,6 +144,7 @@ class FunctionStatus(_message.Message):
     IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     RESIDENT_BYTES_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_CALLS_WINDOW_FIELD_NUMBER: _ClassVar[int]
     function_id: str
     layer: int
     expert_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -154,10 +155,11 @@ class FunctionStatus(_message.Message):
     in_flight: int
     resident_bytes: int
     model_id: str
-    def __init__(self, function_id: _Optional[str] = ..., layer: _Optional[int] = ..., expert_ids: _Optional[_Iterable[int]] = ..., size_bytes: _Optional[int] = ..., loaded: _Optional[bool] = ..., idle_s: _Optional[float] = ..., invocations: _Optional[int] = ..., in_flight: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., model_id: _Optional[str] = ...) -> None: ...
+    expert_calls_window: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, function_id: _Optional[str] = ..., layer: _Optional[int] = ..., expert_ids: _Optional[_Iterable[int]] = ..., size_bytes: _Optional[int] = ..., loaded: _Optional[bool] = ..., idle_s: _Optional[float] = ..., invocations: _Optional[int] = ..., in_flight: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., model_id: _Optional[str] = ..., expert_calls_window: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("node_id", "version", "profile", "memory_budget_bytes", "deployed_bytes", "loaded_bytes", "disk_budget_bytes", "disk_used_bytes", "threads", "rss_bytes", "keep_alive_s", "functions", "queue_depth", "capacity_bytes")
+    __slots__ = ("node_id", "version", "profile", "memory_budget_bytes", "deployed_bytes", "loaded_bytes", "disk_budget_bytes", "disk_used_bytes", "threads", "rss_bytes", "keep_alive_s", "functions", "queue_depth", "capacity_bytes", "heat_window_s")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PROFILE_FIELD_NUMBER: _ClassVar[int]
@@ -172,6 +174,7 @@ class StatusReply(_message.Message):
     FUNCTIONS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    HEAT_WINDOW_S_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     version: str
     profile: str
@@ -186,4 +189,5 @@ class StatusReply(_message.Message):
     functions: _containers.RepeatedCompositeFieldContainer[FunctionStatus]
     queue_depth: int
     capacity_bytes: int
-    def __init__(self, node_id: _Optional[str] = ..., version: _Optional[str] = ..., profile: _Optional[str] = ..., memory_budget_bytes: _Optional[int] = ..., deployed_bytes: _Optional[int] = ..., loaded_bytes: _Optional[int] = ..., disk_budget_bytes: _Optional[int] = ..., disk_used_bytes: _Optional[int] = ..., threads: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., keep_alive_s: _Optional[float] = ..., functions: _Optional[_Iterable[_Union[FunctionStatus, _Mapping]]] = ..., queue_depth: _Optional[int] = ..., capacity_bytes: _Optional[int] = ...) -> None: ...
+    heat_window_s: float
+    def __init__(self, node_id: _Optional[str] = ..., version: _Optional[str] = ..., profile: _Optional[str] = ..., memory_budget_bytes: _Optional[int] = ..., deployed_bytes: _Optional[int] = ..., loaded_bytes: _Optional[int] = ..., disk_budget_bytes: _Optional[int] = ..., disk_used_bytes: _Optional[int] = ..., threads: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., keep_alive_s: _Optional[float] = ..., functions: _Optional[_Iterable[_Union[FunctionStatus, _Mapping]]] = ..., queue_depth: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., heat_window_s: _Optional[float] = ...) -> None: ...

@@ -7,11 +7,9 @@ Every flag can also come from an environment variable ``FAASMOE_ROUTER_<FLAG>`` 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
-import time
 
 from faasmoe.proto.errors import ConfigError, FaasmoeError
 
@@ -95,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-replicas", action="store_true", help="place one copy of each function only")
     serve.add_argument("--metrics-port", type=int, default=None,
                        help="serve Prometheus /metrics on this port (default: off)")
+    serve.add_argument("--metrics-host", default="127.0.0.1",
+                       help="address of the metrics endpoint (default 127.0.0.1; 0.0.0.0 in containers)")
     serve.add_argument("--mqtt", default=None, help="MQTT broker URL to read node telemetry from")
     serve.add_argument("--settle-s", type=float, default=1.0,
                        help="wait this long after a mesh change before re-placing (default 1)")
@@ -102,6 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="nodes, profiles, budgets, functions held and loaded, health")
     add_mesh_arguments(status, store=False)
     status.add_argument("--store", default=None, help="name functions after this store's manifest")
+    status.add_argument("--mqtt", default=None, metavar="URL",
+                        help="also read node telemetry from this MQTT broker (mqtt://HOST:PORT): nodes seen there, "
+                             "offline ones included, and recent load/evict events; alone, it needs no --nodes")
+    status.add_argument("--mqtt-wait-s", type=float, default=2.0,
+                        help="how long to collect MQTT messages at most (default 2)")
+    status.add_argument("--heat", action="store_true",
+                        help="show the expert heat table: rows per layer and expert in the nodes' heat window")
+    status.add_argument("--plot", default=None, metavar="FILE", help="write the expert heat as a PNG heatmap")
     return parser
 
 

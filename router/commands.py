@@ -108,9 +108,21 @@ def generate(args) -> int:
 
 def status(args) -> int:
     from faasmoe.router.status import collect, render
-    with node_addresses(args) as (addresses, directory):
-        report = collect(addresses, getattr(args, "store", None))
-    print(json.dumps(report) if args.json else render(report))
+    mqtt, store = getattr(args, "mqtt", None), getattr(args, "store", None)
+    if mqtt and not args.nodes and not args.discover:          # MQTT alone: the nodes that publish there
+        report = collect([], store, mqtt_url=mqtt, mqtt_wait_s=args.mqtt_wait_s)
+    else:
+        with node_addresses(args) as (addresses, directory):
+            report = collect(addresses, store, mqtt_url=mqtt, mqtt_wait_s=getattr(args, "mqtt_wait_s", 2.0))
+    if getattr(args, "plot", None):
+        from faasmoe.router.heat import plot_heat
+        try:
+            plot_heat(report["heat"], args.plot)
+        except OSError as exc:
+            raise ConfigError(f"cannot write the heat plot to {args.plot}: {exc.strerror}; pick another --plot "
+                              "path") from None
+        print(f"wrote expert heat plot to {args.plot}", file=sys.stderr)
+    print(json.dumps(report) if args.json else render(report, heat=getattr(args, "heat", False)))
     return 0
 
 
@@ -129,10 +141,20 @@ def serve(args) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    from faasmoe.router.metrics import RouterMetrics, start_metrics_server, stop_metrics_server
+    from faasmoe.router.telemetry import TelemetryCollector
+
+    telemetry = TelemetryCollector(args.mqtt).start() if args.mqtt else None
+    metrics_port = None
+    if args.metrics_port is not None:
+        metrics = RouterMetrics(lambda: session.mesh.stats, telemetry=telemetry)
+        metrics.watch(session.mesh)
+        metrics_port = start_metrics_server(metrics.registry, args.metrics_port, host=args.metrics_host)
     directory.start()
     controller = PlacementController(session, directory, settle_s=args.settle_s)
     controller.start()
-    print(f"faasmoe-router serving {session.manifest.model_id} ({len(session.manifest.functions)} functions)",
+    print(f"faasmoe-router serving {session.manifest.model_id} ({len(session.manifest.functions)} functions)"
+          + (f"; metrics on {args.metrics_host}:{metrics_port}/metrics" if metrics_port is not None else ""),
           flush=True)
     try:
         while not stop.wait(1.0):
@@ -140,5 +162,9 @@ def serve(args) -> int:
     finally:
         controller.stop()
         directory.stop()
+        if metrics_port is not None:
+            stop_metrics_server(metrics_port)
+        if telemetry is not None:
+            telemetry.stop()
         session.close()
     return 0

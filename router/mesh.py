@@ -73,6 +73,7 @@ class ExpertMesh:
         self.on_node_failure = on_node_failure
         self.stats = MeshStats()
         self.compact_max_rows = compact_max_rows
+        self.on_layer_done: Callable[[int, float], None] | None = None   # (layer, seconds): metrics hook
         self._where = {layer: {e: fid for e, (fid, _) in lf.function_of_expert().items()}
                        for layer, lf in self.layers.items()}
         self._lock = threading.Lock()
@@ -109,8 +110,11 @@ class ExpertMesh:
             for expert, items in part.items():
                 results.setdefault(expert, []).extend(
                     ExpertResult(r.tokens + lo, r.slots, r.output) for r in items)
+        wall_s = time.perf_counter() - start
         self.stats.layer_calls += 1
-        self.stats.wall_s += time.perf_counter() - start
+        self.stats.wall_s += wall_s
+        if self.on_layer_done is not None:
+            self.on_layer_done(layer, wall_s)
         return results
 
     def _run_chunk(self, layer, hidden, top_k_index, deadline, request_id):

@@ -8,7 +8,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
-import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from faasmoe.proto import function_abi as abi

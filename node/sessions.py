@@ -1,0 +1,49 @@
+"""ONNX Runtime sessions of expert functions: create (with warm-up) and run. Worker-thread safe."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import onnxruntime as ort
+import psutil
+
+from faasmoe.node.store import FunctionInfo
+from faasmoe.proto import faasmoe_pb2 as pb
+from faasmoe.proto import function_abi as abi
+from faasmoe.proto.errors import InvalidRequest
+
+INLINE_MAX_MACS = 1_000_000   # calls this small (rows x expert weights) run on the event loop, not a worker
+
+
+def is_tiny(call: pb.FunctionCall, info: FunctionInfo) -> bool:
+    """A run this small costs less than the hand-off to a worker thread."""
+    return len(call.rows) * info.size_bytes // (4 * len(info.expert_ids)) <= INLINE_MAX_MACS
+
+
+def create_session(info: FunctionInfo, threads: int, proc: psutil.Process):
+    """Create and warm up a session (worker thread). Returns (session, seconds, RSS delta bytes)."""
+    t0, rss0 = time.perf_counter(), proc.memory_info().rss
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.enable_cpu_mem_arena = False          # freed tensors go back to malloc, so RSS falls on release
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(str(info.path), opts, providers=["CPUExecutionProvider"])
+    names = {i.name for i in session.get_inputs()}
+    if names != {abi.HIDDEN_INPUT, *info.rows_inputs}:
+        raise InvalidRequest(f"inputs {sorted(names)} do not follow the function ABI for {len(info.expert_ids)} "
+                             "experts")
+    feeds = {name: np.zeros(0, np.int64) for name in info.rows_inputs}
+    feeds[info.rows_inputs[0]] = np.zeros(1, np.int64)
+    session.run([abi.OUTPUT], {abi.HIDDEN_INPUT: np.zeros((1, info.hidden_size), np.float32), **feeds})
+    return session, time.perf_counter() - t0, proc.memory_info().rss - rss0
+
+
+def run_session(session: ort.InferenceSession, rows_inputs: tuple[str, ...], x: np.ndarray, rows, counts):
+    rows_all, feeds, start = np.asarray(rows, dtype=np.int64), {abi.HIDDEN_INPUT: x}, 0
+    for name, n in zip(rows_inputs, counts):
+        feeds[name] = rows_all[start:start + n]
+        start += n
+    return session.run([abi.OUTPUT], feeds)[0]

@@ -1,0 +1,68 @@
+"""``faasmoe-router serve`` keeps a store placed while nodes leave and come back, and serves metrics."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+from faasmoe.router.client import NodeClient
+from faasmoe.router.local_mesh import start_node
+from faasmoe.router.manifest import load_manifest
+from faasmoe.router.split import split_checkpoint
+from model_factory import make_checkpoint
+
+
+def wait_until(predicate, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)      # polling a condition
+    return False
+
+
+def held(address: str) -> set[str]:
+    client = NodeClient(address)
+    try:
+        return {f.function_id for f in client.status(2.0).functions}
+    except Exception:
+        return set()
+    finally:
+        client.close()
+
+
+def test_serve_replaces_on_leave_and_rejoin(tmp_path):
+    model_dir = make_checkpoint(tmp_path / "model", num_experts=8, top_k=2)
+    store = tmp_path / "store"
+    split_checkpoint(model_dir, store, group_size=1, progress=False)
+    everything = {f.function_id for f in load_manifest(store).functions}
+    nodes = [start_node(tmp_path / f"n{i}", memory_budget_mb=64, extra_args=["--node-id", f"n{i}"]) for i in range(2)]
+    serve = subprocess.Popen([sys.executable, "-m", "faasmoe.router.cli", "serve", "--store", str(store),
+                              "--nodes", ",".join(n.address for n in nodes), "--settle-s", "0.2",
+                              "--metrics-port", "0", "--no-replicas"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        banner = serve.stdout.readline()
+        port = int(re.search(r":(\d+)/metrics", banner).group(1))
+        a, b = nodes
+        assert wait_until(lambda: held(a.address) | held(b.address) == everything, 30)
+        assert held(a.address) and held(b.address)                 # spread over both nodes
+        port_b = b.address.rsplit(":", 1)[1]
+        b.kill()                                                   # leaves without a word
+        assert wait_until(lambda: held(a.address) == everything, 15), "survivor never took over"
+        b2 = start_node(tmp_path / "n1", memory_budget_mb=64,
+                        extra_args=["--node-id", "n1", "--host", "127.0.0.1", "--port", port_b])
+        nodes.append(b2)
+        assert wait_until(lambda: len(held(b2.address)) > 0, 30), "returning node never used again"
+        assert held(a.address) | held(b2.address) == everything
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        assert "faasmoe_router" in text
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        assert serve.wait(30) == 0, serve.stderr.read()
+        for n in nodes:
+            n.stop()
