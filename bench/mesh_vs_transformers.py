@@ -17,7 +17,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import psutil
@@ -78,6 +77,7 @@ def phase_mesh(args) -> dict:
         node_idle_rss = [psutil.Process(n.process.pid).memory_info().rss for n in mesh.nodes]
         session = RouterSession(store, placement_options=PlacementOptions(max_replicas=args.max_replicas))
         session.place_and_deploy(mesh.addresses)
+        rss_before_model = psutil.Process().memory_info().rss
         model = build_mesh_model(store, session.manifest, session.mesh)
         router_rss = psutil.Process().memory_info().rss
         _timed_generate(model, ids, 8)                                # warm up: loads every session needed
@@ -89,6 +89,7 @@ def phase_mesh(args) -> dict:
     decode_total_s = sum(steps[1:])
     per_step = stats.layer_calls / max(1, len(steps))
     return dict(token_ids=tokens, decode_s=steps[1:], prefill_s=steps[0], router_rss_bytes=router_rss,
+                router_model_rss_bytes=router_rss - rss_before_model,
                 dense_bytes=dense_bytes(model), node_idle_rss_bytes=node_idle_rss, node_loaded_rss_bytes=node_rss,
                 rpcs_per_token=stats.rpcs / len(steps), layer_calls_per_token=per_step,
                 mesh_wall_s=stats.wall_s, node_compute_s=stats.node_compute_s, encode_s=stats.encode_s,
@@ -154,6 +155,7 @@ def main() -> int:
         ratio_mesh_over_transformers=round(mesh_ms / tf_ms, 3),
         tokens_identical=tf["token_ids"] == mesh["token_ids"],
         router_rss_over_dense=round(mesh["router_rss_bytes"] / mesh["dense_bytes"], 3),
+        router_model_rss_over_dense=round(mesh["router_model_rss_bytes"] / mesh["dense_bytes"], 3),
         router_rss_mib=round(mesh["router_rss_bytes"] / 2**20, 1), dense_mib=round(mesh["dense_bytes"] / 2**20, 1),
         transformers_rss_mib=round(tf["rss_bytes"] / 2**20, 1),
         node_idle_rss_mib=round(statistics.median(mesh["node_idle_rss_bytes"]) / 2**20, 1),
