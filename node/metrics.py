@@ -135,7 +135,7 @@ class _RuntimeCollector:
         yield ev
         for name, value, text in (
                 ("resident_bytes", rt.loaded_bytes, "memory accounted to loaded sessions"),
-                ("deployed_bytes", rt.deployed_bytes, "file bytes of deployed functions"),
+                ("deployed_bytes", rt.deployed_bytes, "memory the deployed functions hold when all are loaded (estimate)"),
                 ("disk_used_bytes", store.used_bytes, "function files on disk (warm cache included)"),
                 ("disk_budget_bytes", cfg.disk_budget_bytes, "disk budget"),
                 ("memory_budget_bytes", cfg.memory_budget_bytes, "memory budget of loaded sessions"),

@@ -38,18 +38,11 @@ from faasmoe.node.metrics import HeatWindow, Listeners
 from faasmoe.node.sessions import create_session, is_tiny, run_session
 from faasmoe.node.store import ContentStore, FunctionInfo, check_function_id
 from faasmoe.proto import faasmoe_pb2 as pb
+from faasmoe.proto.function_abi import resident_estimate_bytes
 from faasmoe.proto.errors import Backpressure, FunctionNotFound, InvalidRequest, NodeFull, NodeInternalError
 
 log = logging.getLogger(__name__)
 MIB = 1024 * 1024
-RESIDENT_FACTOR = 1.02
-RESIDENT_OVERHEAD_BYTES = MIB
-
-
-def resident_estimate_bytes(size_bytes: int) -> int:
-    return int(size_bytes * RESIDENT_FACTOR) + RESIDENT_OVERHEAD_BYTES
-
-
 def trim_malloc() -> None:
     """Hand freed heap pages back to the OS after a release (glibc; a no-op elsewhere)."""
     try:
@@ -137,7 +130,9 @@ class Runtime:
     # ---- accounting
     @property
     def deployed_bytes(self) -> int:
-        return sum(fn.info.size_bytes for fn in self.deployed.values()) + self._pending_deploy_bytes
+        """Memory the deployed functions would hold if all were loaded (what capacity limits)."""
+        return (sum(resident_estimate_bytes(fn.info.size_bytes) for fn in self.deployed.values())
+                + self._pending_deploy_bytes)
 
     @property
     def loaded_bytes(self) -> int:
@@ -169,8 +164,8 @@ class Runtime:
                            f"memory budget of node {self.node_id} ({budget / MIB:.1f} MiB); use smaller functions "
                            "(fewer experts per function) or a node with more memory", node=self.node_id)
         used, cap = self.deployed_bytes, self.config.capacity_bytes
-        if used + size_bytes > cap:
-            raise NodeFull(f"node {self.node_id}: deploying {function_id} ({size_bytes / MIB:.1f} MiB) would exceed "
+        if used + need > cap:
+            raise NodeFull(f"node {self.node_id}: deploying {function_id} (~{need / MIB:.1f} MiB loaded) would exceed "
                            f"its capacity: {used / MIB:.1f} of {cap / MIB:.1f} MiB used (memory budget "
                            f"{budget / MIB:.1f} MiB x overcommit {self.config.overcommit:g}); undeploy functions, "
                            "raise --memory-budget-mb or --overcommit, or place it on another node", node=self.node_id)
@@ -189,11 +184,11 @@ class Runtime:
                                  f"{self.store.size_bytes(fid)} bytes")
         self.check_capacity(fid, size)                 # before a byte of data is read
         if not present:
-            self._pending_deploy_bytes += size
+            self._pending_deploy_bytes += resident_estimate_bytes(size)
             try:
                 await self.store.receive(fid, size, chunks)
             finally:
-                self._pending_deploy_bytes -= size
+                self._pending_deploy_bytes -= resident_estimate_bytes(size)
                 self._load_pool.submit(trim_malloc)     # upload buffers
         info = FunctionInfo.from_file(self.store.path(fid), fid, size)
         if fid not in self.deployed:

@@ -26,3 +26,15 @@ META_MODEL = "faasmoe.model_id"
 
 def rows_input(j: int) -> str:
     return f"rows_{j}"
+
+
+# What a function costs on a node: the memory its ONNX Runtime session holds when loaded. Measured with
+# onnxruntime 1.32 / glibc (arena off): RSS grows by 1.00-1.01 x the file per session, plus per-session
+# overhead. Nodes admit deployments and loads by this estimate and routers place by it, so every function
+# deployed at overcommit 1 can be loaded at the same time.
+RESIDENT_FACTOR = 1.02
+RESIDENT_OVERHEAD_BYTES = 1 << 20
+
+
+def resident_estimate_bytes(size_bytes: int) -> int:
+    return int(size_bytes * RESIDENT_FACTOR) + RESIDENT_OVERHEAD_BYTES

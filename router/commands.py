@@ -54,11 +54,11 @@ def place(args) -> int:
             if not args.dry_run:
                 deployed, undeployed = session.apply(plan, views)
         if args.json:
-            out = plan_to_dict(plan, session.manifest.functions, _specs(views))
+            out = plan_to_dict(plan, session.placement_functions(), _specs(views))
             out.update(applied=not args.dry_run, deployed=deployed, undeployed=undeployed)
             print(json.dumps(out))
         else:
-            print(format_plan(plan, session.manifest.functions, _specs(views)))
+            print(format_plan(plan, session.placement_functions(), _specs(views)))
             print("dry run: nothing changed" if args.dry_run
                   else f"deployed {deployed} function copies, undeployed {undeployed}")
         return 0

@@ -12,6 +12,7 @@ from faasmoe.router.directory import DirectoryEvent, NodeDirectory
 from faasmoe.router.session import RouterSession
 
 log = logging.getLogger(__name__)
+RETRY_FIRST_S, RETRY_MAX_S = 0.5, 30.0
 
 
 class PlacementController:
@@ -61,6 +62,7 @@ class PlacementController:
         return True
 
     def _run(self) -> None:
+        failures = 0
         while not self._stop.is_set():
             self._changed.wait()
             if self._stop.is_set():
@@ -69,9 +71,15 @@ class PlacementController:
             while self._changed.is_set() and not self._stop.is_set():
                 self._changed.clear()
                 self._stop.wait(self.settle_s)
-            self.reconcile()
+            if self.reconcile():
+                failures = 0
+                continue
+            # a failed re-place is retried with backoff even if the mesh says nothing new
+            failures += 1
+            if not self._stop.wait(min(RETRY_MAX_S, RETRY_FIRST_S * 2 ** (failures - 1))):
+                self._changed.set()
 
-    def reconcile(self) -> None:
+    def reconcile(self) -> bool:
         addresses = [s.address for s in self.directory.up_nodes()]
         start = time.perf_counter()
         try:
@@ -79,10 +87,11 @@ class PlacementController:
         except FaasmoeError as exc:
             self.last_error = str(exc)
             log.error("re-placement failed: %s", exc)
-            return
+            return False
         self.last_error = None
         self.last_replace_s = time.perf_counter() - start
         log.info("placed %d functions on %d nodes in %.2f s", len(plan), len(views), self.last_replace_s)
         with self._done:
             self.replacements += 1
             self._done.notify_all()
+        return True

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 from faasmoe.proto import faasmoe_pb2 as pb
+from faasmoe.proto.function_abi import resident_estimate_bytes
 from faasmoe.proto.errors import MeshError, NodeUnavailable, PlacementError
 from faasmoe.router import placement as pl
 from faasmoe.router.client import NodeClient
@@ -77,11 +78,17 @@ class RouterSession:
                     self.unreachable[address] = err.detail
                     continue
                 held = frozenset(f.function_id for f in status.functions if f.function_id in self._by_id)
-                foreign = sum(f.size_bytes for f in status.functions if f.function_id not in self._by_id)
+                foreign = sum(resident_estimate_bytes(f.size_bytes) for f in status.functions
+                              if f.function_id not in self._by_id)
                 views.append(NodeView(address, status, max(status.capacity_bytes - foreign, 0), held))
         return views
 
     # -- placement -------------------------------------------------------------------------------------
+    def placement_functions(self) -> list[pl.FunctionSpec]:
+        """The functions as placement sees them: sized by the memory they hold when loaded on a node."""
+        return [pl.FunctionSpec(f.function_id, f.layer, resident_estimate_bytes(f.bytes), f.expected_load, f.name)
+                for f in self.manifest.functions]
+
     def plan(self, views: Sequence[NodeView]) -> dict[str, tuple[str, ...]]:
         if not views:
             tried = "; ".join(f"{a}: {why.split(';')[0]}" for a, why in sorted(self.unreachable.items()))
@@ -89,7 +96,7 @@ class RouterSession:
                                  + ": start faasmoe-node on some devices or check --nodes")
         nodes = [pl.NodeSpec(v.address, v.capacity_bytes, max(1, v.status.threads)) for v in views]
         current = {fid: [v.address for v in views if fid in v.held] for fid in self._by_id}
-        return pl.place(self.manifest.functions, nodes, current, self.placement_options)
+        return pl.place(self.placement_functions(), nodes, current, self.placement_options)
 
     def apply(self, plan: dict[str, tuple[str, ...]], views: Sequence[NodeView]) -> tuple[int, int]:
         """Deploy what ``plan`` adds (nodes in parallel), then undeploy what it removes; use it."""
@@ -104,14 +111,21 @@ class RouterSession:
             for entry in by_node[address]:
                 client.deploy(self.store / entry.file, header_of(entry, self.manifest.model_id))
 
+        def undeploy(pairs):
+            for fid, address in pairs:
+                try:
+                    self.client(address).undeploy(fid)
+                except MeshError as exc:
+                    log.warning("undeploy %s: %s", fid[:12], exc)
+
+        # A dropped replica (its function keeps a deployed copy) goes first: the new copies may need its room
+        # (recovery onto full survivors). A moved copy goes only once its new copy exists.
+        stays = {fid: set(current.get(fid, ())) & set(plan.get(fid, ())) for fid in self._by_id}
+        undeploy([(fid, a) for fid, a in to_undeploy if stays.get(fid)])
         if by_node:
             with ThreadPoolExecutor(max_workers=len(by_node)) as pool:
                 list(pool.map(deploy_all, sorted(by_node)))
-        for fid, address in to_undeploy:
-            try:
-                self.client(address).undeploy(fid)
-            except MeshError as exc:
-                log.warning("undeploy %s: %s", fid[:12], exc)
+        undeploy([(fid, a) for fid, a in to_undeploy if not stays.get(fid)])
         with self._lock:
             self.placement = dict(plan)
             self.mesh.update({a: self.client(a) for a in {n for ns in plan.values() for n in ns}}, plan)

@@ -188,3 +188,9 @@ class NodeProcess:
 def node_env(**extra: str) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FAASMOE_NODE_")}
     return env | extra
+
+
+def cost(fn) -> int:
+    """What a deployed function counts against a node's capacity."""
+    from faasmoe.proto.function_abi import resident_estimate_bytes
+    return resident_estimate_bytes(len(fn.data))

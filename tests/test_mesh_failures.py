@@ -130,7 +130,7 @@ def test_killed_node_without_room_fails_saying_so(tmp_path):
     store = tmp_path / "store"
     split_checkpoint(model_dir, store, group_size=2, progress=False)
     tok = AutoTokenizer.from_pretrained(str(store))
-    function_bytes = sum(f.bytes for f in RouterSession(store).manifest.functions)
+    function_bytes = sum(f.bytes for f in RouterSession(store).placement_functions())   # memory when loaded
     budget_mb = 1.05 * function_bytes / 2**20 / 2      # two nodes hold everything once, one cannot
     with LocalMesh(2, tmp_path / "nodes", memory_budget_mb=budget_mb) as mesh:
         session = RouterSession(store, step_timeout_s=10)

@@ -19,7 +19,7 @@ from faasmoe.node.cli import config_from_args
 from faasmoe.proto import faasmoe_pb2 as pb
 from faasmoe.proto import frames
 from faasmoe.proto.errors import ConfigError
-from node_fixtures import MIB, REPO, NodeProcess, Stub, chunks_of, fn_status, frame, make_function, node_env
+from node_fixtures import MIB, REPO, NodeProcess, Stub, chunks_of, fn_status, frame, make_function, node_env, cost
 
 
 def base_args(tmp_path, *extra: str) -> list[str]:
@@ -43,7 +43,7 @@ def test_end_to_end_subprocess(tmp_path):
         assert node.address.startswith("127.0.0.1:")
         with grpc.insecure_channel(node.address) as channel:
             stub = Stub(channel)
-            assert stub.deploy(chunks_of(fn, chunk_bytes=64 * 1024)).deployed_bytes == len(fn.data)
+            assert stub.deploy(chunks_of(fn, chunk_bytes=64 * 1024)).deployed_bytes == cost(fn)
             hidden = np.random.default_rng(0).standard_normal((5, 64), dtype=np.float32)
             rows, counts = [4, 0, 2, 3], [1, 3]
             head, (out,) = frames.decode_reply(stub.invoke(frame(hidden, [fn.call(rows, counts)])))

@@ -9,7 +9,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from faasmoe.proto import faasmoe_pb2 as pb
 from faasmoe.proto import frames
-from node_fixtures import MIB, chunks_of, fn_status, frame, make_function, running_node
+from node_fixtures import MIB, chunks_of, fn_status, frame, make_function, running_node, cost
 
 pytestmark = pytest.mark.asyncio
 
@@ -28,8 +28,8 @@ async def test_deploy_invoke_matches_reference(tmp_path):
     rng = np.random.default_rng(0)
     async with running_node(tmp_path) as (node, stub):
         reply = await stub.deploy(chunks_of(f3, chunk_bytes=4096))
-        assert not reply.already_present and reply.deployed_bytes == len(f3.data)
-        assert (await stub.deploy(chunks_of(f1))).deployed_bytes == len(f3.data) + len(f1.data)
+        assert not reply.already_present and reply.deployed_bytes == cost(f3)
+        assert (await stub.deploy(chunks_of(f1))).deployed_bytes == cost(f3) + cost(f1)
         hidden = rng.standard_normal((10, 64), dtype=np.float32)
         calls = [f3.call([3, 1, 4, 1, 5, 9, 2], [2, 0, 5]), f1.call([0, 9], [2])]   # empty expert, repeated row
         head, outs = frames.decode_reply(await stub.invoke(frame(hidden, calls, "req-1")))
@@ -51,7 +51,7 @@ async def test_deploy_invoke_matches_reference(tmp_path):
         st = fn_status(status, f3.function_id)
         assert st.loaded and st.invocations == 2 and st.resident_bytes > len(f3.data) and st.in_flight == 0
         assert list(st.expert_ids) == f3.expert_ids and st.model_id == "test"
-        assert status.deployed_bytes == len(f3.data) + len(f1.data) and status.loaded_bytes >= status.deployed_bytes
+        assert status.deployed_bytes == cost(f3) + cost(f1) and status.loaded_bytes >= status.deployed_bytes
         assert status.capacity_bytes == 256 * MIB and status.keep_alive_s == 30 and status.rss_bytes > 0
 
 
@@ -64,7 +64,7 @@ async def test_already_present_is_not_read_again(tmp_path):
         assert (await stub.status(pb.StatusRequest())).deployed_bytes == 0
         # still in the disk cache: a header-only deploy is enough
         reply = await stub.deploy(iter([pb.DeployChunk(header=fn.header())]))
-        assert reply.already_present and reply.deployed_bytes == len(fn.data)
+        assert reply.already_present and reply.deployed_bytes == cost(fn)
 
 
 async def test_invalid_requests(tmp_path):
@@ -111,13 +111,13 @@ async def test_deploy_errors(tmp_path):
         await expect_error(stub.deploy(chunks_of(other, header=other.header(function_id="nothex"))),
                            grpc.StatusCode.INVALID_ARGUMENT)
         status = await stub.status(pb.StatusRequest())
-        assert status.deployed_bytes == len(fn.data) and status.disk_used_bytes == len(fn.data)
+        assert status.deployed_bytes == cost(fn) and status.disk_used_bytes == len(fn.data)
         assert not list((tmp_path / "store").glob("*.part"))
     async with running_node(tmp_path / "small", memory_budget_bytes=3 * MIB) as (node, stub):
         await expect_error(stub.deploy(chunks_of(fn)), grpc.StatusCode.RESOURCE_EXHAUSTED, "whole memory budget")
     async with running_node(tmp_path / "over", memory_budget_bytes=5 * MIB, overcommit=2.0) as (node, stub):
         await stub.deploy(chunks_of(fn))
-        assert (await stub.deploy(chunks_of(other))).deployed_bytes == len(fn.data) + len(other.data)
+        assert (await stub.deploy(chunks_of(other))).deployed_bytes == cost(fn) + cost(other)
 
 
 async def test_load_undeploy_and_health(tmp_path):

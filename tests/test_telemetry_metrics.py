@@ -15,7 +15,7 @@ from faasmoe.proto import faasmoe_pb2 as pb
 from faasmoe.proto import frames
 from faasmoe.proto.errors import FaasmoeError
 from faasmoe.router.heat import heat_matrix, render_heat
-from node_fixtures import MIB, chunks_of, config, fn_status, make_function, running_node
+from node_fixtures import MIB, chunks_of, config, fn_status, make_function, running_node, cost
 
 X = np.random.default_rng(3).standard_normal((6, 64), dtype=np.float32)
 
@@ -67,7 +67,7 @@ async def test_scrape_counts_invocations_rows_latency_loads_and_evictions(tmp_pa
             assert got["faasmoe_node_invoke_seconds_sum", ()] > 0
             assert got["faasmoe_node_load_seconds_count", ()] == 2 and got["faasmoe_node_loads_total", ()] == 2
             assert got["faasmoe_node_cold_starts_total", ()] == 2
-            assert got["faasmoe_node_deployed_bytes", ()] == len(f2.data) + len(f3.data)
+            assert got["faasmoe_node_deployed_bytes", ()] == cost(f2) + cost(f3)
             assert got["faasmoe_node_resident_bytes", ()] == node.runtime.loaded_bytes > 0
             assert got["faasmoe_node_disk_used_bytes", ()] == len(f2.data) + len(f3.data)
             assert got["faasmoe_node_memory_budget_bytes", ()] == 256 * MIB
