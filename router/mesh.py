@@ -40,7 +40,7 @@ class MeshStats:
     wall_s: float = 0.0          # run_layer end to end
     encode_s: float = 0.0        # planning + framing on the router
     wait_s: float = 0.0          # from sending to the last reply (RPC + node time)
-    node_compute_s: float = 0.0  # slowest node's ONNX time per layer call, summed
+    node_compute_s: float = 0.0  # slowest node's own time (frame in to reply out) per layer call, summed
     decode_s: float = 0.0        # reading replies
     cold_starts: int = 0
     retries: int = 0
@@ -166,7 +166,7 @@ class ExpertMesh:
             header, outputs = frames.decode_reply(reply)
             if len(outputs) != len(batch.calls):
                 raise MeshError(f"replied {len(outputs)} results for {len(batch.calls)} calls", batch.node_id)
-            slowest = max(slowest, sum(r.compute_s + r.load_s for r in header.results))
+            slowest = max(slowest, header.node_s)      # the node's wall time: loads, queueing, ONNX runs
             self.stats.cold_starts += sum(r.cold_start for r in header.results)
             for seg in batch.segments:
                 out = outputs[seg.call_index][seg.start:seg.start + len(seg.tokens)]
