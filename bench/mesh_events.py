@@ -67,12 +67,8 @@ def router_helper(argv: list[str]) -> int:
     p.add_argument("--mode", choices=("generate", "serve"), required=True)
     p.add_argument("--settle-s", type=float, default=0.5)
     args = p.parse_args(argv)
-    lock = threading.Lock()
-
-    def emit(msg: dict) -> None:
-        with lock:
-            sys.stdout.write(json.dumps(msg) + "\n")
-            sys.stdout.flush()
+    import netns
+    emit = netns.json_line_writer()
 
     # every layer step's fan-out: the time the last call to each node was sent
     last_send: dict[str, float] = {}
@@ -109,9 +105,10 @@ def router_helper(argv: list[str]) -> int:
     if args.mode == "serve":
         class Controller(PlacementController):
             def reconcile(self):
-                super().reconcile()
+                ok = super().reconcile()
                 emit({"type": "replaced", "t": time.time(), "count": self.replacements,
                       "last_replace_s": self.last_replace_s, "error": self.last_error})
+                return ok
 
         controller = Controller(session, directory, settle_s=args.settle_s)
         controller.start()

@@ -121,11 +121,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     args = parser.parse_args(argv)
+    from faasmoe.router import commands
+    return run_command(getattr(commands, args.command), args)
+
+
+def run_command(command, args) -> int:
+    """Run a parsed subcommand the way every faasmoe CLI does: ``error: …`` on one line and exit 2 (bad
+    configuration) or 1 (anything else faasmoe reports); a traceback only with ``-v``."""
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        from faasmoe.router import commands
-        return getattr(commands, args.command)(args)
+        return command(args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

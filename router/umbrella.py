@@ -9,11 +9,8 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
-
-from faasmoe.proto.errors import ConfigError, FaasmoeError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,20 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("router", help="the router's commands (faasmoe-router --help)", add_help=False)
     sub.add_parser("node", help="run an edge node (faasmoe-node --help)", add_help=False)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        return (demo.run if args.command == "demo" else split.run)(args)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except FaasmoeError as exc:
-        if args.verbose:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+    from faasmoe.router.cli import run_command
+    return run_command(demo.run if args.command == "demo" else split.run, args)
 
 
 if __name__ == "__main__":

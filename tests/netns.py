@@ -54,6 +54,17 @@ def ip(*args: str, check: bool = True, timeout_s: float = 20.0) -> subprocess.Co
     return proc
 
 
+def json_line_writer():
+    """``emit(msg)``: one JSON object per stdout line, thread-safe (agents talk to tests this way)."""
+    lock = threading.Lock()
+
+    def emit(msg: dict) -> None:
+        with lock:
+            sys.stdout.write(json.dumps(msg) + "\n")
+            sys.stdout.flush()
+    return emit
+
+
 def wait_until(predicate: Callable[[], object], timeout_s: float, what: str, interval_s: float = 0.02):
     """Poll ``predicate`` until it returns something truthy (returned); AssertionError after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
@@ -401,12 +412,7 @@ def agent_main(argv: Sequence[str]) -> int:
     parser.add_argument("--mdns-interface", default=None)
     parser.add_argument("--health-interval-s", type=float, default=1.0)
     args = parser.parse_args(argv)
-    out_lock = threading.Lock()
-
-    def emit(msg: dict) -> None:
-        with out_lock:
-            sys.stdout.write(json.dumps(msg) + "\n")
-            sys.stdout.flush()
+    emit = json_line_writer()
 
     directory = None
     if args.mdns_interface:
