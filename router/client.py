@@ -25,14 +25,21 @@ def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.enable_retries", 0),
-        # reconnect quickly after a node comes back
+        # reconnect quickly after a node comes back (gRPC's default backoff grows to 120 s)
         ("grpc.initial_reconnect_backoff_ms", 200),
+        ("grpc.min_reconnect_backoff_ms", 200),
         ("grpc.max_reconnect_backoff_ms", 1000),
     ]
 
 
-def make_channel(address: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> grpc.Channel:
-    return grpc.insecure_channel(address, options=channel_options(max_message_bytes))
+def make_channel(address: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, *,
+                 aio: bool = False) -> grpc.Channel | grpc.aio.Channel:
+    """Every router-to-node channel is made here (sync, or grpc.aio for the fan-out): the one place that
+    will add mutual TLS credentials."""
+    options = channel_options(max_message_bytes)
+    if aio:
+        return grpc.aio.insecure_channel(address, options=options)
+    return grpc.insecure_channel(address, options=options)
 
 
 def raise_for(exc: grpc.RpcError, node: str) -> MeshError:

@@ -113,6 +113,8 @@ def status(args) -> int:
         report = collect([], store, mqtt_url=mqtt, mqtt_wait_s=args.mqtt_wait_s)
     else:
         with node_addresses(args) as (addresses, directory):
+            if directory is not None:      # every node the mesh knows of, down ones too (they show as DOWN)
+                addresses = [s.address for s in directory.snapshot()]
             report = collect(addresses, store, mqtt_url=mqtt, mqtt_wait_s=getattr(args, "mqtt_wait_s", 2.0))
     if getattr(args, "plot", None):
         from faasmoe.router.heat import plot_heat

@@ -22,16 +22,11 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from faasmoe.proto.errors import ConfigError
+from faasmoe.router.client import make_channel
 from faasmoe.router.discovery import MdnsBrowser, NodeRecord
 
 log = logging.getLogger(__name__)
 
-# Reconnect quickly once a node is back (gRPC's default backoff grows to 120 s).
-CHANNEL_OPTIONS = (
-    ("grpc.initial_reconnect_backoff_ms", 200),
-    ("grpc.min_reconnect_backoff_ms", 200),
-    ("grpc.max_reconnect_backoff_ms", 1000),
-)
 STOP_TIMEOUT_S = 5.0
 
 
@@ -238,7 +233,7 @@ class NodeDirectory:
     # -- entries and health checks (call with the lock held) ---------------------------------------------
     def _add(self, address: str, static: bool, record: NodeRecord | None) -> None:
         entry = _Entry(address, static, record)
-        entry.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        entry.channel = make_channel(address)
         entry.thread = threading.Thread(target=self._check_loop, args=(entry,),
                                         name=f"faasmoe-health-{address}", daemon=True)
         self._entries[address] = entry

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import grpc
 
-from faasmoe.router.client import SERVICE, NodeClient, channel_options
+from faasmoe.router.client import SERVICE, NodeClient, make_channel
 
 _local = threading.local()
 
@@ -30,7 +30,7 @@ def _aio_invoke(client: NodeClient):
     _, channels = _loop_state()
     key = (client.address, client.max_message_bytes)
     if key not in channels:
-        channel = grpc.aio.insecure_channel(client.address, options=channel_options(client.max_message_bytes))
+        channel = make_channel(client.address, client.max_message_bytes, aio=True)
         channels[key] = (channel, channel.unary_unary(SERVICE + "Invoke"))
     return channels[key][1]
 
