@@ -106,4 +106,4 @@ def run(args) -> int:
 
 
 DEMO_MODEL = dict(num_layers=4, hidden_size=64, num_experts=16, top_k=4, moe_intermediate_size=32,
-                  shared_expert_intermediate_size=128, vocab_size=260, seed=0)
+                  shared_expert_intermediate_size=128, vocab_size=97, seed=0)   # printable ASCII only
