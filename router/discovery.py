@@ -17,7 +17,7 @@ import ifaddr
 from zeroconf import IPVersion, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
-from faasmoe.node.mdns import SERVICE_TYPE, resolve_interfaces
+from faasmoe.proto.discovery import SERVICE_TYPE, resolve_interfaces
 from faasmoe.proto.errors import ConfigError
 
 log = logging.getLogger(__name__)

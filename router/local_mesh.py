@@ -1,5 +1,5 @@
 """Start ``faasmoe-node`` processes on loopback: the demo's mesh, and the tests' (real processes, real
-gRPC). Nodes are separate programs, started with ``python -m faasmoe.node``; nothing is imported from them.
+gRPC). Nodes are separate programs (``python -m`` the node program); nothing is imported from them.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from faasmoe.proto import NODE_PROGRAM
 from faasmoe.proto.errors import FaasmoeError
 
 READY_PREFIX = "FAASMOE_NODE_READY "
@@ -70,7 +71,7 @@ def start_node(store_dir: Path, *, memory_budget_mb: float = 1024, extra_args: S
                stderr=None) -> NodeProcess:
     """One node on 127.0.0.1, port 0, no mDNS unless ``extra_args`` say otherwise. ``prefix`` runs the
     command inside something (e.g. ``ip netns exec NS``)."""
-    cmd = [*prefix, sys.executable, "-m", "faasmoe.node", "--store-dir", str(store_dir),
+    cmd = [*prefix, sys.executable, "-m", NODE_PROGRAM, "--store-dir", str(store_dir),
            "--memory-budget-mb", str(memory_budget_mb)]
     if "--host" not in extra_args:
         cmd += ["--host", "127.0.0.1", "--port", "0"]

@@ -20,7 +20,8 @@ def main(argv: list[str] | None = None) -> int:
         return router_main(argv[1:])
     if argv[:1] == ["node"]:
         # the node is a separate program (node and router never import each other)
-        os.execv(sys.executable, [sys.executable, "-m", "faasmoe.node", *argv[1:]])
+        from faasmoe.proto import NODE_PROGRAM
+        os.execv(sys.executable, [sys.executable, "-m", NODE_PROGRAM, *argv[1:]])
     parser = argparse.ArgumentParser(prog="faasmoe", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n".join(__doc__.splitlines()[2:]))

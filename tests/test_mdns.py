@@ -9,7 +9,8 @@ import uuid
 
 import pytest
 
-from faasmoe.node.mdns import NodeAdvertiser, needs_update, resolve_interfaces
+from faasmoe.node.mdns import NodeAdvertiser, needs_update
+from faasmoe.proto.discovery import resolve_interfaces
 from faasmoe.proto.errors import ConfigError
 from faasmoe.router.discovery import MdnsBrowser, NodeRecord
 

@@ -1,0 +1,36 @@
+"""The dependency rule, node -> proto <- router, checked on the source: no module of one side imports the
+other, and node/ and proto/ never import torch, transformers or onnx."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+FORBIDDEN = {
+    "node": ("faasmoe.router", "torch", "transformers", "onnx"),
+    "proto": ("faasmoe.router", "faasmoe.node", "torch", "transformers", "onnx"),
+    "router": ("faasmoe.node",),
+}
+
+
+def imported_modules(path: Path) -> list[str]:
+    names = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.append(node.module)
+    return names
+
+
+@pytest.mark.parametrize("folder", sorted(FORBIDDEN))
+def test_no_forbidden_imports(folder):
+    offenders = []
+    for path in sorted((REPO / folder).glob("*.py")):
+        for name in imported_modules(path):
+            if any(name == bad or name.startswith(bad + ".") for bad in FORBIDDEN[folder]):
+                offenders.append(f"{path.relative_to(REPO)} imports {name}")
+    assert not offenders, "; ".join(offenders)
