@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 from transformers.generation.streamers import BaseStreamer
+
+from faasmoe.router.mesh import current_request_id
 
 
 class StepClock(BaseStreamer):
@@ -35,8 +38,9 @@ class Generation:
 
 
 def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, temperature: float = 0.0,
-             top_p: float = 1.0, seed: int | None = None) -> list[Generation]:
-    """Greedy when ``temperature`` is 0. Prompts of unequal length are left-padded into one batch."""
+             top_p: float = 1.0, seed: int | None = None, request_id: str | None = None) -> list[Generation]:
+    """Greedy when ``temperature`` is 0. Prompts of unequal length are left-padded into one batch; every
+    expert call of this generation carries ``request_id`` (a fresh one by default)."""
     if seed is not None:
         torch.manual_seed(seed)
     tokenizer.padding_side = "left"
@@ -49,8 +53,12 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, temp
     else:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
     clock = StepClock() if len(prompts) == 1 else None
-    with torch.inference_mode():
-        out = model.generate(**enc, **kwargs, streamer=clock)
+    token = current_request_id.set(request_id or uuid.uuid4().hex)
+    try:
+        with torch.inference_mode():
+            out = model.generate(**enc, **kwargs, streamer=clock)
+    finally:
+        current_request_id.reset(token)
     width = enc["input_ids"].shape[1]
     results = []
     for row, mask, ids in zip(enc["input_ids"], enc["attention_mask"], out):

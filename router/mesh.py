@@ -8,6 +8,7 @@ retried within the same deadline. Back-pressure (a node's full wait queue) is re
 
 from __future__ import annotations
 
+import contextvars
 import itertools
 import logging
 import threading
@@ -27,6 +28,9 @@ from faasmoe.router.grouping import LayerFunctions, NodeBatch, choose_replicas, 
 
 log = logging.getLogger(__name__)
 BACKOFF_S = (0.005, 0.02, 0.05, 0.1, 0.2)
+# The request a layer step belongs to (set around one generate() call): every Invoke of that request carries
+# it, so nodes and, later, per-tenant accounting can tell requests apart.
+current_request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("faasmoe_request_id", default=None)
 
 
 @dataclass
@@ -106,7 +110,7 @@ class ExpertMesh:
         results: dict[int, list[ExpertResult]] = {}
         for lo in range(0, hidden.shape[0], max_rows):
             part = self._run_chunk(layer, hidden[lo:lo + max_rows], top_k_index[lo:lo + max_rows], deadline,
-                                   request_id or uuid.uuid4().hex)
+                                   request_id or current_request_id.get() or uuid.uuid4().hex)
             for expert, items in part.items():
                 results.setdefault(expert, []).extend(
                     ExpertResult(r.tokens + lo, r.slots, r.output) for r in items)
