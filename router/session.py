@@ -99,7 +99,8 @@ class RouterSession:
         return pl.place(self.placement_functions(), nodes, current, self.placement_options)
 
     def apply(self, plan: dict[str, tuple[str, ...]], views: Sequence[NodeView]) -> tuple[int, int]:
-        """Deploy what ``plan`` adds (nodes in parallel), then undeploy what it removes; use it."""
+        """Take the mesh from what ``views`` hold to ``plan``: undeploy dropped replicas, deploy new copies
+        (nodes in parallel), undeploy the old copies of moved functions; then route by ``plan``."""
         current = {fid: [v.address for v in views if fid in v.held] for fid in self._by_id}
         to_deploy, to_undeploy = pl.diff(current, plan)
         by_node: dict[str, list[FunctionEntry]] = {}
@@ -152,7 +153,7 @@ class RouterSession:
             self.dead.add(address)
             if self.on_mark_down is not None:
                 self.on_mark_down(address)
-            survivors = sorted({n for ns in self.placement.values() for n in ns} - self.dead)
+            survivors = sorted(set(self.clients) - self.dead)     # every node surveyed so far, minus the dead
         try:
             self.place_and_deploy(survivors)
         except PlacementError as exc:
