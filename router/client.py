@@ -6,14 +6,13 @@ Channels are insecure today; :func:`make_channel` is the single place that will 
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Iterator
 
 import grpc
 
 from faasmoe.proto import faasmoe_pb2 as pb
-from faasmoe.proto.errors import MeshError, NodeUnavailable, from_grpc
+from faasmoe.proto.errors import MeshError, from_grpc
 from faasmoe.proto.frames import DEFAULT_MAX_MESSAGE_BYTES
 
 SERVICE = "/faasmoe.v1.ExpertNode/"
@@ -100,14 +99,3 @@ def _chunks(path: Path, header: pb.FunctionHeader) -> Iterator[pb.DeployChunk]:
         while chunk := fh.read(DEPLOY_CHUNK_BYTES):
             yield pb.DeployChunk(data=chunk)
 
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def unreachable(node: str, why: str) -> NodeUnavailable:
-    return NodeUnavailable(why, node=node)

@@ -40,11 +40,8 @@ def _session(args):
                          step_timeout_s=getattr(args, "step_timeout_s", 30.0), placement_options=options)
 
 
-def _specs(views):
-    return [pl.NodeSpec(v.address, v.capacity_bytes, max(1, v.status.threads)) for v in views]
-
-
 def place(args) -> int:
+    from faasmoe.router.session import node_specs
     session = _session(args)
     try:
         with node_addresses(args) as (addresses, directory):
@@ -54,11 +51,11 @@ def place(args) -> int:
             if not args.dry_run:
                 deployed, undeployed = session.apply(plan, views)
         if args.json:
-            out = plan_to_dict(plan, session.placement_functions(), _specs(views))
+            out = plan_to_dict(plan, session.placement_functions(), node_specs(views))
             out.update(applied=not args.dry_run, deployed=deployed, undeployed=undeployed)
             print(json.dumps(out))
         else:
-            print(format_plan(plan, session.placement_functions(), _specs(views)))
+            print(format_plan(plan, session.placement_functions(), node_specs(views)))
             print("dry run: nothing changed" if args.dry_run
                   else f"deployed {deployed} function copies, undeployed {undeployed}")
         return 0

@@ -35,18 +35,6 @@ def _aio_invoke(client: NodeClient):
     return channels[key][1]
 
 
-def close_thread_channels() -> None:
-    """Close this thread's aio channels and loop (call from the thread that used them)."""
-    state = getattr(_local, "state", None)
-    if state is None:
-        return
-    loop, channels = state
-    for channel, _ in channels.values():
-        loop.run_until_complete(channel.close())
-    loop.close()
-    _local.state = None
-
-
 def invoke_all(calls: Sequence[tuple[NodeClient, bytes]], deadline_s: float) -> list[bytes | grpc.RpcError]:
     """Send every frame concurrently; return each reply or its RpcError, in order. ``deadline_s`` is on
     ``time.perf_counter``'s clock; calls not finished by then fail with DEADLINE_EXCEEDED."""

@@ -35,10 +35,6 @@ class NodeBatch:
     calls: tuple[Call, ...]
     segments: tuple[Segment, ...]
 
-    @property
-    def pair_count(self) -> int:
-        return sum(len(s.tokens) for s in self.segments)
-
 
 @dataclass(frozen=True)
 class LayerFunctions:

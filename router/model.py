@@ -53,18 +53,12 @@ class MeshExperts(torch.nn.Module):
         return torch.from_numpy(final).to(hidden_states.dtype)
 
 
-def moe_layers(config) -> list[int]:
-    return [i for i in range(config.num_hidden_layers)
-            if i not in (config.mlp_only_layers or []) and config.num_experts > 0
-            and (i + 1) % config.decoder_sparse_step == 0]
-
-
 def load_dense(store: Path, manifest: Manifest, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     path = Path(store) / manifest.dense_file
     try:
         with safe_open(str(path), framework="pt") as fh:
             return {k: fh.get_tensor(k).to(dtype) for k in fh.keys()}
-    except (OSError, Exception) as exc:  # safetensors raises its own error types
+    except Exception as exc:  # OSError, or safetensors' own error types
         raise CheckpointError(f"{path}: cannot read the dense weights ({exc})") from None
 
 
@@ -76,8 +70,12 @@ def build_mesh_model(store: str | Path, manifest: Manifest, mesh: ExpertMesh,
         raise CheckpointError(f"{store / 'config.json'}: model_type {config.model_type!r} is not qwen2_moe")
     with torch.device("meta"):
         model = qm.Qwen2MoeForCausalLM(config)
-    for i in moe_layers(config):
-        model.model.layers[i].mlp.experts = MeshExperts(i, mesh)
+    for i in manifest.moe_layers:        # the layers the split found experts in
+        mlp = model.model.layers[i].mlp if i < len(model.model.layers) else None
+        if not isinstance(mlp, qm.Qwen2MoeSparseMoeBlock):
+            raise CheckpointError(f"{store / 'manifest.json'}: layer {i} has expert functions but no MoE block "
+                                  "in config.json; the store does not match its config")
+        mlp.experts = MeshExperts(i, mesh)
     model.to_empty(device="cpu")
     model.to(dtype)
     dense = load_dense(store, manifest, dtype)

@@ -94,7 +94,7 @@ class RouterSession:
             tried = "; ".join(f"{a}: {why.split(';')[0]}" for a, why in sorted(self.unreachable.items()))
             raise PlacementError("no reachable node" + (f" ({tried})" if tried else "")
                                  + ": start faasmoe-node on some devices or check --nodes")
-        nodes = [pl.NodeSpec(v.address, v.capacity_bytes, max(1, v.status.threads)) for v in views]
+        nodes = node_specs(views)
         current = {fid: [v.address for v in views if fid in v.held] for fid in self._by_id}
         return pl.place(self.placement_functions(), nodes, current, self.placement_options)
 
@@ -170,3 +170,8 @@ class RouterSession:
 def header_of(entry: FunctionEntry, model_id: str) -> pb.FunctionHeader:
     return pb.FunctionHeader(function_id=entry.function_id, size_bytes=entry.bytes, layer=entry.layer,
                              expert_ids=list(entry.expert_ids), model_id=model_id, dtype=entry.dtype)
+
+
+def node_specs(views: Sequence[NodeView]) -> list[pl.NodeSpec]:
+    """The nodes as placement sees them."""
+    return [pl.NodeSpec(v.address, v.capacity_bytes, max(1, v.status.threads)) for v in views]

@@ -144,3 +144,18 @@ def test_killed_node_without_room_fails_saying_so(tmp_path):
             assert time.monotonic() - start < 10
         finally:
             session.close()
+
+
+def test_store_whose_config_disagrees_with_its_functions_is_a_clear_error(tmp_path):
+    import json
+
+    from faasmoe.proto.errors import CheckpointError
+    model_dir = make_checkpoint(tmp_path / "model")
+    store = tmp_path / "store"
+    split_checkpoint(model_dir, store, group_size=4, progress=False)
+    config = json.loads((store / "config.json").read_text())
+    config["mlp_only_layers"] = [0]                 # layer 0 has expert functions but would be a dense MLP
+    (store / "config.json").write_text(json.dumps(config))
+    session = RouterSession(store)
+    with pytest.raises(CheckpointError, match="layer 0 has expert functions but no MoE block"):
+        build_mesh_model(store, session.manifest, session.mesh)
