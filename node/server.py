@@ -8,6 +8,7 @@ gRPC health service reports SERVING for "" and for the ExpertNode service while 
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import math
@@ -25,7 +26,7 @@ from faasmoe.node.runtime import Runtime
 from faasmoe.node.store import ContentStore
 from faasmoe.proto import __version__, frames
 from faasmoe.proto import faasmoe_pb2 as pb
-from faasmoe.proto.errors import FaasmoeError, InvalidRequest, NodeInternalError, grpc_details
+from faasmoe.proto.errors import FaasmoeError, InvalidRequest, NodeInternalError, code_number, grpc_details
 
 log = logging.getLogger(__name__)
 SERVICE = "faasmoe.v1.ExpertNode"
@@ -46,6 +47,14 @@ def _rpc(handler):
             error = NodeInternalError(f"node {self.node_id}: unexpected {type(exc).__name__}: {exc}")
         await context.abort(error.grpc_code, grpc_details(error))
     return wrapper
+
+
+def _request_id_of(frame: bytes) -> str:
+    """The request id of a frame that failed, when its header can be read at all."""
+    try:
+        return frames.decode_header(frame, pb.InvokeRequest).request_id
+    except FaasmoeError:
+        return ""
 
 
 def format_address(host: str, port: int) -> str:
@@ -69,6 +78,7 @@ class NodeServer:
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
         self._proc = psutil.Process()
+        self._closing = asyncio.Event()          # set on stop: InvokeStream handlers end their streams
 
     @property
     def address(self) -> str:
@@ -108,6 +118,7 @@ class NodeServer:
     async def stop(self, grace_s: float = SHUTDOWN_GRACE_S) -> None:
         """Stop accepting calls, let in-flight ones finish within ``grace_s``, release every session."""
         await self._health.enter_graceful_shutdown()
+        self._closing.set()
         if self._server is not None:
             await self._server.stop(grace_s)
         await self._cleanup()
@@ -145,6 +156,7 @@ class NodeServer:
             "Undeploy": grpc.unary_unary_rpc_method_handler(
                 self._undeploy, pb.UndeployRequest.FromString, pb.UndeployReply.SerializeToString),
             "Invoke": grpc.unary_unary_rpc_method_handler(self._invoke, None, None),   # raw frames
+            "InvokeStream": grpc.stream_stream_rpc_method_handler(self._invoke_stream, None, None),
             "Load": grpc.unary_unary_rpc_method_handler(
                 self._load, pb.LoadRequest.FromString, pb.LoadReply.SerializeToString),
             "Status": grpc.unary_unary_rpc_method_handler(
@@ -153,6 +165,39 @@ class NodeServer:
 
     @_rpc
     async def _invoke(self, frame: bytes, context) -> bytes:
+        return await self._run_frame(frame)
+
+    async def _invoke_stream(self, frames_in, context):
+        """One reply per request frame, in order; a failed request gets an error reply, the stream lives
+        on. Ends (OK) when the node shuts down, so a graceful stop never waits on an idle stream."""
+        closing = asyncio.ensure_future(self._closing.wait())
+        try:
+            while True:
+                read = asyncio.ensure_future(context.read())
+                await asyncio.wait((read, closing), return_when=asyncio.FIRST_COMPLETED)
+                if not read.done():
+                    read.cancel()
+                    return
+                frame = read.result()
+                if frame is grpc.aio.EOF:
+                    return
+                t0 = time.perf_counter()
+                try:
+                    reply = await self._run_frame(frame)
+                except FaasmoeError as err:
+                    log.debug("InvokeStream request failed: %s", err)
+                    reply = frames.encode_error_reply(_request_id_of(frame), self.node_id, code_number(err),
+                                                      grpc_details(err), time.perf_counter() - t0)
+                except Exception as exc:  # noqa: BLE001 - report, never crash the server
+                    log.exception("InvokeStream request failed unexpectedly")
+                    err = NodeInternalError(f"node {self.node_id}: unexpected {type(exc).__name__}: {exc}")
+                    reply = frames.encode_error_reply(_request_id_of(frame), self.node_id, code_number(err),
+                                                      grpc_details(err), time.perf_counter() - t0)
+                await context.write(reply)
+        finally:
+            closing.cancel()
+
+    async def _run_frame(self, frame: bytes) -> bytes:
         t0 = time.perf_counter()
         header, hidden = frames.decode_request(frame)
         results = await self.runtime.invoke(header.calls, hidden)

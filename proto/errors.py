@@ -95,6 +95,19 @@ def grpc_details(err: FaasmoeError) -> str:
     return BACKPRESSURE_PREFIX + detail if isinstance(err, Backpressure) else detail
 
 
+_CODE_OF_NUMBER = {c.value[0]: c for c in grpc.StatusCode}
+
+
+def code_number(err: FaasmoeError) -> int:
+    """``err``'s gRPC status code as the number carried in an InvokeStream error reply."""
+    return err.grpc_code.value[0]
+
+
+def from_code_number(number: int, details: str, node: str) -> MeshError:
+    """The error a router raises for an InvokeStream request that the node answered with an error."""
+    return from_grpc(_CODE_OF_NUMBER.get(number, grpc.StatusCode.UNKNOWN), details, node)
+
+
 def from_grpc(code: grpc.StatusCode, details: str | None, node: str) -> MeshError:
     """The error a router raises for a failed call to ``node``."""
     details = details or code.name.lower()

@@ -101,16 +101,26 @@ class CallResult(_message.Message):
     def __init__(self, function_id: _Optional[str] = ..., output: _Optional[_Union[TensorSpec, _Mapping]] = ..., compute_s: _Optional[float] = ..., cold_start: _Optional[bool] = ..., load_s: _Optional[float] = ...) -> None: ...
 
 class InvokeReply(_message.Message):
-    __slots__ = ("request_id", "node_id", "results", "node_s")
+    __slots__ = ("request_id", "node_id", "results", "node_s", "error")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     NODE_S_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     node_id: str
     results: _containers.RepeatedCompositeFieldContainer[CallResult]
     node_s: float
-    def __init__(self, request_id: _Optional[str] = ..., node_id: _Optional[str] = ..., results: _Optional[_Iterable[_Union[CallResult, _Mapping]]] = ..., node_s: _Optional[float] = ...) -> None: ...
+    error: CallError
+    def __init__(self, request_id: _Optional[str] = ..., node_id: _Optional[str] = ..., results: _Optional[_Iterable[_Union[CallResult, _Mapping]]] = ..., node_s: _Optional[float] = ..., error: _Optional[_Union[CallError, _Mapping]] = ...) -> None: ...
+
+class CallError(_message.Message):
+    __slots__ = ("code", "details")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    DETAILS_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    details: str
+    def __init__(self, code: _Optional[int] = ..., details: _Optional[str] = ...) -> None: ...
 
 class LoadRequest(_message.Message):
     __slots__ = ("function_ids", "wait")

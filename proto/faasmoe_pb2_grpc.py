@@ -49,6 +49,11 @@ class ExpertNodeStub:
                 request_serializer=faasmoe_dot_proto_dot_faasmoe__pb2.InvokeRequest.SerializeToString,
                 response_deserializer=faasmoe_dot_proto_dot_faasmoe__pb2.InvokeReply.FromString,
                 _registered_method=True)
+        self.InvokeStream = channel.stream_stream(
+                '/faasmoe.v1.ExpertNode/InvokeStream',
+                request_serializer=faasmoe_dot_proto_dot_faasmoe__pb2.InvokeRequest.SerializeToString,
+                response_deserializer=faasmoe_dot_proto_dot_faasmoe__pb2.InvokeReply.FromString,
+                _registered_method=True)
         self.Load = channel.unary_unary(
                 '/faasmoe.v1.ExpertNode/Load',
                 request_serializer=faasmoe_dot_proto_dot_faasmoe__pb2.LoadRequest.SerializeToString,
@@ -86,6 +91,15 @@ class ExpertNodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def InvokeStream(self, request_iterator, context):
+        """The same on a long-lived stream (the router's hot path: no per-call setup). Framed like Invoke; one
+        reply per request, in order. A request that fails is answered with a reply whose `error` is set and
+        no payloads; the stream stays open. The node ends the stream (OK) when it shuts down.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Load(self, request, context):
         """Load functions ahead of use (prefetch / warm-up). Never fails because of cold functions.
         """
@@ -114,6 +128,11 @@ def add_ExpertNodeServicer_to_server(servicer, server):
             ),
             'Invoke': grpc.unary_unary_rpc_method_handler(
                     servicer.Invoke,
+                    request_deserializer=faasmoe_dot_proto_dot_faasmoe__pb2.InvokeRequest.FromString,
+                    response_serializer=faasmoe_dot_proto_dot_faasmoe__pb2.InvokeReply.SerializeToString,
+            ),
+            'InvokeStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.InvokeStream,
                     request_deserializer=faasmoe_dot_proto_dot_faasmoe__pb2.InvokeRequest.FromString,
                     response_serializer=faasmoe_dot_proto_dot_faasmoe__pb2.InvokeReply.SerializeToString,
             ),
@@ -207,6 +226,33 @@ class ExpertNode:
             request,
             target,
             '/faasmoe.v1.ExpertNode/Invoke',
+            faasmoe_dot_proto_dot_faasmoe__pb2.InvokeRequest.SerializeToString,
+            faasmoe_dot_proto_dot_faasmoe__pb2.InvokeReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def InvokeStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/faasmoe.v1.ExpertNode/InvokeStream',
             faasmoe_dot_proto_dot_faasmoe__pb2.InvokeRequest.SerializeToString,
             faasmoe_dot_proto_dot_faasmoe__pb2.InvokeReply.FromString,
             options,

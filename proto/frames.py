@@ -30,20 +30,28 @@ _LEN = struct.Struct("<I")
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
+# numpy dtype (either byte order) -> its wire name
+_WIRE_NAME = {**{dt: name for name, dt in WIRE_DTYPES.items()},
+              **{dt.newbyteorder(">"): name for name, dt in WIRE_DTYPES.items()}}
+
+
 def spec_of(arr: np.ndarray) -> pb.TensorSpec:
-    name = arr.dtype.name
-    if name not in WIRE_DTYPES:
-        raise InvalidRequest(f"dtype {name} cannot travel on the wire (allowed: {', '.join(WIRE_DTYPES)})")
-    return pb.TensorSpec(dtype=name, shape=list(arr.shape))
+    name = _WIRE_NAME.get(arr.dtype)
+    if name is None:
+        raise InvalidRequest(f"dtype {arr.dtype.name} cannot travel on the wire (allowed: {', '.join(WIRE_DTYPES)})")
+    return pb.TensorSpec(dtype=name, shape=arr.shape)
 
 
 def spec_nbytes(spec: pb.TensorSpec, what: str) -> int:
     dtype = WIRE_DTYPES.get(spec.dtype)
     if dtype is None:
         raise InvalidRequest(f"{what}: unknown dtype {spec.dtype!r} (allowed: {', '.join(WIRE_DTYPES)})")
-    if any(d < 0 for d in spec.shape):
-        raise InvalidRequest(f"{what}: negative dimension in shape {list(spec.shape)}")
-    return int(np.prod(spec.shape, dtype=np.int64)) * dtype.itemsize
+    n = dtype.itemsize
+    for d in spec.shape:
+        if d < 0:
+            raise InvalidRequest(f"{what}: negative dimension in shape {list(spec.shape)}")
+        n *= d
+    return n
 
 
 def encode(header, tensors: Sequence[np.ndarray]) -> bytes:
@@ -56,9 +64,7 @@ def encode(header, tensors: Sequence[np.ndarray]) -> bytes:
     return b"".join(parts)
 
 
-def decode(frame: bytes, header_cls, specs_of) -> tuple[object, list[np.ndarray]]:
-    """Parse a frame; ``specs_of(header)`` lists ``(what, TensorSpec)`` in payload order."""
-    view = memoryview(frame)
+def _parse_header(view: memoryview, header_cls):
     if len(view) < _LEN.size:
         raise InvalidRequest(f"frame of {len(view)} bytes is shorter than its length prefix")
     (head_len,) = _LEN.unpack_from(view)
@@ -69,7 +75,18 @@ def decode(frame: bytes, header_cls, specs_of) -> tuple[object, list[np.ndarray]
         header.ParseFromString(view[_LEN.size:_LEN.size + head_len])
     except Exception as exc:  # protobuf raises DecodeError or others on garbage
         raise InvalidRequest(f"malformed frame header: {exc}") from None
-    offset = _LEN.size + head_len
+    return header, _LEN.size + head_len
+
+
+def decode_header(frame: bytes, header_cls):
+    """Only the protobuf header of a frame (payloads unchecked)."""
+    return _parse_header(memoryview(frame), header_cls)[0]
+
+
+def decode(frame: bytes, header_cls, specs_of) -> tuple[object, list[np.ndarray]]:
+    """Parse a frame; ``specs_of(header)`` lists ``(what, TensorSpec)`` in payload order."""
+    view = memoryview(frame)
+    header, offset = _parse_header(view, header_cls)
     specs = list(specs_of(header))
     sizes = [spec_nbytes(spec, what) for what, spec in specs]
     if offset + sum(sizes) != len(view):
@@ -130,6 +147,13 @@ def encode_reply(request_id: str, node_id: str, results: Sequence[tuple[pb.CallR
         header.results.append(result)
         arrays.append(output)
     return encode(header, arrays)
+
+
+def encode_error_reply(request_id: str, node_id: str, code: int, details: str, node_s: float) -> bytes:
+    """An InvokeStream reply saying the request failed (no payloads)."""
+    header = pb.InvokeReply(request_id=request_id, node_id=node_id, node_s=node_s,
+                            error=pb.CallError(code=code, details=details))
+    return encode(header, [])
 
 
 def decode_reply(frame: bytes) -> tuple[pb.InvokeReply, list[np.ndarray]]:

@@ -17,12 +17,11 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
-import grpc
 import numpy as np
 
 from faasmoe.proto import frames
-from faasmoe.proto.errors import Backpressure, MeshError, NodeUnavailable
-from faasmoe.router.client import NodeClient, raise_for
+from faasmoe.proto.errors import Backpressure, MeshError, NodeUnavailable, from_code_number
+from faasmoe.router.client import NodeClient
 from faasmoe.router.fanout import invoke_all
 from faasmoe.router.grouping import LayerFunctions, NodeBatch, choose_replicas, plan_layer
 
@@ -88,10 +87,11 @@ class ExpertMesh:
             self.clients = dict(clients)
             self.placement = {fid: tuple(nodes) for fid, nodes in placement.items()}
 
-    def _route(self, layer: int, top_k_index: np.ndarray, pending: np.ndarray) -> dict[str, str]:
+    def _route(self, layer: int, top_k_index: np.ndarray, pending: np.ndarray | None) -> dict[str, str]:
         """One replica per function this step needs (fewest nodes for small steps, rotation otherwise)."""
         where = self._where[layer]
-        needed = sorted({where[e] for e in np.unique(top_k_index[pending]).tolist() if e in where})
+        asked = top_k_index if pending is None else top_k_index[pending]
+        needed = sorted({where[e] for e in set(asked.reshape(-1).tolist()) if e in where})
         with self._lock:
             replicas = {fid: [n for n in self.placement.get(fid, ()) if n in self.clients] for fid in needed}
         for fid, nodes in replicas.items():
@@ -107,13 +107,17 @@ class ExpertMesh:
         deadline = start + self.step_timeout_s
         hidden = np.ascontiguousarray(hidden, dtype=np.float32)
         max_rows = max(1, int(0.9 * self.max_message_bytes) // (hidden.shape[1] * 4 * top_k_index.shape[1]))
-        results: dict[int, list[ExpertResult]] = {}
-        for lo in range(0, hidden.shape[0], max_rows):
-            part = self._run_chunk(layer, hidden[lo:lo + max_rows], top_k_index[lo:lo + max_rows], deadline,
-                                   request_id or current_request_id.get() or uuid.uuid4().hex)
-            for expert, items in part.items():
-                results.setdefault(expert, []).extend(
-                    ExpertResult(r.tokens + lo, r.slots, r.output) for r in items)
+        request_id = request_id or current_request_id.get() or uuid.uuid4().hex
+        if hidden.shape[0] <= max_rows:
+            results = self._run_chunk(layer, hidden, top_k_index, deadline, request_id)
+        else:
+            results: dict[int, list[ExpertResult]] = {}
+            for lo in range(0, hidden.shape[0], max_rows):
+                part = self._run_chunk(layer, hidden[lo:lo + max_rows], top_k_index[lo:lo + max_rows], deadline,
+                                       request_id)
+                for expert, items in part.items():
+                    results.setdefault(expert, []).extend(
+                        ExpertResult(r.tokens + lo, r.slots, r.output) for r in items)
         wall_s = time.perf_counter() - start
         self.stats.layer_calls += 1
         self.stats.wall_s += wall_s
@@ -125,13 +129,15 @@ class ExpertMesh:
         pending = np.ones(top_k_index.shape, dtype=bool)
         results: dict[int, list[ExpertResult]] = {}
         backoff = iter(BACKOFF_S)
-        while pending.any():
+        retry = False
+        while not retry or pending.any():
             t0 = time.perf_counter()
-            batches = plan_layer(top_k_index, self.layers[layer], self._route(layer, top_k_index, pending), layer,
-                                 pending)
+            mask = pending if retry else None          # a retry sends only the pairs still unanswered
+            batches = plan_layer(top_k_index, self.layers[layer], self._route(layer, top_k_index, mask), layer, mask)
             failures = self._fan_out(layer, hidden, batches, deadline, request_id, results, pending, t0)
             if not failures:
                 break
+            retry = True
             self.stats.retries += 1
             for node, err in failures:
                 if isinstance(err, Backpressure):
@@ -164,10 +170,17 @@ class ExpertMesh:
         self.stats.wait_s += t2 - t1
         failures, slowest = [], 0.0
         for batch, reply in zip(batches, replies):
-            if isinstance(reply, grpc.RpcError):
-                failures.append((batch.node_id, raise_for(reply, batch.node_id)))
+            if isinstance(reply, MeshError):
+                failures.append((batch.node_id, reply))
                 continue
             header, outputs = frames.decode_reply(reply)
+            if header.HasField("error"):
+                failures.append((batch.node_id, from_code_number(header.error.code, header.error.details,
+                                                                 batch.node_id)))
+                continue
+            if header.request_id != request_id:
+                raise MeshError(f"replied to request {header.request_id!r} instead of {request_id!r}",
+                                batch.node_id)
             if len(outputs) != len(batch.calls):
                 raise MeshError(f"replied {len(outputs)} results for {len(batch.calls)} calls", batch.node_id)
             slowest = max(slowest, header.node_s)      # the node's wall time: loads, queueing, ONNX runs

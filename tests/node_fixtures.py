@@ -79,6 +79,7 @@ class Stub:
 
     def __init__(self, channel):
         self.invoke = channel.unary_unary(SERVICE + "Invoke")
+        self.invoke_stream = channel.stream_stream(SERVICE + "InvokeStream")
         self.deploy = channel.stream_unary(SERVICE + "Deploy", pb.DeployChunk.SerializeToString,
                                            pb.DeployReply.FromString)
         self.undeploy = channel.unary_unary(SERVICE + "Undeploy", pb.UndeployRequest.SerializeToString,

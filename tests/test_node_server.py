@@ -140,3 +140,49 @@ async def test_load_undeploy_and_health(tmp_path):
         assert not status.functions and status.loaded_bytes == 0 and status.disk_used_bytes == len(fn.data)
         await expect_error(stub.invoke(frame(np.ones((1, 64), np.float32), [fn.call([0], [1, 0])])),
                            grpc.StatusCode.NOT_FOUND)
+
+
+async def test_invoke_stream_answers_in_order_and_survives_failed_requests(tmp_path):
+    """The router's hot path: one reply per frame, in order; a bad request gets an in-band error reply."""
+    fn = make_function(seed=11, n_experts=2, hidden=64)
+    rng = np.random.default_rng(3)
+    hidden = rng.standard_normal((5, 64), dtype=np.float32)
+    unknown = "cd" * 32
+    async with running_node(tmp_path) as (node, stub):
+        await stub.deploy(chunks_of(fn))
+        call = stub.invoke_stream()
+        good = fn.call([4, 0, 2], [1, 2])
+        requests = [frame(hidden, [good], "a"),
+                    frame(hidden, [frames.Call(unknown, np.array([0], np.int32), [1])], "b"),
+                    frame(np.ones((5, 64), np.int64), [good], "c"),      # wrong dtype
+                    b"\x01\x00",                                          # not a frame at all
+                    frame(hidden, [good], "d")]
+        replies = []
+        for request in requests:
+            await call.write(request)
+            replies.append(frames.decode_reply(await call.read()))
+        (a, (out_a,)), (b, _), (c, _), (junk, _), (d, (out_d,)) = replies
+        assert [a.request_id, b.request_id, c.request_id, d.request_id] == ["a", "b", "c", "d"]
+        assert not a.HasField("error") and not d.HasField("error")
+        np.testing.assert_allclose(out_a, fn.reference(hidden, good.rows, good.expert_row_counts), atol=1e-4)
+        np.testing.assert_array_equal(out_a, out_d)
+        assert b.error.code == grpc.StatusCode.NOT_FOUND.value[0] and unknown in b.error.details
+        assert c.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and "dtype" in c.error.details
+        assert junk.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and junk.request_id == ""
+        await call.done_writing()
+        assert await call.read() is grpc.aio.EOF and await call.code() == grpc.StatusCode.OK
+
+
+async def test_node_stop_ends_idle_invoke_streams_at_once(tmp_path):
+    """A graceful stop does not wait out its grace period on a router's open, idle stream."""
+    import time
+    fn = make_function(seed=12, n_experts=1, hidden=64)
+    async with running_node(tmp_path) as (node, stub):
+        await stub.deploy(chunks_of(fn))
+        call = stub.invoke_stream()
+        await call.write(frame(np.ones((1, 64), np.float32), [fn.call([0], [1])]))
+        assert not frames.decode_reply(await call.read())[0].HasField("error")
+        t0 = time.monotonic()
+        await node.stop(grace_s=10.0)
+        assert time.monotonic() - t0 < 3.0
+        assert await call.read() is grpc.aio.EOF and await call.code() == grpc.StatusCode.OK
