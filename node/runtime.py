@@ -309,9 +309,14 @@ class Runtime:
         """Run every call of one Invoke on ``hidden`` [N, H]; all calls are validated before any runs."""
         fns = [self._validate(call, hidden) for call in calls]
         x = hidden if hidden.dtype == np.float32 else hidden.astype(np.float32)
-        if len(calls) == 1:
-            return [await self._call(fns[0], calls[0], x, hidden.dtype)]
+        if len(calls) == 1 or self._all_inline(fns, calls):
+            # nothing here waits (warm, tiny, a free slot): one after the other, without a task per call
+            return [await self._call(fn, c, x, hidden.dtype) for fn, c in zip(fns, calls)]
         return list(await asyncio.gather(*(self._call(fn, c, x, hidden.dtype) for fn, c in zip(fns, calls))))
+
+    def _all_inline(self, fns: Sequence[Function], calls: Sequence[pb.FunctionCall]) -> bool:
+        return (self._own_pool and not self._slots.locked()
+                and all(fn.session is not None and is_tiny(c, fn.info) for fn, c in zip(fns, calls)))
 
     def _validate(self, call: pb.FunctionCall, hidden: np.ndarray) -> Function:
         fn = self.function(call.function_id)

@@ -14,6 +14,7 @@ atomic rename is what guarantees integrity); the LRU order survives restarts thr
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import os
@@ -195,7 +196,7 @@ class FunctionInfo:
     model_id: str
     path: Path
 
-    @property
+    @functools.cached_property
     def rows_inputs(self) -> tuple[str, ...]:
         return tuple(abi.rows_input(j) for j in range(len(self.expert_ids)))
 

@@ -8,6 +8,7 @@ per function, each expert's rows. Rows of one expert are ordered (slot, token) â
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -42,8 +43,16 @@ class LayerFunctions:
 
     experts_of: Mapping[str, Sequence[int]]
 
-    def function_of_expert(self) -> dict[int, tuple[str, int]]:
+    @functools.cached_property
+    def where(self) -> dict[int, tuple[str, int]]:
+        """expert id -> (function id, index of the expert in that function)."""
         return {e: (fid, j) for fid, experts in self.experts_of.items() for j, e in enumerate(experts)}
+
+    def function_of_expert(self) -> dict[int, tuple[str, int]]:
+        return dict(self.where)
+
+
+SMALL_STEP_PAIRS = 64     # steps with at most this many (token, slot) pairs are planned in plain Python
 
 
 def plan_layer(top_k_index: np.ndarray, functions: LayerFunctions, node_of: Mapping[str, str],
@@ -53,6 +62,8 @@ def plan_layer(top_k_index: np.ndarray, functions: LayerFunctions, node_of: Mapp
     ``node_of`` maps each function id to the node chosen for it in this step; ``pair_mask[T, k]`` (optional)
     keeps only some pairs (a retry of the pairs a failed node did not answer).
     """
+    if top_k_index.size <= SMALL_STEP_PAIRS:
+        return _plan_small(top_k_index, functions, node_of, layer, pair_mask)
     n_tokens, top_k = top_k_index.shape
     experts = top_k_index.reshape(-1).astype(np.int64)
     tokens = np.repeat(np.arange(n_tokens, dtype=np.int64), top_k)
@@ -64,7 +75,7 @@ def plan_layer(top_k_index: np.ndarray, functions: LayerFunctions, node_of: Mapp
     experts, tokens, slots = experts[order], tokens[order], slots[order]
     hit, starts = np.unique(experts, return_index=True)
     bounds = list(starts) + [len(experts)]
-    where = functions.function_of_expert()
+    where = functions.where
 
     per_node: dict[str, dict[str, dict[int, tuple[np.ndarray, np.ndarray]]]] = {}
     for i, expert in enumerate(hit.tolist()):
@@ -91,6 +102,41 @@ def plan_layer(top_k_index: np.ndarray, functions: LayerFunctions, node_of: Mapp
                     start += len(toks)
             calls.append(Call(fid, np.concatenate(rows).astype(np.int32), tuple(counts)))
         batches.append(NodeBatch(node, token_rows, tuple(calls), tuple(segments)))
+    return batches
+
+
+def _plan_small(top_k_index: np.ndarray, functions: LayerFunctions, node_of: Mapping[str, str], layer: int,
+                pair_mask: np.ndarray | None) -> list[NodeBatch]:
+    """:func:`plan_layer` for a decode-sized step: the same batches, without numpy's per-call overhead."""
+    where = functions.where
+    keep = pair_mask.tolist() if pair_mask is not None else None
+    pairs = sorted((e, s, t) for t, row in enumerate(top_k_index.tolist()) for s, e in enumerate(row)
+                   if keep is None or keep[t][s])                  # by expert, then slot, then token
+    per_node: dict[str, dict[str, dict[int, tuple[list[int], list[int]]]]] = {}
+    for e, s, t in pairs:
+        if e not in where:
+            raise FunctionNotFound(f"layer {layer}: no function holds expert {e}")
+        fid = where[e][0]
+        toks, sl = per_node.setdefault(node_of[fid], {}).setdefault(fid, {}).setdefault(e, ([], []))
+        toks.append(t)
+        sl.append(s)
+    batches = []
+    for node in sorted(per_node):
+        funcs = per_node[node]
+        token_rows = sorted({t for f in funcs.values() for toks, _ in f.values() for t in toks})
+        position = {t: i for i, t in enumerate(token_rows)}
+        calls, segments = [], []
+        for ci, fid in enumerate(sorted(funcs)):
+            rows, counts, start = [], [], 0
+            for expert in functions.experts_of[fid]:
+                toks, sl = funcs[fid].get(expert, ((), ()))
+                counts.append(len(toks))
+                if toks:
+                    rows += [position[t] for t in toks]
+                    segments.append(Segment(expert, ci, start, np.array(toks, np.int64), np.array(sl, np.int64)))
+                    start += len(toks)
+            calls.append(Call(fid, np.array(rows, np.int32), tuple(counts)))
+        batches.append(NodeBatch(node, np.array(token_rows, np.int64), tuple(calls), tuple(segments)))
     return batches
 
 

@@ -36,8 +36,10 @@ class MeshExperts(torch.nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
-        x = hidden_states.detach().to(torch.float32).contiguous().numpy()
-        weights = top_k_weights.detach().to(torch.float32).numpy()
+        x = hidden_states.detach()
+        x = (x if x.dtype == torch.float32 else x.float()).contiguous().numpy()
+        weights = top_k_weights.detach()
+        weights = (weights if weights.dtype == torch.float32 else weights.float()).numpy()
         results = self.mesh.run_layer(self.layer, x, top_k_index.detach().cpu().numpy())
         final = np.zeros_like(x)
         for expert in sorted(results):

@@ -82,3 +82,35 @@ REPLICA_CASES = [
 def test_choose_replicas(needed, replicas, turn, compact, expected):
     from faasmoe.router.grouping import choose_replicas
     assert choose_replicas(needed, replicas, turn, compact) == expected
+
+
+def _as_tuple(batches):
+    return [(b.node_id, b.token_rows.tolist(),
+             [(c.function_id, np.asarray(c.rows).tolist(), tuple(c.expert_row_counts)) for c in b.calls],
+             [(s.expert_id, s.call_index, s.start, s.tokens.tolist(), s.slots.tolist()) for s in b.segments])
+            for b in batches]
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_small_step_path_plans_exactly_like_the_numpy_path(seed, monkeypatch):
+    """Decode-sized steps take a plain-Python path; it must give the very same batches."""
+    import faasmoe.router.grouping as grouping
+    rng = np.random.default_rng(seed)
+    funcs = LayerFunctions({f"f{i}": tuple(range(3 * i, 3 * i + 3)) for i in range(5)})     # 15 experts
+    nodes = ["n1", "n2", "n3"]
+    node_of = {f"f{i}": nodes[int(rng.integers(3))] for i in range(5)}
+    n_tokens = int(rng.integers(1, 9))
+    idx = np.stack([rng.choice(15, size=4, replace=False) for _ in range(n_tokens)])
+    mask = rng.random(idx.shape) < 0.7 if seed % 2 else None
+    small = plan_layer(idx, funcs, node_of, pair_mask=mask)
+    monkeypatch.setattr(grouping, "SMALL_STEP_PAIRS", 0)
+    assert _as_tuple(small) == _as_tuple(plan_layer(idx, funcs, node_of, pair_mask=mask))
+
+
+@pytest.mark.parametrize("small", [True, False])
+def test_unknown_expert_fails_the_same_on_both_paths(small, monkeypatch):
+    import faasmoe.router.grouping as grouping
+    if not small:
+        monkeypatch.setattr(grouping, "SMALL_STEP_PAIRS", 0)
+    with pytest.raises(FunctionNotFound, match="layer 2: no function holds expert 9"):
+        plan_layer(np.array([[9, 0]]), FUNCS, {"fA": "n1", "fB": "n1", "fC": "n1"}, layer=2)
