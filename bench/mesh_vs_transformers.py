@@ -72,11 +72,17 @@ def phase_mesh(args) -> dict:
     store = Path(args.store)
     ids = _prompt_ids(store)
     extra = ["--threads", str(args.node_threads), "--keep-alive-s", "inf"]
+    prefix = ()
+    if args.pin:        # router on the first CPU, nodes on the others: as if the nodes were other devices
+        cpus = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, cpus[:1])
+        prefix = ("taskset", "-c", ",".join(str(c) for c in cpus[1:]))
     with tempfile.TemporaryDirectory() as tmp, LocalMesh(args.nodes, Path(tmp), memory_budget_mb=args.node_budget_mb,
-                                                          extra_args=extra) as mesh:
+                                                          extra_args=extra, prefix=prefix) as mesh:
         node_idle_rss = [psutil.Process(n.process.pid).memory_info().rss for n in mesh.nodes]
         session = RouterSession(store, placement_options=PlacementOptions(max_replicas=args.max_replicas))
         session.place_and_deploy(mesh.addresses)
+        warmed = session.warm()                                       # steady state: every function loaded
         rss_before_model = psutil.Process().memory_info().rss
         model = build_mesh_model(store, session.manifest, session.mesh)
         router_rss = psutil.Process().memory_info().rss
@@ -94,7 +100,7 @@ def phase_mesh(args) -> dict:
                 rpcs_per_token=stats.rpcs / len(steps), layer_calls_per_token=per_step,
                 mesh_wall_s=stats.wall_s, node_compute_s=stats.node_compute_s, encode_s=stats.encode_s,
                 wait_s=stats.wait_s, decode_reply_s=stats.decode_s, total_s=sum(steps),
-                decode_total_s=decode_total_s)
+                decode_total_s=decode_total_s, warmed=warmed, cold_starts=stats.cold_starts)
 
 
 def build_full_dims(root: Path) -> Path:
@@ -125,6 +131,8 @@ def main() -> int:
     p.add_argument("--max-replicas", type=int, default=3)
     p.add_argument("--node-budget-mb", type=float, default=2048)
     p.add_argument("--new-tokens", type=int, default=48)
+    p.add_argument("--pin", action="store_true",
+                   help="mesh phase: router pinned to the first CPU, nodes to the others (needs >= 2 CPUs)")
     p.add_argument("--name")
     p.add_argument("--phase", choices=["transformers", "mesh"], help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -142,14 +150,15 @@ def main() -> int:
     common = ["--model", str(model_dir), "--store", str(store), "--nodes", str(args.nodes),
               "--node-threads", str(args.node_threads), "--torch-threads", str(args.torch_threads),
               "--max-replicas", str(args.max_replicas), "--node-budget-mb", str(args.node_budget_mb),
-              "--new-tokens", str(args.new_tokens), "--group-size", str(args.group_size)]
+              "--new-tokens", str(args.new_tokens), "--group-size", str(args.group_size)] + (["--pin"] if args.pin else [])
     tf = run_phase("transformers", common)
     mesh = run_phase("mesh", common)
     tf_ms, mesh_ms = 1000 * statistics.median(tf["decode_s"]), 1000 * statistics.median(mesh["decode_s"])
     router_compute_s = mesh["total_s"] - mesh["mesh_wall_s"]
     dispatch_s = mesh["mesh_wall_s"] - mesh["node_compute_s"]
     result = dict(
-        name=name, group_size=args.group_size, nodes=args.nodes, node_threads=args.node_threads,
+        name=name, group_size=args.group_size, nodes=args.nodes, node_threads=args.node_threads, pinned=args.pin,
+        torch_threads=args.torch_threads, cold_starts_measured=mesh["cold_starts"], warmed=mesh["warmed"],
         max_replicas=args.max_replicas, new_tokens=args.new_tokens,
         transformers_ms_per_token=round(tf_ms, 2), mesh_ms_per_token=round(mesh_ms, 2),
         ratio_mesh_over_transformers=round(mesh_ms / tf_ms, 3),

@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--step-timeout-s", type=float, default=30.0,
                      help="deadline of one layer step across all nodes (default 30)")
     gen.add_argument("--no-replicas", action="store_true", help="place one copy of each function only")
+    gen.add_argument("--warm", action="store_true",
+                     help="load the placed functions on their nodes before generating (no cold starts; each node "
+                          "loads the hottest functions that fit its memory budget)")
 
     place = sub.add_parser("place", help="plan where functions go (table) and deploy the difference")
     add_mesh_arguments(place)

@@ -78,6 +78,7 @@ def generate(args) -> int:
                 session.on_mark_down = directory.mark_down
             t0 = time.perf_counter()
             session.place_and_deploy(addresses)
+            warmed = session.warm() if args.warm else 0
             t1 = time.perf_counter()
             model = build_mesh_model(session.store, session.manifest, session.mesh)
             tokenizer = AutoTokenizer.from_pretrained(str(session.store))
@@ -91,7 +92,7 @@ def generate(args) -> int:
                           step_s=[round(s, 6) for s in r.step_s]) for r in results]
             out = dict(items[0]) if len(items) == 1 else {"results": items}
             out.update(deploy_s=round(t1 - t0, 3), load_model_s=round(t2 - t1, 3), generate_s=round(t3 - t2, 3),
-                       rpcs=stats.rpcs, cold_starts=stats.cold_starts, retries=stats.retries)
+                       rpcs=stats.rpcs, cold_starts=stats.cold_starts, retries=stats.retries, warmed=warmed)
             print(json.dumps(out))
         else:
             for r in results:

@@ -93,8 +93,9 @@ class LocalMesh:
     """``with LocalMesh(3, root) as mesh: mesh.addresses`` — N nodes, stopped (SIGTERM) on exit."""
 
     def __init__(self, n_nodes: int, root: Path, memory_budget_mb: float = 1024,
-                 extra_args: Sequence[str] = (), env: dict | None = None):
+                 extra_args: Sequence[str] = (), env: dict | None = None, prefix: Sequence[str] = ()):
         self.root = Path(root)
+        self.prefix = tuple(prefix)     # runs each node inside something, e.g. ("taskset", "-c", "1")
         self.n_nodes = n_nodes
         self.memory_budget_mb = memory_budget_mb
         self.extra_args = tuple(extra_args)
@@ -110,7 +111,7 @@ class LocalMesh:
             for i in range(self.n_nodes):
                 self.nodes.append(start_node(self.root / f"node{i}", memory_budget_mb=self.memory_budget_mb,
                                              extra_args=[*self.extra_args, "--node-id", f"local-{i}"],
-                                             env=self.env))
+                                             env=self.env, prefix=self.prefix))
         except BaseException:
             self.__exit__(None, None, None)
             raise
