@@ -5,7 +5,9 @@ measured in one run; plus router RSS over dense bytes, a node's idle RSS, and wh
     python bench/mesh_vs_transformers.py --full-dims                                       # (b) Qwen1.5-MoE dims, 2 layers
 
 Each phase runs in its own process (so RSS figures are clean); results print as a table and go to
-bench/out/<name>.json.
+bench/out/<name>.json. The mesh is measured in steady state: after placement every function is loaded
+(``RouterSession.warm``), then one warm-up generation, then the timed one. ``--pin`` keeps the router on the
+first CPU and the nodes on the others, as if the nodes were other devices.
 """
 
 from __future__ import annotations
@@ -103,6 +105,42 @@ def phase_mesh(args) -> dict:
                 decode_total_s=decode_total_s, warmed=warmed, cold_starts=stats.cold_starts)
 
 
+def phase_router_floor(args) -> dict:
+    """The router alone, routed experts stubbed out (zeros): its dense part per token, and the same with
+    the stub waiting 0.5 ms per layer asleep vs busy (what an idle core costs when it comes back)."""
+    import time
+
+    import torch
+
+    from faasmoe.router.mesh import ExpertMesh
+    from faasmoe.router.model import MeshExperts, build_mesh_model
+    from faasmoe.router.manifest import load_manifest
+    torch.set_num_threads(args.torch_threads)
+    if args.pin:
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:1])
+    store = Path(args.store)
+    manifest = load_manifest(store)
+    model = build_mesh_model(store, manifest, ExpertMesh({}, {}, {}))
+    ids = _prompt_ids(store)
+
+    def busy(seconds):
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            pass
+
+    out = {}
+    for name, wait in (("zero", None), ("sleep500us", time.sleep), ("busy500us", busy)):
+        def stub(self, hidden, index, weights, wait=wait):
+            if wait is not None:
+                wait(0.0005)
+            return torch.zeros_like(hidden)
+        MeshExperts.forward = stub
+        _timed_generate(model, ids, 8)
+        _, steps = _timed_generate(model, ids, args.new_tokens)
+        out[name] = statistics.median(steps[1:])
+    return out
+
+
 def build_full_dims(root: Path) -> Path:
     from faasmoe.router.tiny_model import make_checkpoint
     model_dir = root / "qwen-moe-dims-2l"
@@ -134,10 +172,11 @@ def main() -> int:
     p.add_argument("--pin", action="store_true",
                    help="mesh phase: router pinned to the first CPU, nodes to the others (needs >= 2 CPUs)")
     p.add_argument("--name")
-    p.add_argument("--phase", choices=["transformers", "mesh"], help=argparse.SUPPRESS)
+    p.add_argument("--phase", choices=["transformers", "mesh", "router_floor"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.phase:
-        print(json.dumps((phase_transformers if args.phase == "transformers" else phase_mesh)(args)))
+        phases = dict(transformers=phase_transformers, mesh=phase_mesh, router_floor=phase_router_floor)
+        print(json.dumps(phases[args.phase](args)))
         return 0
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
@@ -153,6 +192,7 @@ def main() -> int:
               "--new-tokens", str(args.new_tokens), "--group-size", str(args.group_size)] + (["--pin"] if args.pin else [])
     tf = run_phase("transformers", common)
     mesh = run_phase("mesh", common)
+    floor = run_phase("router_floor", common)
     tf_ms, mesh_ms = 1000 * statistics.median(tf["decode_s"]), 1000 * statistics.median(mesh["decode_s"])
     router_compute_s = mesh["total_s"] - mesh["mesh_wall_s"]
     dispatch_s = mesh["mesh_wall_s"] - mesh["node_compute_s"]
@@ -170,6 +210,9 @@ def main() -> int:
         node_idle_rss_mib=round(statistics.median(mesh["node_idle_rss_bytes"]) / 2**20, 1),
         node_loaded_rss_mib=[round(b / 2**20, 1) for b in mesh["node_loaded_rss_bytes"]],
         rpcs_per_token=round(mesh["rpcs_per_token"], 2),
+        router_alone_ms_per_token=round(1000 * floor["zero"], 2),
+        router_stub_sleep500us_ms_per_token=round(1000 * floor["sleep500us"], 2),
+        router_stub_busy500us_ms_per_token=round(1000 * floor["busy500us"], 2),
         share_router_compute=round(router_compute_s / mesh["total_s"], 3),
         share_dispatch=round(dispatch_s / mesh["total_s"], 3),
         share_node_compute=round(mesh["node_compute_s"] / mesh["total_s"], 3),
