@@ -19,7 +19,8 @@ from pathlib import Path
 
 import grpc
 
-OUT = Path(__file__).resolve().parent / "out"
+from report import print_flat, save
+
 UNARY, STREAM = "/echo.Echo/Unary", "/echo.Echo/Stream"
 
 
@@ -132,11 +133,8 @@ def main() -> int:
         result.update({f"{k[:-3]}_{label}_us": v for k, v in trips.items()})
     if args.store:
         result.update(_ort_runs_us(Path(args.store), 5))
-    OUT.mkdir(exist_ok=True)
-    (OUT / "grpc_floor.json").write_text(json.dumps(result, indent=1))
-    width = max(len(k) for k in result)
-    for k, v in result.items():
-        print(f"{k:<{width}}  {v}")
+    save("grpc_floor", result)
+    print_flat(result)
     return 0
 
 

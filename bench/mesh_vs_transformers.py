@@ -23,7 +23,8 @@ from pathlib import Path
 
 import psutil
 
-OUT = Path(__file__).resolve().parent / "out"
+from report import print_flat, save
+
 FULL_DIMS = dict(num_layers=2, hidden_size=2048, num_experts=60, top_k=4, moe_intermediate_size=1408,
                  shared_expert_intermediate_size=5632, vocab_size=151936, num_attention_heads=16,
                  num_key_value_heads=16, norm_topk_prob=False, seed=1234)
@@ -217,11 +218,8 @@ def main() -> int:
         share_dispatch=round(dispatch_s / mesh["total_s"], 3),
         share_node_compute=round(mesh["node_compute_s"] / mesh["total_s"], 3),
     )
-    OUT.mkdir(exist_ok=True)
-    (OUT / f"mesh_vs_transformers-{name}.json").write_text(json.dumps(result, indent=1))
-    width = max(len(k) for k in result)
-    for k, v in result.items():
-        print(f"{k:<{width}}  {v}")
+    save(f"mesh_vs_transformers-{name}", result)
+    print_flat(result)
     return 0
 
 

@@ -10,7 +10,6 @@ Writes bench/out/serverless-<name>.json (and serverless-memory-<name>.png); prin
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -23,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-OUT = Path(__file__).resolve().parent / "out"
+from report import OUT, save
+
 FULL_LAYER = dict(num_layers=1, hidden_size=2048, num_experts=60, top_k=4, moe_intermediate_size=1408,
                   shared_expert_intermediate_size=5632, vocab_size=151936, num_attention_heads=16,
                   num_key_value_heads=16, seed=99)
@@ -197,8 +197,7 @@ def main() -> int:
         result["memory"] = mem
         print(f"node memory (3 nodes): idle {mem['idle_mib']} MiB, peak {mem['peak_mib']} MiB, "
               f"after keep-alive {mem['after_keep_alive_mib']} MiB -> {mem['png']}")
-    OUT.mkdir(exist_ok=True)
-    (OUT / f"serverless-{name}.json").write_text(json.dumps(result, indent=1))
+    save(f"serverless-{name}", result)
     return 0
 
 

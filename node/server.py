@@ -33,18 +33,23 @@ SERVICE = "faasmoe.v1.ExpertNode"
 SHUTDOWN_GRACE_S = 10.0
 
 
+def _error_of(exc: Exception, node_id: str, what: str) -> FaasmoeError:
+    """What a failed request reports: our own errors as they are, anything else as an internal error."""
+    if isinstance(exc, FaasmoeError):
+        log.debug("%s failed: %s", what, exc)
+        return exc
+    log.error("%s failed unexpectedly", what, exc_info=exc)
+    return NodeInternalError(f"node {node_id}: unexpected {type(exc).__name__}: {exc}")
+
+
 def _rpc(handler):
-    """The one place where errors become gRPC statuses."""
+    """The one place where errors become gRPC statuses (InvokeStream sends the same errors in-band)."""
     @functools.wraps(handler)
     async def wrapper(self: NodeServer, request, context: grpc.aio.ServicerContext):
         try:
             return await handler(self, request, context)
-        except FaasmoeError as err:
-            error = err
-            log.debug("%s failed: %s", handler.__name__, err)
         except Exception as exc:  # noqa: BLE001 - report, never crash the server
-            log.exception("%s failed unexpectedly", handler.__name__)
-            error = NodeInternalError(f"node {self.node_id}: unexpected {type(exc).__name__}: {exc}")
+            error = _error_of(exc, self.node_id, handler.__name__)
         await context.abort(error.grpc_code, grpc_details(error))
     return wrapper
 
@@ -184,13 +189,8 @@ class NodeServer:
                 t0 = time.perf_counter()
                 try:
                     reply = await self._run_frame(frame)
-                except FaasmoeError as err:
-                    log.debug("InvokeStream request failed: %s", err)
-                    reply = frames.encode_error_reply(_request_id_of(frame), self.node_id, code_number(err),
-                                                      grpc_details(err), time.perf_counter() - t0)
-                except Exception as exc:  # noqa: BLE001 - report, never crash the server
-                    log.exception("InvokeStream request failed unexpectedly")
-                    err = NodeInternalError(f"node {self.node_id}: unexpected {type(exc).__name__}: {exc}")
+                except Exception as exc:  # noqa: BLE001 - answered in-band, the stream lives on
+                    err = _error_of(exc, self.node_id, "InvokeStream request")
                     reply = frames.encode_error_reply(_request_id_of(frame), self.node_id, code_number(err),
                                                       grpc_details(err), time.perf_counter() - t0)
                 await context.write(reply)

@@ -48,9 +48,6 @@ class LayerFunctions:
         """expert id -> (function id, index of the expert in that function)."""
         return {e: (fid, j) for fid, experts in self.experts_of.items() for j, e in enumerate(experts)}
 
-    def function_of_expert(self) -> dict[int, tuple[str, int]]:
-        return dict(self.where)
-
 
 SMALL_STEP_PAIRS = 64     # steps with at most this many (token, slot) pairs are planned in plain Python
 

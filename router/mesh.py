@@ -77,7 +77,7 @@ class ExpertMesh:
         self.stats = MeshStats()
         self.compact_max_rows = compact_max_rows
         self.on_layer_done: Callable[[int, float], None] | None = None   # (layer, seconds): metrics hook
-        self._where = {layer: {e: fid for e, (fid, _) in lf.function_of_expert().items()}
+        self._where = {layer: {e: fid for e, (fid, _) in lf.where.items()}
                        for layer, lf in self.layers.items()}
         self._lock = threading.Lock()
         self._turn = itertools.count()
