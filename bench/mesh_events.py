@@ -54,12 +54,12 @@ PORT = 50051
 def router_helper(argv: list[str]) -> int:
     from transformers import AutoTokenizer
 
-    from faasmoe.router import mesh as mesh_module
-    from faasmoe.router.controller import PlacementController
-    from faasmoe.router.directory import NodeDirectory
-    from faasmoe.router.generate import generate
-    from faasmoe.router.model import build_mesh_model
-    from faasmoe.router.session import RouterSession
+    from faasmoe.router.mesh import dispatch as mesh_module
+    from faasmoe.router.control.controller import PlacementController
+    from faasmoe.router.control.directory import NodeDirectory
+    from faasmoe.router.engine.generate import generate
+    from faasmoe.router.model.build import build_mesh_model
+    from faasmoe.router.control.session import RouterSession
 
     p = argparse.ArgumentParser(prog="mesh_events.py _router")
     p.add_argument("--store", required=True)
@@ -183,8 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from faasmoe.router.manifest import load_manifest
-    from faasmoe.router.split import split_checkpoint
+    from faasmoe.router.store.manifest import load_manifest
+    from faasmoe.router.store.split import split_checkpoint
     from model_factory import make_checkpoint
 
     work = Path(tempfile.mkdtemp(prefix="mesh-events-"))

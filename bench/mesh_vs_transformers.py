@@ -42,7 +42,7 @@ def _prompt_ids(store_or_model: Path, n_fallback: int = 12) -> list[int]:
 def _timed_generate(model, ids: list[int], new_tokens: int) -> tuple[list[int], list[float]]:
     import torch
 
-    from faasmoe.router.generate import StepClock
+    from faasmoe.router.engine.generate import StepClock
     clock = StepClock()
     with torch.inference_mode():
         out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
@@ -66,11 +66,11 @@ def phase_transformers(args) -> dict:
 def phase_mesh(args) -> dict:
     import torch
 
-    from faasmoe.router.local_mesh import LocalMesh
-    from faasmoe.router.mesh import MeshStats
-    from faasmoe.router.model import build_mesh_model, dense_bytes
-    from faasmoe.router.placement import PlacementOptions
-    from faasmoe.router.session import RouterSession
+    from faasmoe.router.control.local_mesh import LocalMesh
+    from faasmoe.router.mesh.dispatch import MeshStats
+    from faasmoe.router.model.build import build_mesh_model, dense_bytes
+    from faasmoe.router.control.placement import PlacementOptions
+    from faasmoe.router.control.session import RouterSession
     torch.set_num_threads(args.torch_threads)
     store = Path(args.store)
     ids = _prompt_ids(store)
@@ -113,9 +113,9 @@ def phase_router_floor(args) -> dict:
 
     import torch
 
-    from faasmoe.router.mesh import ExpertMesh
-    from faasmoe.router.model import MeshExperts, build_mesh_model
-    from faasmoe.router.manifest import load_manifest
+    from faasmoe.router.mesh.dispatch import ExpertMesh
+    from faasmoe.router.model.build import MeshExperts, build_mesh_model
+    from faasmoe.router.store.manifest import load_manifest
     torch.set_num_threads(args.torch_threads)
     if args.pin:
         os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:1])
@@ -143,7 +143,7 @@ def phase_router_floor(args) -> dict:
 
 
 def build_full_dims(root: Path) -> Path:
-    from faasmoe.router.tiny_model import make_checkpoint
+    from faasmoe.router.store.tiny_model import make_checkpoint
     model_dir = root / "qwen-moe-dims-2l"
     if not (model_dir / "config.json").exists():
         make_checkpoint(model_dir, with_tokenizer=False, **FULL_DIMS)
@@ -185,7 +185,7 @@ def main() -> int:
     name = args.name or ("full-dims-2l" if args.full_dims else model_dir.name)
     store = work / f"store-{name}-G{args.group_size}"
     if not (store / "manifest.json").exists():
-        from faasmoe.router.split import split_checkpoint
+        from faasmoe.router.store.split import split_checkpoint
         split_checkpoint(model_dir, store, group_size=args.group_size, progress=False)
     common = ["--model", str(model_dir), "--store", str(store), "--nodes", str(args.nodes),
               "--node-threads", str(args.node_threads), "--torch-threads", str(args.torch_threads),

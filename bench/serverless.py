@@ -35,7 +35,7 @@ def pct(values, q):
 
 
 def split_for(model_dir: Path, work: Path, g: int) -> Path:
-    from faasmoe.router.split import split_checkpoint
+    from faasmoe.router.store.split import split_checkpoint
     store = work / f"store-{model_dir.name}-G{g}"
     if not (store / "manifest.json").exists():
         split_checkpoint(model_dir, store, group_size=g, progress=False)
@@ -45,9 +45,9 @@ def split_for(model_dir: Path, work: Path, g: int) -> Path:
 def cold_starts(store: Path, layer_only: int, repeats: int, budget_mb: float) -> list[float]:
     """Deploy one layer's functions to one node with keep-alive 0: every call is a cold start."""
     from faasmoe.proto import frames
-    from faasmoe.router.local_mesh import LocalMesh
-    from faasmoe.router.manifest import load_manifest
-    from faasmoe.router.session import RouterSession, header_of
+    from faasmoe.router.control.local_mesh import LocalMesh
+    from faasmoe.router.store.manifest import load_manifest
+    from faasmoe.router.control.session import RouterSession, header_of
     manifest = load_manifest(store)
     fns = manifest.layer_functions(layer_only)
     loads = []
@@ -73,10 +73,10 @@ def cold_starts(store: Path, layer_only: int, repeats: int, budget_mb: float) ->
 def per_token(store: Path, prompt_ids: list[int], new_tokens: int, nodes: int) -> dict:
     import torch
 
-    from faasmoe.router.local_mesh import LocalMesh
-    from faasmoe.router.mesh import MeshStats
-    from faasmoe.router.model import build_mesh_model
-    from faasmoe.router.session import RouterSession
+    from faasmoe.router.control.local_mesh import LocalMesh
+    from faasmoe.router.mesh.dispatch import MeshStats
+    from faasmoe.router.model.build import build_mesh_model
+    from faasmoe.router.control.session import RouterSession
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from mesh_vs_transformers import _timed_generate
     with tempfile.TemporaryDirectory() as tmp, LocalMesh(nodes, Path(tmp), memory_budget_mb=4096,
@@ -101,10 +101,10 @@ def memory_timeline(store: Path, keep_alive_s: float, burst: int, png: Path, nod
     import matplotlib.pyplot as plt
     from transformers import AutoTokenizer
 
-    from faasmoe.router.generate import generate
-    from faasmoe.router.local_mesh import LocalMesh
-    from faasmoe.router.model import build_mesh_model
-    from faasmoe.router.session import RouterSession
+    from faasmoe.router.engine.generate import generate
+    from faasmoe.router.control.local_mesh import LocalMesh
+    from faasmoe.router.model.build import build_mesh_model
+    from faasmoe.router.control.session import RouterSession
     tok = AutoTokenizer.from_pretrained(str(store))
     samples, marks = [], {}
     with tempfile.TemporaryDirectory() as tmp, LocalMesh(nodes, Path(tmp), memory_budget_mb=4096,
@@ -165,7 +165,7 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     groups = [int(g) for g in args.groups.split(",")]
     if args.full_layer:
-        from faasmoe.router.tiny_model import make_checkpoint
+        from faasmoe.router.store.tiny_model import make_checkpoint
         model_dir = work / "qwen-moe-dims-1l"
         if not (model_dir / "config.json").exists():
             make_checkpoint(model_dir, with_tokenizer=False, **FULL_LAYER)

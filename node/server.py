@@ -25,11 +25,11 @@ from faasmoe.node.metrics import HEAT_WINDOW_S
 from faasmoe.node.runtime import Runtime
 from faasmoe.node.store import ContentStore
 from faasmoe.proto import __version__, frames
+from faasmoe.proto import methods
 from faasmoe.proto import faasmoe_pb2 as pb
 from faasmoe.proto.errors import FaasmoeError, InvalidRequest, NodeInternalError, code_number, grpc_details
 
 log = logging.getLogger(__name__)
-SERVICE = "faasmoe.v1.ExpertNode"
 SHUTDOWN_GRACE_S = 10.0
 
 
@@ -114,7 +114,7 @@ class NodeServer:
         except BaseException:
             await self._cleanup()
             raise
-        for name in ("", SERVICE):
+        for name in ("", methods.SERVICE):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("node %s serving on %s (memory budget %.0f MiB, capacity %.0f MiB, %d threads, store %s)",
                  self.node_id, self.address, cfg.memory_budget_bytes / 2**20, cfg.capacity_bytes / 2**20,
@@ -155,18 +155,8 @@ class NodeServer:
         await self.stop(grace_s=1.0)
 
     def _handlers(self) -> grpc.GenericRpcHandler:
-        return grpc.method_handlers_generic_handler(SERVICE, {
-            "Deploy": grpc.stream_unary_rpc_method_handler(
-                self._deploy, pb.DeployChunk.FromString, pb.DeployReply.SerializeToString),
-            "Undeploy": grpc.unary_unary_rpc_method_handler(
-                self._undeploy, pb.UndeployRequest.FromString, pb.UndeployReply.SerializeToString),
-            "Invoke": grpc.unary_unary_rpc_method_handler(self._invoke, None, None),   # raw frames
-            "InvokeStream": grpc.stream_stream_rpc_method_handler(self._invoke_stream, None, None),
-            "Load": grpc.unary_unary_rpc_method_handler(
-                self._load, pb.LoadRequest.FromString, pb.LoadReply.SerializeToString),
-            "Status": grpc.unary_unary_rpc_method_handler(
-                self._status, pb.StatusRequest.FromString, pb.StatusReply.SerializeToString),
-        })
+        return methods.handlers({"Deploy": self._deploy, "Undeploy": self._undeploy, "Invoke": self._invoke,
+                                 "InvokeStream": self._invoke_stream, "Load": self._load, "Status": self._status})
 
     @_rpc
     async def _invoke(self, frame: bytes, context) -> bytes:

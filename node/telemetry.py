@@ -24,6 +24,7 @@ import time
 import aiomqtt
 
 from faasmoe.proto import telemetry as tm
+from faasmoe.proto.backoff import Backoff
 
 log = logging.getLogger(__name__)
 STATUS_INTERVAL_S = 10.0          # status republished at least this often
@@ -31,7 +32,7 @@ MIN_STATUS_GAP_S = 0.25           # ... and at most this often (changes in betwe
 CHANGE_POLL_S = 1.0               # deploy / undeploy are noticed within this
 MAX_EVENTS = 1000                 # queued events while the broker is away; the oldest are dropped
 KEEPALIVE_S = 10                  # MQTT keepalive: a silent dead link triggers the Last Will in ~1.5x this
-BACKOFF_S = (0.5, 30.0)           # reconnect delay: first, cap (doubling in between)
+RECONNECT = Backoff(0.5, 30.0, jitter=0.2)   # reconnect delays: 0.5 s doubling up to 30 s
 TIMEOUT_S = 5.0                   # connect / publish timeout
 SHUTDOWN_S = 2.0                  # time allowed to publish the offline record on stop
 
@@ -41,10 +42,10 @@ class NodeTelemetry:
 
     def __init__(self, node, broker: str | tm.BrokerAddress, interval_s: float = STATUS_INTERVAL_S,
                  max_events: int = MAX_EVENTS, keepalive_s: int = KEEPALIVE_S,
-                 backoff_s: tuple[float, float] = BACKOFF_S):
+                 backoff: Backoff = RECONNECT):
         self.node, self.node_id = node, node.node_id
         self.broker = broker if isinstance(broker, tm.BrokerAddress) else tm.parse_broker_url(broker)
-        self.interval_s, self.keepalive_s, self.backoff_s = interval_s, keepalive_s, backoff_s
+        self.interval_s, self.keepalive_s, self.backoff = interval_s, keepalive_s, backoff
         self.connected = False
         self.published_status = 0                 # status messages sent since start
         self.published_events = 0
@@ -126,11 +127,11 @@ class NodeTelemetry:
                               timeout=TIMEOUT_S, tls_context=ssl.create_default_context() if b.tls else None)
 
     async def _run(self) -> None:
-        delay_s, failures = self.backoff_s[0], 0
+        failures = 0
         while not self._stop.is_set():
             try:
                 async with self._client() as client:
-                    self.connected, delay_s, failures = True, self.backoff_s[0], 0
+                    self.connected, failures = True, 0
                     log.info("node %s: publishing telemetry to %s", self.node_id, self.broker)
                     await self._publish_loop(client)
                     offline = tm.offline_status(self.node_id, "shutdown", time.time(), self.node.address)
@@ -138,17 +139,19 @@ class NodeTelemetry:
                                          timeout=SHUTDOWN_S)
                     return
             except aiomqtt.MqttError as err:
+                delay_s = self.backoff.delay_s(failures)
                 failures += 1
                 log.log(logging.WARNING if failures == 1 else logging.DEBUG,
                         "node %s: MQTT broker %s unavailable (%s); serving continues, retrying in %.1f s",
                         self.node_id, self.broker, err, delay_s)
             except Exception:  # noqa: BLE001 - a telemetry bug must not end telemetry (nor the node)
+                delay_s = self.backoff.delay_s(failures)
+                failures += 1
                 log.exception("node %s: telemetry failed; retrying in %.1f s", self.node_id, delay_s)
             finally:
                 self.connected = False
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), delay_s)
-            delay_s = min(delay_s * 2, self.backoff_s[1])
 
     async def _publish_loop(self, client: aiomqtt.Client) -> None:
         last_status_s, last_fp = -float("inf"), None

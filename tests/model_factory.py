@@ -1,10 +1,10 @@
-"""Test helpers around :mod:`faasmoe.router.tiny_model` (which builds the tiny checkpoints)."""
+"""Test helpers around :mod:`faasmoe.router.store.tiny_model` (which builds the tiny checkpoints)."""
 
 from __future__ import annotations
 
 import torch
 
-from faasmoe.router.tiny_model import (EOS, make_checkpoint, make_config, make_model,  # noqa: F401
+from faasmoe.router.store.tiny_model import (EOS, make_checkpoint, make_config, make_model,  # noqa: F401
                                        write_tensors, write_tokenizer)
 
 

@@ -253,7 +253,7 @@ def start_node_in(host: Host, store_dir: Path, node_id: str, *, memory_budget_mb
     """``faasmoe-node`` inside ``host``: listens on its address, advertises on mDNS there. Returns the
     :class:`faasmoe.router.local_mesh.NodeProcess` (its ``process`` is the node itself: ``ip netns exec``
     execs the command)."""
-    from faasmoe.router.local_mesh import start_node
+    from faasmoe.router.control.local_mesh import start_node
 
     args = ["--host", host.ip, "--port", str(port), "--mdns-interface", host.ip, "--node-id", node_id,
             *extra_args]
@@ -405,8 +405,8 @@ def agent_main(argv: Sequence[str]) -> int:
     import argparse
 
     from faasmoe.proto.errors import MeshError
-    from faasmoe.router.client import NodeClient
-    from faasmoe.router.directory import NodeDirectory
+    from faasmoe.router.mesh.client import NodeClient
+    from faasmoe.router.control.directory import NodeDirectory
 
     parser = argparse.ArgumentParser(prog="netns.py agent")
     parser.add_argument("--mdns-interface", default=None)

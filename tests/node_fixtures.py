@@ -24,10 +24,9 @@ from faasmoe.node.cli import READY_PREFIX
 from faasmoe.node.config import NodeConfig
 from faasmoe.node.server import NodeServer
 from faasmoe.proto import faasmoe_pb2 as pb
-from faasmoe.proto import frames
-from faasmoe.router.onnx_function import build_function, run_reference
+from faasmoe.proto import frames, methods
+from faasmoe.router.store.onnx_function import build_function, run_reference
 
-SERVICE = "/faasmoe.v1.ExpertNode/"
 MIB = 1024 * 1024
 REPO = Path(__file__).resolve().parents[1]
 
@@ -78,15 +77,12 @@ class Stub:
     """Raw method callables on a channel (sync or aio): Invoke carries frames, the rest protobuf."""
 
     def __init__(self, channel):
-        self.invoke = channel.unary_unary(SERVICE + "Invoke")
-        self.invoke_stream = channel.stream_stream(SERVICE + "InvokeStream")
-        self.deploy = channel.stream_unary(SERVICE + "Deploy", pb.DeployChunk.SerializeToString,
-                                           pb.DeployReply.FromString)
-        self.undeploy = channel.unary_unary(SERVICE + "Undeploy", pb.UndeployRequest.SerializeToString,
-                                            pb.UndeployReply.FromString)
-        self.load = channel.unary_unary(SERVICE + "Load", pb.LoadRequest.SerializeToString, pb.LoadReply.FromString)
-        self.status = channel.unary_unary(SERVICE + "Status", pb.StatusRequest.SerializeToString,
-                                          pb.StatusReply.FromString)
+        self.invoke = methods.stub(channel, methods.INVOKE)
+        self.invoke_stream = methods.stub(channel, methods.INVOKE_STREAM)
+        self.deploy = methods.stub(channel, methods.DEPLOY)
+        self.undeploy = methods.stub(channel, methods.UNDEPLOY)
+        self.load = methods.stub(channel, methods.LOAD)
+        self.status = methods.stub(channel, methods.STATUS)
 
 
 def frame(hidden: np.ndarray, calls, request_id: str = "r") -> bytes:

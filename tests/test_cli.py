@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from faasmoe.router.local_mesh import LocalMesh
-from faasmoe.router.split import split_checkpoint
+from faasmoe.router.control.local_mesh import LocalMesh
+from faasmoe.router.store.split import split_checkpoint
 from model_factory import make_checkpoint
 
 
@@ -20,7 +20,7 @@ def run(*args, timeout=240, env=None):
 
 
 def test_demo_runs_and_matches_transformers():
-    proc = run("faasmoe.router.umbrella", "demo", "--nodes", "3", "--max-new-tokens", "6", "--json")
+    proc = run("faasmoe.router.cli.umbrella", "demo", "--nodes", "3", "--max-new-tokens", "6", "--json")
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["matches_transformers"] is True
@@ -29,7 +29,7 @@ def test_demo_runs_and_matches_transformers():
 
 def test_split_of_a_malformed_checkpoint_is_one_line(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
-    proc = run("faasmoe.router.umbrella", "split", str(tmp_path), "--out", str(tmp_path / "store"))
+    proc = run("faasmoe.router.cli.umbrella", "split", str(tmp_path), "--out", str(tmp_path / "store"))
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "config.json" in lines[0]
@@ -46,14 +46,14 @@ def test_router_errors_are_one_line(tmp_path, argv, code, needle):
     model_dir = make_checkpoint(tmp_path / "model")
     split_checkpoint(model_dir, tmp_path / "store", group_size=4, progress=False)
     argv = [a.format(store=tmp_path / "store", missing=tmp_path / "nope") for a in argv]
-    proc = run("faasmoe.router.cli", *argv)
+    proc = run("faasmoe.router", *argv)
     assert proc.returncode == code, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], proc.stderr
 
 
 def test_router_flags_come_from_the_environment(tmp_path):
-    proc = run("faasmoe.router.cli", "status", env={"FAASMOE_ROUTER_DISCOVER_WAIT_S": "soon"})
+    proc = run("faasmoe.router", "status", env={"FAASMOE_ROUTER_DISCOVER_WAIT_S": "soon"})
     assert proc.returncode == 2 and "FAASMOE_ROUTER_DISCOVER_WAIT_S" in proc.stderr
 
 
@@ -63,15 +63,15 @@ def test_place_dry_run_then_apply(tmp_path):
     manifest = split_checkpoint(model_dir, store, group_size=2, progress=False)
     with LocalMesh(3, tmp_path / "nodes", memory_budget_mb=64) as mesh:
         nodes = ",".join(mesh.addresses)
-        dry = run("faasmoe.router.cli", "place", "--store", str(store), "--nodes", nodes, "--dry-run", "--json")
+        dry = run("faasmoe.router", "place", "--store", str(store), "--nodes", nodes, "--dry-run", "--json")
         assert dry.returncode == 0, dry.stderr
         plan = json.loads(dry.stdout)
         assert plan["applied"] is False and set(plan["placement"]) == {f.function_id for f in manifest.functions}
         for node in plan["nodes"]:
             assert node["used_bytes"] <= node["capacity_bytes"]
-        table = run("faasmoe.router.cli", "place", "--store", str(store), "--nodes", nodes)
+        table = run("faasmoe.router", "place", "--store", str(store), "--nodes", nodes)
         assert table.returncode == 0 and "used / capacity" in table.stdout
-        status = run("faasmoe.router.cli", "status", "--nodes", nodes, "--json")
+        status = run("faasmoe.router", "status", "--nodes", nodes, "--json")
         report = json.loads(status.stdout)
         held = {f["function_id"] for n in report["nodes"] for f in n["functions"]}
         assert held == {f.function_id for f in manifest.functions}

@@ -24,8 +24,8 @@ import yaml
 from faasmoe.node import cli as node_cli
 from faasmoe.node.profiles import list_profiles, load_profile
 from faasmoe.proto.errors import ConfigError
-from faasmoe.router import cli as router_cli
-from faasmoe.router import split
+from faasmoe.router.cli import main as router_cli
+from faasmoe.router.store import split
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE_DIR = REPO / "compose"

@@ -16,7 +16,7 @@ import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from faasmoe.proto.errors import ConfigError
-from faasmoe.router.directory import DirectoryEvent, NodeDirectory
+from faasmoe.router.control.directory import DirectoryEvent, NodeDirectory
 
 KILL_TO_DOWN_LIMIT_S = 5.0
 

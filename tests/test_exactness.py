@@ -11,10 +11,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from faasmoe.router.local_mesh import LocalMesh
-from faasmoe.router.model import build_mesh_model
-from faasmoe.router.session import RouterSession
-from faasmoe.router.split import split_checkpoint
+from faasmoe.router.control.local_mesh import LocalMesh
+from faasmoe.router.model.build import build_mesh_model
+from faasmoe.router.control.session import RouterSession
+from faasmoe.router.store.split import split_checkpoint
 from model_factory import make_checkpoint
 
 PROMPTS = ["def add(a, b):", "x", "the quick brown fox jumps over"]   # unequal lengths, one batch
@@ -77,7 +77,7 @@ def test_router_cli_generate_json(tmp_path, mesh):
                                 num_experts=8, top_k=2, seed=3)
     store = tmp_path / "store"
     split_checkpoint(model_dir, store, group_size=2, progress=False)
-    proc = subprocess.run([sys.executable, "-m", "faasmoe.router.cli", "generate", "--store", str(store),
+    proc = subprocess.run([sys.executable, "-m", "faasmoe.router", "generate", "--store", str(store),
                            "--nodes", ",".join(mesh.addresses), "--prompt", PROMPTS[0],
                            "--max-new-tokens", str(MAX_NEW), "--json"],
                           capture_output=True, text=True, timeout=240)

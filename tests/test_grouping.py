@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from faasmoe.proto.errors import FunctionNotFound
-from faasmoe.router.grouping import LayerFunctions, plan_layer
+from faasmoe.router.mesh.grouping import LayerFunctions, plan_layer
 
 FUNCS = LayerFunctions({"fA": (0, 1), "fB": (2, 3), "fC": (4, 5)})
 
@@ -80,7 +80,7 @@ REPLICA_CASES = [
 @pytest.mark.parametrize("needed,replicas,turn,compact,expected", [c[1:] for c in REPLICA_CASES],
                          ids=[c[0] for c in REPLICA_CASES])
 def test_choose_replicas(needed, replicas, turn, compact, expected):
-    from faasmoe.router.grouping import choose_replicas
+    from faasmoe.router.mesh.grouping import choose_replicas
     assert choose_replicas(needed, replicas, turn, compact) == expected
 
 
@@ -94,7 +94,7 @@ def _as_tuple(batches):
 @pytest.mark.parametrize("seed", range(12))
 def test_small_step_path_plans_exactly_like_the_numpy_path(seed, monkeypatch):
     """Decode-sized steps take a plain-Python path; it must give the very same batches."""
-    import faasmoe.router.grouping as grouping
+    import faasmoe.router.mesh.grouping as grouping
     rng = np.random.default_rng(seed)
     funcs = LayerFunctions({f"f{i}": tuple(range(3 * i, 3 * i + 3)) for i in range(5)})     # 15 experts
     nodes = ["n1", "n2", "n3"]
@@ -109,7 +109,7 @@ def test_small_step_path_plans_exactly_like_the_numpy_path(seed, monkeypatch):
 
 @pytest.mark.parametrize("small", [True, False])
 def test_unknown_expert_fails_the_same_on_both_paths(small, monkeypatch):
-    import faasmoe.router.grouping as grouping
+    import faasmoe.router.mesh.grouping as grouping
     if not small:
         monkeypatch.setattr(grouping, "SMALL_STEP_PAIRS", 0)
     with pytest.raises(FunctionNotFound, match="layer 2: no function holds expert 9"):

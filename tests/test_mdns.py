@@ -12,7 +12,7 @@ import pytest
 from faasmoe.node.mdns import NodeAdvertiser, needs_update
 from faasmoe.proto.discovery import resolve_interfaces
 from faasmoe.proto.errors import ConfigError
-from faasmoe.router.discovery import MdnsBrowser, NodeRecord
+from faasmoe.router.control.discovery import MdnsBrowser, NodeRecord
 
 LOOPBACK = ["127.0.0.1"]
 GIB = 1024**3

@@ -13,14 +13,14 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from faasmoe.proto.errors import NodeUnavailable, PlacementError
-from faasmoe.router.client import NodeClient
-from faasmoe.router.generate import generate
-from faasmoe.router.grouping import LayerFunctions
-from faasmoe.router.local_mesh import LocalMesh
-from faasmoe.router.mesh import ExpertMesh
-from faasmoe.router.model import build_mesh_model
-from faasmoe.router.session import RouterSession
-from faasmoe.router.split import split_checkpoint
+from faasmoe.router.mesh.client import NodeClient
+from faasmoe.router.engine.generate import generate
+from faasmoe.router.mesh.grouping import LayerFunctions
+from faasmoe.router.control.local_mesh import LocalMesh
+from faasmoe.router.mesh.dispatch import ExpertMesh
+from faasmoe.router.model.build import build_mesh_model
+from faasmoe.router.control.session import RouterSession
+from faasmoe.router.store.split import split_checkpoint
 from model_factory import make_checkpoint
 
 

@@ -41,7 +41,7 @@ pytestmark = pytest.mark.netns
 PROMPT = "hello mesh"
 NODE_ROLES = ("node0", "node1", "node2")
 NODE_PORT = 50051
-ROUTER = [sys.executable, "-m", "faasmoe.router.cli"]
+ROUTER = [sys.executable, "-m", "faasmoe.router"]
 
 
 # --------------------------------------------------------------------------------------------- fixtures
@@ -73,8 +73,8 @@ def model(tmp_path_factory):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from faasmoe.router.manifest import load_manifest
-    from faasmoe.router.split import split_checkpoint
+    from faasmoe.router.store.manifest import load_manifest
+    from faasmoe.router.store.split import split_checkpoint
 
     root = tmp_path_factory.mktemp("multihost-model")
     model_dir = make_checkpoint(root / "model", num_layers=4, hidden_size=64, num_experts=16, top_k=4,

@@ -104,18 +104,17 @@ import numpy as np, grpc
 import faasmoe.node.cli, faasmoe.node.server, faasmoe.node.runtime
 from faasmoe.node.config import NodeConfig
 from faasmoe.node.server import NodeServer
-from faasmoe.proto import faasmoe_pb2 as pb, frames
+from faasmoe.proto import faasmoe_pb2 as pb, frames, methods
 
 async def main():
     data = open({str(path)!r}, "rb").read()
     cfg = NodeConfig(store_dir={str(tmp_path / 'store')!r}, mdns=False, memory_budget_bytes=1 << 28, threads=1)
     async with NodeServer(cfg) as node, grpc.aio.insecure_channel(node.address) as ch:
-        deploy = ch.stream_unary("/faasmoe.v1.ExpertNode/Deploy", pb.DeployChunk.SerializeToString,
-                                 pb.DeployReply.FromString)
+        deploy = methods.stub(ch, methods.DEPLOY)
         await deploy(iter([pb.DeployChunk(header=pb.FunctionHeader(function_id={fn.function_id!r},
                                                                     size_bytes=len(data)), data=data)]))
         call = frames.Call({fn.function_id!r}, np.array([0], np.int32), [1, 0])
-        await ch.unary_unary("/faasmoe.v1.ExpertNode/Invoke")(
+        await methods.stub(ch, methods.INVOKE)(
             frames.encode_request("r", "t", 0, np.ones((1, 64), np.float32), [call]))
 asyncio.run(main())
 bad = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers", "onnx")

@@ -9,10 +9,10 @@ import time
 import pytest
 
 from faasmoe.proto.errors import ConfigError, PlacementError
-from faasmoe.router.manifest import FunctionEntry
-from faasmoe.router.placement import (MIB, FunctionSpec, NodeSpec, PlacementOptions, diff, layer_shares,
+from faasmoe.router.store.manifest import FunctionEntry
+from faasmoe.router.control.placement import (MIB, FunctionSpec, NodeSpec, PlacementOptions, diff, layer_shares,
                                       place)
-from faasmoe.router.placement_format import compact_names, format_plan, plan_to_dict
+from faasmoe.router.control.placement_format import compact_names, format_plan, plan_to_dict
 
 NO_REPLICAS = PlacementOptions(replicate=False)
 

@@ -9,10 +9,10 @@ import sys
 import time
 import urllib.request
 
-from faasmoe.router.client import NodeClient
-from faasmoe.router.local_mesh import start_node
-from faasmoe.router.manifest import load_manifest
-from faasmoe.router.split import split_checkpoint
+from faasmoe.router.mesh.client import NodeClient
+from faasmoe.router.control.local_mesh import start_node
+from faasmoe.router.store.manifest import load_manifest
+from faasmoe.router.store.split import split_checkpoint
 from model_factory import make_checkpoint
 
 
@@ -41,7 +41,7 @@ def test_serve_replaces_on_leave_and_rejoin(tmp_path):
     split_checkpoint(model_dir, store, group_size=1, progress=False)
     everything = {f.function_id for f in load_manifest(store).functions}
     nodes = [start_node(tmp_path / f"n{i}", memory_budget_mb=64, extra_args=["--node-id", f"n{i}"]) for i in range(2)]
-    serve = subprocess.Popen([sys.executable, "-m", "faasmoe.router.cli", "serve", "--store", str(store),
+    serve = subprocess.Popen([sys.executable, "-m", "faasmoe.router", "serve", "--store", str(store),
                               "--nodes", ",".join(n.address for n in nodes), "--settle-s", "0.2",
                               "--metrics-port", "0", "--no-replicas"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -10,11 +10,11 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from faasmoe.router.generate import generate
-from faasmoe.router.local_mesh import LocalMesh
-from faasmoe.router.model import build_mesh_model
-from faasmoe.router.session import RouterSession
-from faasmoe.router.split import split_checkpoint
+from faasmoe.router.engine.generate import generate
+from faasmoe.router.control.local_mesh import LocalMesh
+from faasmoe.router.model.build import build_mesh_model
+from faasmoe.router.control.session import RouterSession
+from faasmoe.router.store.split import split_checkpoint
 from model_factory import make_checkpoint
 
 N_REQUESTS = 50

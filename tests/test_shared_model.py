@@ -13,10 +13,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from faasmoe.router.local_mesh import LocalMesh
-from faasmoe.router.model import build_mesh_model
-from faasmoe.router.session import RouterSession
-from faasmoe.router.split import split_checkpoint
+from faasmoe.router.control.local_mesh import LocalMesh
+from faasmoe.router.model.build import build_mesh_model
+from faasmoe.router.control.session import RouterSession
+from faasmoe.router.store.split import split_checkpoint
 
 SHARED_MODEL = Path(__file__).resolve().parents[2] / "shared" / "models" / "qwen2moe-tiny-code"
 PROMPTS = ["def quicksort(xs):\n    ", "import os\nimport sys\n\n", "class Stack:"]

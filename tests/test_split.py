@@ -18,10 +18,10 @@ from safetensors.torch import load_file, save_file
 
 from faasmoe.proto import function_abi as abi
 from faasmoe.proto.errors import CheckpointError, ConfigError
-from faasmoe.router import split as split_mod
-from faasmoe.router.checkpoint import open_checkpoint
-from faasmoe.router.manifest import load_manifest
-from faasmoe.router.split import add_arguments, run, split_checkpoint
+from faasmoe.router.store import split as split_mod
+from faasmoe.router.store.checkpoint import open_checkpoint
+from faasmoe.router.store.manifest import load_manifest
+from faasmoe.router.store.split import add_arguments, run, split_checkpoint
 from model_factory import make_checkpoint, make_model, torch_expert
 
 SHARED_MODEL = Path(__file__).resolve().parents[2] / "shared" / "models" / "qwen2moe-tiny-code"

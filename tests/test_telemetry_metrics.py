@@ -14,7 +14,7 @@ from faasmoe.node.metrics import HeatWindow, serve_metrics
 from faasmoe.proto import faasmoe_pb2 as pb
 from faasmoe.proto import frames
 from faasmoe.proto.errors import FaasmoeError
-from faasmoe.router.heat import heat_matrix, render_heat
+from faasmoe.router.observe.heat import heat_matrix, render_heat
 from node_fixtures import MIB, chunks_of, config, fn_status, make_function, running_node, cost
 
 X = np.random.default_rng(3).standard_normal((6, 64), dtype=np.float32)

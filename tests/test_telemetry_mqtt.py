@@ -13,12 +13,13 @@ import pytest
 
 from faasmoe.node.cli import default_extensions
 from faasmoe.node.telemetry import NodeTelemetry
+from faasmoe.proto.backoff import Backoff
 from faasmoe.proto import frames
 from faasmoe.proto import telemetry as tm
 from faasmoe.proto.errors import ConfigError
-from faasmoe.router import cli as router_cli
-from faasmoe.router.local_mesh import start_node
-from faasmoe.router.telemetry import TelemetryCollector
+from faasmoe.router.cli import main as router_cli
+from faasmoe.router.control.local_mesh import start_node
+from faasmoe.router.observe.telemetry import TelemetryCollector
 from mosquitto import broker, free_port, start_broker  # noqa: F401 - broker is a fixture
 from node_fixtures import chunks_of, config, make_function, running_node, wait_until
 
@@ -101,7 +102,7 @@ async def test_status_and_load_evict_events_follow_the_schema_and_carry_no_tenan
 async def test_serving_goes_on_without_a_broker_and_telemetry_catches_up_when_it_comes(tmp_path):
     fn, port = make_function(seed=2, n_experts=2), free_port()
     async with running_node(tmp_path, keep_alive_s=0, node_id="late-node") as (node, stub):
-        async with NodeTelemetry(node, f"mqtt://127.0.0.1:{port}", max_events=3, backoff_s=(0.02, 0.1)) as tel:
+        async with NodeTelemetry(node, f"mqtt://127.0.0.1:{port}", max_events=3, backoff=Backoff(0.02, 0.1)) as tel:
             await stub.deploy(chunks_of(fn))
             for _ in range(3):                       # 3 cold starts: 6 events for a queue of 3
                 head, (out,) = frames.decode_reply(await stub.invoke(frames.encode_request(

@@ -12,13 +12,13 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from faasmoe.proto import faasmoe_pb2 as pb
-from faasmoe.router import cli as router_cli
-from faasmoe.router.client import NodeClient
-from faasmoe.router.grouping import LayerFunctions
-from faasmoe.router.local_mesh import start_node
-from faasmoe.router.mesh import ExpertMesh
-from faasmoe.router.metrics import RouterMetrics, start_metrics_server, stop_metrics_server
-from faasmoe.router.onnx_function import build_function
+from faasmoe.router.cli import main as router_cli
+from faasmoe.router.mesh.client import NodeClient
+from faasmoe.router.mesh.grouping import LayerFunctions
+from faasmoe.router.control.local_mesh import start_node
+from faasmoe.router.mesh.dispatch import ExpertMesh
+from faasmoe.router.observe.metrics import RouterMetrics, start_metrics_server, stop_metrics_server
+from faasmoe.router.store.onnx_function import build_function
 
 HIDDEN, INTER = 64, 96
 LAYOUT = {0: [(0, 1), (2, 3)], 1: [(0, 1, 2, 3)]}          # layer -> functions (expert ids)

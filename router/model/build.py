@@ -16,8 +16,8 @@ from transformers import AutoConfig
 from transformers.models.qwen2_moe import modeling_qwen2_moe as qm
 
 from faasmoe.proto.errors import CheckpointError
-from faasmoe.router.manifest import Manifest
-from faasmoe.router.mesh import ExpertMesh
+from faasmoe.router.store.manifest import Manifest
+from faasmoe.router.mesh.dispatch import ExpertMesh
 
 log = logging.getLogger(__name__)
 

@@ -14,11 +14,11 @@ from typing import Sequence
 from faasmoe.proto import faasmoe_pb2 as pb
 from faasmoe.proto.function_abi import resident_estimate_bytes
 from faasmoe.proto.errors import MeshError, NodeUnavailable, PlacementError
-from faasmoe.router import placement as pl
-from faasmoe.router.client import NodeClient
-from faasmoe.router.grouping import LayerFunctions
-from faasmoe.router.manifest import FunctionEntry, Manifest, load_manifest
-from faasmoe.router.mesh import ExpertMesh
+from faasmoe.router.control import placement as pl
+from faasmoe.router.mesh.client import NodeClient
+from faasmoe.router.mesh.grouping import LayerFunctions
+from faasmoe.router.store.manifest import FunctionEntry, Manifest, load_manifest
+from faasmoe.router.mesh.dispatch import ExpertMesh
 
 log = logging.getLogger(__name__)
 

@@ -10,9 +10,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 from faasmoe.proto.errors import FaasmoeError, MeshError
-from faasmoe.router.client import NodeClient
-from faasmoe.router.heat import heat_matrix, render_heat
-from faasmoe.router.manifest import load_manifest
+from faasmoe.router.mesh.client import NodeClient
+from faasmoe.router.observe.heat import heat_matrix, render_heat
+from faasmoe.router.store.manifest import load_manifest
 
 MIB = 1 << 20
 EVENTS_SHOWN = 10
@@ -79,7 +79,7 @@ def collect(addresses: Sequence[str], store: str | None = None, timeout_s: float
             manifest = None
     collector = None
     if mqtt_url:
-        from faasmoe.router.telemetry import TelemetryCollector
+        from faasmoe.router.observe.telemetry import TelemetryCollector
         collector = TelemetryCollector(mqtt_url).start()     # collects while the nodes are probed
     try:
         with ThreadPoolExecutor(max_workers=max(1, len(addresses))) as pool:

@@ -18,7 +18,8 @@ from typing import Sequence
 import grpc
 
 from faasmoe.proto.errors import MeshError, NodeUnavailable, from_grpc
-from faasmoe.router.client import SERVICE, NodeClient, make_channel
+from faasmoe.proto import methods
+from faasmoe.router.mesh.client import NodeClient, make_channel
 
 _local = threading.local()
 
@@ -38,7 +39,7 @@ class _ThreadStreams:
         if call is None or call.done():
             if key not in self.channels:
                 self.channels[key] = make_channel(client.address, client.max_message_bytes, aio=True)
-            call = self.streams[key] = self.channels[key].stream_stream(SERVICE + "InvokeStream")()
+            call = self.streams[key] = methods.stub(self.channels[key], methods.INVOKE_STREAM)()
         return call
 
     def drop(self, client: NodeClient) -> None:

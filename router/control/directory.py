@@ -22,8 +22,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from faasmoe.proto.errors import ConfigError
-from faasmoe.router.client import make_channel
-from faasmoe.router.discovery import MdnsBrowser, NodeRecord
+from faasmoe.router.mesh.client import make_channel
+from faasmoe.router.control.discovery import MdnsBrowser, NodeRecord
 
 log = logging.getLogger(__name__)
 

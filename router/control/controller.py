@@ -7,12 +7,13 @@ import logging
 import threading
 import time
 
+from faasmoe.proto.backoff import Backoff
 from faasmoe.proto.errors import FaasmoeError
-from faasmoe.router.directory import DirectoryEvent, NodeDirectory
-from faasmoe.router.session import RouterSession
+from faasmoe.router.control.directory import DirectoryEvent, NodeDirectory
+from faasmoe.router.control.session import RouterSession
 
 log = logging.getLogger(__name__)
-RETRY_FIRST_S, RETRY_MAX_S = 0.5, 30.0
+RETRY = Backoff(0.5, 30.0, jitter=0.2)     # a failed re-placement is retried after these delays
 
 
 class PlacementController:
@@ -76,7 +77,7 @@ class PlacementController:
                 continue
             # a failed re-place is retried with backoff even if the mesh says nothing new
             failures += 1
-            if not self._stop.wait(min(RETRY_MAX_S, RETRY_FIRST_S * 2 ** (failures - 1))):
+            if not self._stop.wait(RETRY.delay_s(failures - 1)):
                 self._changed.set()
 
     def reconcile(self) -> bool:

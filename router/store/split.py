@@ -1,4 +1,4 @@
-"""``faasmoe split``: turn a Qwen2-MoE checkpoint into a store (see :mod:`faasmoe.router.manifest`).
+"""``faasmoe split``: turn a Qwen2-MoE checkpoint into a store (see :mod:`faasmoe.router.store.manifest`).
 
 Streams: the dense tensors are copied byte for byte from the source files into ``dense.safetensors`` (one
 chunk at a time, original names and dtype), and each function reads only its G experts (one slice of a fused
@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import Callable
 
 from faasmoe.proto.errors import CheckpointError, ConfigError
-from faasmoe.router.checkpoint import ARCHITECTURE, Checkpoint
-from faasmoe.router.manifest import FORMAT, MANIFEST, FunctionEntry, Manifest
-from faasmoe.router.onnx_function import OPSET, build_function
+from faasmoe.router.store.checkpoint import ARCHITECTURE, Checkpoint
+from faasmoe.router.store.manifest import FORMAT, MANIFEST, FunctionEntry, Manifest
+from faasmoe.router.store.onnx_function import OPSET, build_function
 
 log = logging.getLogger(__name__)
 

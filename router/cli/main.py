@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     args = parser.parse_args(argv)
-    from faasmoe.router import commands
+    from faasmoe.router.cli import commands
     return run_command(getattr(commands, args.command), args)
 
 

@@ -33,7 +33,7 @@ def _reference_tokens(model_dir: Path, tokenizer, prompt: str, max_new_tokens: i
     import torch
     from transformers import AutoModelForCausalLM
 
-    from faasmoe.router.generate import generate
+    from faasmoe.router.engine.generate import generate
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     return generate(model, tokenizer, [prompt], max_new_tokens)[0].token_ids
 
@@ -44,11 +44,11 @@ def run(args) -> int:
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from faasmoe.router.generate import generate
-    from faasmoe.router.local_mesh import LocalMesh
-    from faasmoe.router.model import build_mesh_model
-    from faasmoe.router.session import RouterSession
-    from faasmoe.router.split import split_checkpoint
+    from faasmoe.router.engine.generate import generate
+    from faasmoe.router.control.local_mesh import LocalMesh
+    from faasmoe.router.model.build import build_mesh_model
+    from faasmoe.router.control.session import RouterSession
+    from faasmoe.router.store.split import split_checkpoint
 
     hf_logging.disable_progress_bar()
     with tempfile.TemporaryDirectory(prefix="faasmoe-demo-") as tmp:
@@ -57,7 +57,7 @@ def run(args) -> int:
         if args.model:
             model_dir = Path(args.model)
         else:
-            from faasmoe.router.tiny_model import make_checkpoint
+            from faasmoe.router.store.tiny_model import make_checkpoint
             model_dir = make_checkpoint(tmp / "model", **DEMO_MODEL)
         store = tmp / "store"
         manifest = split_checkpoint(model_dir, store, group_size=args.group_size, progress=False)

@@ -1,4 +1,4 @@
-"""The router's subcommands (parsed in :mod:`faasmoe.router.cli`)."""
+"""The router's subcommands (parsed in :mod:`faasmoe.router.cli.main`)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import time
 from contextlib import contextmanager
 
 from faasmoe.proto.errors import ConfigError
-from faasmoe.router import placement as pl
-from faasmoe.router.directory import NodeDirectory, parse_address
-from faasmoe.router.placement_format import format_plan, plan_to_dict
+from faasmoe.router.control import placement as pl
+from faasmoe.router.control.directory import NodeDirectory, parse_address
+from faasmoe.router.control.placement_format import format_plan, plan_to_dict
 
 MIB = 1 << 20
 
@@ -34,14 +34,14 @@ def node_addresses(args):
 
 
 def _session(args):
-    from faasmoe.router.session import RouterSession
+    from faasmoe.router.control.session import RouterSession
     options = pl.PlacementOptions(replicate=not getattr(args, "no_replicas", False))
     return RouterSession(args.store, tenant_id=getattr(args, "tenant", "default"),
                          step_timeout_s=getattr(args, "step_timeout_s", 30.0), placement_options=options)
 
 
 def place(args) -> int:
-    from faasmoe.router.session import node_specs
+    from faasmoe.router.control.session import node_specs
     session = _session(args)
     try:
         with node_addresses(args) as (addresses, directory):
@@ -68,8 +68,8 @@ def generate(args) -> int:
         raise ConfigError("--max-new-tokens must be at least 1")
     from transformers import AutoTokenizer
 
-    from faasmoe.router.generate import generate as run
-    from faasmoe.router.model import build_mesh_model
+    from faasmoe.router.engine.generate import generate as run
+    from faasmoe.router.model.build import build_mesh_model
 
     session = _session(args)
     try:
@@ -105,7 +105,7 @@ def generate(args) -> int:
 
 
 def status(args) -> int:
-    from faasmoe.router.status import collect, render
+    from faasmoe.router.observe.status import collect, render
     mqtt, store = getattr(args, "mqtt", None), getattr(args, "store", None)
     if mqtt and not args.nodes and not args.discover:          # MQTT alone: the nodes that publish there
         report = collect([], store, mqtt_url=mqtt, mqtt_wait_s=args.mqtt_wait_s)
@@ -115,7 +115,7 @@ def status(args) -> int:
                 addresses = [s.address for s in directory.snapshot()]
             report = collect(addresses, store, mqtt_url=mqtt, mqtt_wait_s=getattr(args, "mqtt_wait_s", 2.0))
     if getattr(args, "plot", None):
-        from faasmoe.router.heat import plot_heat
+        from faasmoe.router.observe.heat import plot_heat
         try:
             plot_heat(report["heat"], args.plot)
         except OSError as exc:
@@ -131,7 +131,7 @@ def serve(args) -> int:
     import signal
     import threading
 
-    from faasmoe.router.controller import PlacementController
+    from faasmoe.router.control.controller import PlacementController
 
     static = [parse_address(a) for a in args.nodes.split(",") if a.strip()] if args.nodes else []
     if not static and not args.discover:
@@ -141,8 +141,8 @@ def serve(args) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    from faasmoe.router.metrics import RouterMetrics, start_metrics_server, stop_metrics_server
-    from faasmoe.router.telemetry import TelemetryCollector
+    from faasmoe.router.observe.metrics import RouterMetrics, start_metrics_server, stop_metrics_server
+    from faasmoe.router.observe.telemetry import TelemetryCollector
 
     telemetry = TelemetryCollector(args.mqtt).start() if args.mqtt else None
     metrics_port = None

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 
-from faasmoe.router.placement import MIB, FunctionLike, NodeSpec, label, layer_shares
+from faasmoe.router.control.placement import MIB, FunctionLike, NodeSpec, label, layer_shares
 
 _LAYERED = re.compile(r"^(L\d+)\.(.+)$")
 

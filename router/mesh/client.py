@@ -12,10 +12,10 @@ from typing import Iterator
 import grpc
 
 from faasmoe.proto import faasmoe_pb2 as pb
+from faasmoe.proto import methods
 from faasmoe.proto.errors import MeshError, from_grpc
 from faasmoe.proto.frames import DEFAULT_MAX_MESSAGE_BYTES
 
-SERVICE = "/faasmoe.v1.ExpertNode/"
 DEPLOY_CHUNK_BYTES = 1 << 20
 
 
@@ -56,15 +56,11 @@ class NodeClient:
         self.node = node or address
         self.max_message_bytes = max_message_bytes
         self.channel = make_channel(address, max_message_bytes)
-        self._invoke = self.channel.unary_unary(SERVICE + "Invoke")   # raw frames both ways
-        self._deploy = self.channel.stream_unary(SERVICE + "Deploy", pb.DeployChunk.SerializeToString,
-                                                 pb.DeployReply.FromString)
-        self._undeploy = self.channel.unary_unary(SERVICE + "Undeploy", pb.UndeployRequest.SerializeToString,
-                                                  pb.UndeployReply.FromString)
-        self._load = self.channel.unary_unary(SERVICE + "Load", pb.LoadRequest.SerializeToString,
-                                              pb.LoadReply.FromString)
-        self._status = self.channel.unary_unary(SERVICE + "Status", pb.StatusRequest.SerializeToString,
-                                                pb.StatusReply.FromString)
+        self._invoke = methods.stub(self.channel, methods.INVOKE)
+        self._deploy = methods.stub(self.channel, methods.DEPLOY)
+        self._undeploy = methods.stub(self.channel, methods.UNDEPLOY)
+        self._load = methods.stub(self.channel, methods.LOAD)
+        self._status = methods.stub(self.channel, methods.STATUS)
 
     def close(self) -> None:
         self.channel.close()

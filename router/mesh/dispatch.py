@@ -21,9 +21,9 @@ import numpy as np
 
 from faasmoe.proto import frames
 from faasmoe.proto.errors import Backpressure, MeshError, NodeUnavailable, from_code_number
-from faasmoe.router.client import NodeClient
-from faasmoe.router.fanout import invoke_all
-from faasmoe.router.grouping import LayerFunctions, NodeBatch, choose_replicas, plan_layer
+from faasmoe.router.mesh.client import NodeClient
+from faasmoe.router.mesh.transport import invoke_all
+from faasmoe.router.mesh.grouping import LayerFunctions, NodeBatch, choose_replicas, plan_layer
 
 log = logging.getLogger(__name__)
 BACKOFF_S = (0.005, 0.02, 0.05, 0.1, 0.2)

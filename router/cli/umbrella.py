@@ -16,7 +16,7 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["router"]:
-        from faasmoe.router.cli import main as router_main
+        from faasmoe.router.cli.main import main as router_main
         return router_main(argv[1:])
     if argv[:1] == ["node"]:
         # the node is a separate program (node and router never import each other)
@@ -27,13 +27,13 @@ def main(argv: list[str] | None = None) -> int:
                                      epilog="\n".join(__doc__.splitlines()[2:]))
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    from faasmoe.router import demo, split
+    from faasmoe.router.cli import demo; from faasmoe.router.store import split
     demo.add_arguments(sub.add_parser("demo", help="split a model, start local nodes, generate, compare"))
     split.add_arguments(sub.add_parser("split", help="split a checkpoint into dense part + expert functions"))
     sub.add_parser("router", help="the router's commands (faasmoe-router --help)", add_help=False)
     sub.add_parser("node", help="run an edge node (faasmoe-node --help)", add_help=False)
     args = parser.parse_args(argv)
-    from faasmoe.router.cli import run_command
+    from faasmoe.router.cli.main import run_command
     return run_command(demo.run if args.command == "demo" else split.run, args)
 
 

@@ -10,7 +10,7 @@ from typing import Sequence
 import torch
 from transformers.generation.streamers import BaseStreamer
 
-from faasmoe.router.mesh import current_request_id
+from faasmoe.router.mesh.dispatch import current_request_id
 
 
 class StepClock(BaseStreamer):
