@@ -6,8 +6,8 @@ keeps anyway (invocations, rows, loads, evictions, bytes, queue depth) are read 
 happen: compute seconds per call (label ``layer``), end-to-end Invoke handler seconds, and load seconds.
 Functions are labelled with the first 12 hex digits of their id (``function``) and their ``layer``.
 
-The endpoint is a minimal HTTP/1.0 handler on the node's own event loop (no thread, nothing shared),
-bound to the node's ``--host``; port 0 picks a free port, reported in the log and as ``node.metrics_port``.
+The endpoint is prometheus_client's HTTP server (a daemon thread) bound to the node's ``--host``; port 0 picks
+a free port, reported in the log and as ``node.metrics_port``. The runtime is read on the node's event loop.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import time
 from typing import Callable
 
 import psutil
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Histogram, generate_latest, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from faasmoe.proto.errors import FaasmoeError
@@ -31,7 +31,7 @@ HEAT_WINDOW_S = 60.0
 HEAT_BUCKET_S = 10.0
 COMPUTE_BUCKETS_S = (0.0002, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 LOAD_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-READ_TIMEOUT_S = 5.0
+SCRAPE_TIMEOUT_S = 5.0        # a scrape waits this long for the node's event loop
 
 
 class HeatWindow:
@@ -93,13 +93,26 @@ class Listeners(list):
 
 
 class _RuntimeCollector:
-    """Reads the runtime's own counters at scrape time (on the event loop)."""
+    """Reads the runtime's own counters at scrape time, on the node's event loop (the runtime is only ever
+    touched there): a scrape from the HTTP server's thread hands the reading over to the loop."""
 
-    def __init__(self, node):
-        self.node = node
+    def __init__(self, node, loop: asyncio.AbstractEventLoop):
+        self.node, self.loop = node, loop
         self._proc = psutil.Process()
 
     def collect(self):
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self.loop:
+            return list(self._families())
+
+        async def read():
+            return list(self._families())
+        return asyncio.run_coroutine_threadsafe(read(), self.loop).result(SCRAPE_TIMEOUT_S)
+
+    def _families(self):
         node = self.node
         rt, store, cfg = node.runtime, node.store, node.config
         if rt is None or store is None:
@@ -161,7 +174,7 @@ class NodeMetrics:
                                   buckets=COMPUTE_BUCKETS_S, registry=self.registry)
         self.load_s = Histogram("faasmoe_node_load_seconds", "session load seconds (warm-up included)",
                                 buckets=LOAD_BUCKETS_S, registry=self.registry)
-        self.registry.register(_RuntimeCollector(node))
+        self.registry.register(_RuntimeCollector(node, asyncio.get_running_loop()))
         self._compute_by_layer: dict[int, object] = {}
 
     def attach(self) -> None:
@@ -194,65 +207,28 @@ class NodeMetrics:
         return generate_latest(self.registry)
 
 
-class MetricsServer:
-    """``GET /metrics`` on an asyncio server: ``port = await MetricsServer(render, host, 0).start()``."""
-
-    def __init__(self, render: Callable[[], bytes], host: str, port: int):
-        self.render, self.host, self.port = render, host, port
-        self._server: asyncio.Server | None = None
-
-    async def start(self) -> int:
-        try:
-            self._server = await asyncio.start_server(self._handle, self.host, self.port)
-        except OSError as err:
-            raise FaasmoeError(f"cannot serve metrics on {self.host}:{self.port} ({err.strerror}); pick another "
-                               "--metrics-port (0 = any free port)") from None
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self.port
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_TIMEOUT_S)
-            method, target = (head.split(b"\r\n", 1)[0].decode("latin-1").split(" ") + ["", ""])[:2]
-            path = target.split("?", 1)[0]
-            if method not in ("GET", "HEAD"):
-                status, body, kind = "405 Method Not Allowed", b"GET /metrics\n", "text/plain"
-            elif path in ("/metrics", "/"):
-                status, body, kind = "200 OK", self.render(), CONTENT_TYPE_LATEST
-            else:
-                status, body, kind = "404 Not Found", b"metrics are at /metrics\n", "text/plain"
-            writer.write(f"HTTP/1.0 {status}\r\nContent-Type: {kind}\r\nContent-Length: {len(body)}\r\n"
-                         "Connection: close\r\n\r\n".encode() + (body if method != "HEAD" else b""))
-            await writer.drain()
-        except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
-            pass
-        except Exception:  # noqa: BLE001 - a scrape must never take the node down
-            log.exception("metrics request failed")
-        finally:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
-
-
 @contextlib.asynccontextmanager
 async def serve_metrics(node, port: int | None = None):
-    """Node extension: metrics of ``node`` on ``node.config.host`` : ``port`` (default: --metrics-port)."""
+    """Node extension: metrics of ``node`` on ``node.config.host`` : ``port`` (default: --metrics-port),
+    served by prometheus_client's own HTTP server (a daemon thread; each scrape reads the runtime on the
+    node's event loop)."""
     metrics = NodeMetrics(node)
-    server = MetricsServer(metrics.scrape, node.config.host, port if port is not None else
-                           node.config.metrics_port or 0)
+    port = port if port is not None else node.config.metrics_port or 0
+    try:
+        server, thread = start_http_server(port, addr=node.config.host, registry=metrics.registry)
+    except OSError as err:
+        raise FaasmoeError(f"cannot serve metrics on {node.config.host}:{port} ({err.strerror}); pick another "
+                           "--metrics-port (0 = any free port)") from None
     metrics.attach()
     try:
-        node.metrics_port = await server.start()
+        node.metrics_port = server.server_port
         log.info("node %s: Prometheus metrics on http://%s/metrics", node.node_id,
                  _host_port(node.config.host, node.metrics_port))
         yield metrics
     finally:
-        await server.stop()
+        await asyncio.to_thread(server.shutdown)
+        server.server_close()
+        thread.join(5)
         metrics.detach()
         node.metrics_port = None
 

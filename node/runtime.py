@@ -38,6 +38,7 @@ from faasmoe.node.metrics import HeatWindow, Listeners
 from faasmoe.node.sessions import create_session, is_tiny, run_session
 from faasmoe.node.store import ContentStore, FunctionInfo, check_function_id
 from faasmoe.proto import faasmoe_pb2 as pb
+from faasmoe.proto.frames import Call
 from faasmoe.proto.function_abi import resident_estimate_bytes
 from faasmoe.proto.errors import Backpressure, FunctionNotFound, InvalidRequest, NodeFull, NodeInternalError
 
@@ -82,6 +83,7 @@ class Function:
     session: ort.InferenceSession | None = None
     resident_bytes: int = 0               # accounted while loaded or loading
     deployed: bool = True
+    owners: set[str] = field(default_factory=set)   # routers holding a lease; undeployed when none is left
     loading: asyncio.Future | None = None
 
 
@@ -171,12 +173,17 @@ class Runtime:
                            "raise --memory-budget-mb or --overcommit, or place it on another node", node=self.node_id)
 
     async def deploy(self, header: pb.FunctionHeader, chunks: AsyncIterator[bytes]) -> bool:
-        """Register a function, receiving its file unless the store has it. Returns ``already_present``."""
+        """Register a function for ``header.owner``, receiving its file unless the store has it. A function
+        already deployed gains a lease and is not received again. Returns ``already_present``."""
         fid, size = header.function_id, header.size_bytes
         check_function_id(fid)
         if size <= 0:
             raise InvalidRequest(f"function {fid}: size_bytes must be > 0, got {size}")
         if fid in self.deployed:
+            if self.deployed[fid].info.size_bytes != size:
+                raise InvalidRequest(f"function {fid}: announced {size} bytes but its content is "
+                                     f"{self.deployed[fid].info.size_bytes} bytes")
+            self.deployed[fid].owners.add(header.owner)
             return True
         present = self.store.has(fid)
         if present and self.store.size_bytes(fid) != size:
@@ -191,19 +198,28 @@ class Runtime:
                 self._pending_deploy_bytes -= resident_estimate_bytes(size)
                 self._load_pool.submit(trim_malloc)     # upload buffers
         info = FunctionInfo.from_file(self.store.path(fid), fid, size)
-        if fid not in self.deployed:
+        if fid in self.deployed:                       # deployed by another owner while this one was receiving
+            self.deployed[fid].owners.add(header.owner)
+        else:
             fn = self._draining.pop(fid, None) or Function(info)
-            fn.deployed = True
+            fn.deployed, fn.owners = True, {header.owner}
             self.deployed[fid] = fn
             self.store.pin(fid)
             log.info("deployed %s (layer %d, experts %s, %.1f MiB)%s", fid[:12], info.layer, list(info.expert_ids),
                      size / MIB, " from the disk cache" if present else "")
         return present
 
-    def undeploy(self, function_id: str) -> bool:
-        fn = self.deployed.pop(function_id, None)
-        if fn is None:
-            return False
+    def undeploy(self, function_id: str, owner: str = "") -> tuple[bool, bool]:
+        """Drop ``owner``'s lease; the function goes when no lease is left. Returns (the owner held a lease,
+        the function was released)."""
+        fn = self.deployed.get(function_id)
+        if fn is None or owner not in fn.owners:
+            return False, False
+        fn.owners.discard(owner)
+        if fn.owners:
+            log.info("%s: lease of %r dropped, %d left", function_id[:12], owner, len(fn.owners))
+            return True, False
+        del self.deployed[function_id]
         fn.deployed = False
         self.store.unpin(function_id)
         if fn.stats.in_flight:
@@ -211,7 +227,7 @@ class Runtime:
         else:
             self._release(fn, "undeploy")
         log.info("undeployed %s", function_id[:12])
-        return True
+        return True, True
 
     # ---- loading and eviction
     async def _load_once(self, fn: Function, by_call: bool) -> float:
@@ -304,8 +320,7 @@ class Runtime:
         return [fid for fid in function_ids if fid in self.deployed and self.deployed[fid].session], missing
 
     # ---- calls
-    async def invoke(self, calls: Sequence[pb.FunctionCall], hidden: np.ndarray) -> list[tuple[pb.CallResult,
-                                                                                             np.ndarray]]:
+    async def invoke(self, calls: Sequence[Call], hidden: np.ndarray) -> list[tuple[pb.CallResult, np.ndarray]]:
         """Run every call of one Invoke on ``hidden`` [N, H]; all calls are validated before any runs."""
         fns = [self._validate(call, hidden) for call in calls]
         x = hidden if hidden.dtype == np.float32 else hidden.astype(np.float32)
@@ -314,11 +329,11 @@ class Runtime:
             return [await self._call(fn, c, x, hidden.dtype) for fn, c in zip(fns, calls)]
         return list(await asyncio.gather(*(self._call(fn, c, x, hidden.dtype) for fn, c in zip(fns, calls))))
 
-    def _all_inline(self, fns: Sequence[Function], calls: Sequence[pb.FunctionCall]) -> bool:
+    def _all_inline(self, fns: Sequence[Function], calls: Sequence[Call]) -> bool:
         return (self._own_pool and not self._slots.locked()
                 and all(fn.session is not None and is_tiny(c, fn.info) for fn, c in zip(fns, calls)))
 
-    def _validate(self, call: pb.FunctionCall, hidden: np.ndarray) -> Function:
+    def _validate(self, call: Call, hidden: np.ndarray) -> Function:
         fn = self.function(call.function_id)
         n_experts = len(fn.info.expert_ids)
         if len(call.expert_row_counts) != n_experts:
@@ -329,10 +344,10 @@ class Runtime:
                                  f"size {fn.info.hidden_size}")
         return fn
 
-    async def _call(self, fn: Function, call: pb.FunctionCall, x: np.ndarray, out_dtype) -> tuple[pb.CallResult,
+    async def _call(self, fn: Function, call: Call, x: np.ndarray, out_dtype) -> tuple[pb.CallResult,
                                                                                                   np.ndarray]:
         result = pb.CallResult(function_id=call.function_id)
-        if not call.rows:
+        if not len(call.rows):
             return result, np.zeros((0, x.shape[1]), out_dtype)
         st = fn.stats
         st.in_flight += 1

@@ -189,8 +189,8 @@ class NodeServer:
 
     async def _run_frame(self, frame: bytes) -> bytes:
         t0 = time.perf_counter()
-        header, hidden = frames.decode_request(frame)
-        results = await self.runtime.invoke(header.calls, hidden)
+        header, hidden, calls = frames.decode_request(frame)
+        results = await self.runtime.invoke(calls, hidden)
         reply = frames.encode_reply(header.request_id, self.node_id, results, time.perf_counter() - t0)
         if self.invoke_listeners:
             elapsed_s = time.perf_counter() - t0
@@ -222,8 +222,8 @@ class NodeServer:
 
     @_rpc
     async def _undeploy(self, request: pb.UndeployRequest, context) -> pb.UndeployReply:
-        was = self.runtime.undeploy(request.function_id)
-        return pb.UndeployReply(was_deployed=was, deployed_bytes=self.runtime.deployed_bytes)
+        was, released = self.runtime.undeploy(request.function_id, request.owner)
+        return pb.UndeployReply(was_deployed=was, released=released, deployed_bytes=self.runtime.deployed_bytes)
 
     @_rpc
     async def _load(self, request: pb.LoadRequest, context) -> pb.LoadReply:
@@ -249,5 +249,6 @@ class NodeServer:
                 function_id=info.function_id, layer=info.layer, expert_ids=info.expert_ids,
                 size_bytes=info.size_bytes, loaded=fn.session is not None, idle_s=max(0.0, now - st.last_used_s),
                 invocations=st.invocations, in_flight=st.in_flight, resident_bytes=fn.resident_bytes,
-                model_id=info.model_id, expert_calls_window=st.heat.totals(len(info.expert_ids), now))
+                model_id=info.model_id, expert_calls_window=st.heat.totals(len(info.expert_ids), now),
+                owners=sorted(fn.owners))
         return reply

@@ -9,14 +9,14 @@ import onnxruntime as ort
 import psutil
 
 from faasmoe.node.store import FunctionInfo
-from faasmoe.proto import faasmoe_pb2 as pb
+from faasmoe.proto.frames import Call
 from faasmoe.proto import function_abi as abi
 from faasmoe.proto.errors import InvalidRequest
 
 INLINE_MAX_MACS = 1_000_000   # calls this small (rows x expert weights) run on the event loop, not a worker
 
 
-def is_tiny(call: pb.FunctionCall, info: FunctionInfo) -> bool:
+def is_tiny(call: Call, info: FunctionInfo) -> bool:
     """A run this small costs less than the hand-off to a worker thread."""
     return len(call.rows) * info.size_bytes // (4 * len(info.expert_ids)) <= INLINE_MAX_MACS
 

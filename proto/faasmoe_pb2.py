@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x66\x61\x61smoe/proto/faasmoe.proto\x12\nfaasmoe.v1\"*\n\nTensorSpec\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\"}\n\x0e\x46unctionHeader\x12\x13\n\x0b\x66unction_id\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x03\x12\r\n\x05layer\x18\x03 \x01(\x05\x12\x12\n\nexpert_ids\x18\x04 \x03(\x05\x12\x10\n\x08model_id\x18\x05 \x01(\t\x12\r\n\x05\x64type\x18\x06 \x01(\t\"G\n\x0b\x44\x65ployChunk\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x1a.faasmoe.v1.FunctionHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"S\n\x0b\x44\x65ployReply\x12\x13\n\x0b\x66unction_id\x18\x01 \x01(\t\x12\x17\n\x0f\x61lready_present\x18\x02 \x01(\x08\x12\x16\n\x0e\x64\x65ployed_bytes\x18\x03 \x01(\x03\"&\n\x0fUndeployRequest\x12\x13\n\x0b\x66unction_id\x18\x01 \x01(\t\"=\n\rUndeployReply\x12\x14\n\x0cwas_deployed\x18\x01 \x01(\x08\x12\x16\n\x0e\x64\x65ployed_bytes\x18\x02 \x01(\x03\"L\n\x0c\x46unctionCall\x12\x13\n\x0b\x66unction_id\x18\x01 \x01(\t\x12\x0c\n\x04rows\x18\x02 \x03(\x05\x12\x19\n\x11\x65xpert_row_counts\x18\x03 \x03(\x05\"\x96\x01\n\rInvokeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\r\n\x05layer\x18\x03 \x01(\x05\x12&\n\x06hidden\x18\x04 \x01(\x0b\x32\x16.faasmoe.v1.TensorSpec\x12\'\n\x05\x63\x61lls\x18\x05 \x03(\x0b\x32\x18.faasmoe.v1.FunctionCall\"\x80\x01\n\nCallResult\x12\x13\n\x0b\x66unction_id\x18\x01 \x01(\t\x12&\n\x06output\x18\x02 \x01(\x0b\x32\x16.faasmoe.v1.TensorSpec\x12\x11\n\tcompute_s\x18\x03 \x01(\x01\x12\x12\n\ncold_start\x18\x04 \x01(\x08\x12\x0e\n\x06load_s\x18\x05 \x01(\x01\"\x91\x01\n\x0bInvokeReply\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\'\n\x07results\x18\x03 \x03(\x0b\x32\x16.faasmoe.v1.CallResult\x12\x0e\n\x06node_s\x18\x04 \x01(\x01\x12$\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x15.faasmoe.v1.CallError\"*\n\tCallError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07\x64\x65tails\x18\x02 \x01(\t\"1\n\x0bLoadRequest\x12\x14\n\x0c\x66unction_ids\x18\x01 \x03(\t\x12\x0c\n\x04wait\x18\x02 \x01(\x08\",\n\tLoadReply\x12\x0e\n\x06loaded\x18\x01 \x03(\t\x12\x0f\n\x07missing\x18\x02 \x03(\t\"\x0f\n\rStatusRequest\"\xeb\x01\n\x0e\x46unctionStatus\x12\x13\n\x0b\x66unction_id\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\x05\x12\x12\n\nexpert_ids\x18\x03 \x03(\x05\x12\x12\n\nsize_bytes\x18\x04 \x01(\x03\x12\x0e\n\x06loaded\x18\x05 \x01(\x08\x12\x0e\n\x06idle_s\x18\x06 \x01(\x01\x12\x13\n\x0binvocations\x18\x07 \x01(\x03\x12\x11\n\tin_flight\x18\x08 \x01(\x05\x12\x16\n\x0eresident_bytes\x18\t \x01(\x03\x12\x10\n\x08model_id\x18\n \x01(\t\x12\x1b\n\x13\x65xpert_calls_window\x18\x0b \x03(\x03\"\xec\x02\n\x0bStatusReply\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0f\n\x07profile\x18\x03 \x01(\t\x12\x1b\n\x13memory_budget_bytes\x18\x04 \x01(\x03\x12\x16\n\x0e\x64\x65ployed_bytes\x18\x05 \x01(\x03\x12\x14\n\x0cloaded_bytes\x18\x06 \x01(\x03\x12\x19\n\x11\x64isk_budget_bytes\x18\x07 \x01(\x03\x12\x17\n\x0f\x64isk_used_bytes\x18\x08 \x01(\x03\x12\x0f\n\x07threads\x18\t \x01(\x05\x12\x11\n\trss_bytes\x18\n \x01(\x03\x12\x14\n\x0ckeep_alive_s\x18\x0b \x01(\x01\x12-\n\tfunctions\x18\x0c \x03(\x0b\x32\x1a.faasmoe.v1.FunctionStatus\x12\x13\n\x0bqueue_depth\x18\r \x01(\x05\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x0e \x01(\x03\x12\x15\n\rheat_window_s\x18\x0f \x01(\x01\x32\x8a\x03\n\nExpertNode\x12<\n\x06\x44\x65ploy\x12\x17.faasmoe.v1.DeployChunk\x1a\x17.faasmoe.v1.DeployReply(\x01\x12\x42\n\x08Undeploy\x12\x1b.faasmoe.v1.UndeployRequest\x1a\x19.faasmoe.v1.UndeployReply\x12<\n\x06Invoke\x12\x19.faasmoe.v1.InvokeRequest\x1a\x17.faasmoe.v1.InvokeReply\x12\x46\n\x0cInvokeStream\x12\x19.faasmoe.v1.InvokeRequest\x1a\x17.faasmoe.v1.InvokeReply(\x01\x30\x01\x12\x36\n\x04Load\x12\x17.faasmoe.v1.LoadRequest\x1a\x15.faasmoe.v1.LoadReply\x12<\n\x06Status\x12\x19.faasmoe.v1.StatusRequest\x1a\x17.faasmoe.v1.StatusReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x66\x61\x61smoe/proto/faasmoe.proto\x12\nfaasmoe.v1\"*\n\nTensorSpec\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\"\x8c\x01\n\x0e\x46unctionHeader\x12\x13\n\x0b\x66unction_id\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x03\x12\r\n\x05layer\x18\x03 \x01(\x05\x12\x12\n\nexpert_ids\x18\x04 \x03(\x05\x12\x10\n\x08model_id\x18\x05 \x01(\t\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\r\n\x05owner\x18\x07 \x01(\t\"G\n\x0b\x44\x65ployChunk\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x1a.faasmoe.v1.FunctionHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"S\n\x0b\x44\x65ployReply\x12\x13\n\x0b\x66unction_id\x18\x01 \x01(\t\x12\x17\n\x0f\x61lready_present\x18\x02 \x01(\x08\x12\x16\n\x0e\x64\x65ployed_bytes\x18\x03 \x01(\x03\"5\n\x0fUndeployRequest\x12\x13\n\x0b\x66unction_id\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\"O\n\rUndeployReply\x12\x14\n\x0cwas_deployed\x18\x01 \x01(\x08\x12\x16\n\x0e\x64\x65ployed_bytes\x18\x02 \x01(\x03\x12\x10\n\x08released\x18\x03 \x01(\x08\"X\n\x0c\x46unctionCall\x12\x13\n\x0b\x66unction_id\x18\x01 \x01(\t\x12\x11\n\trow_count\x18\x04 \x01(\x05\x12\x14\n\x0c\x65xpert_count\x18\x05 \x01(\x05J\x04\x08\x02\x10\x03J\x04\x08\x03\x10\x04\"\xe4\x01\n\rInvokeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\r\n\x05layer\x18\x03 \x01(\x05\x12&\n\x06hidden\x18\x04 \x01(\x0b\x32\x16.faasmoe.v1.TensorSpec\x12\'\n\x05\x63\x61lls\x18\x05 \x03(\x0b\x32\x18.faasmoe.v1.FunctionCall\x12$\n\x04rows\x18\x06 \x01(\x0b\x32\x16.faasmoe.v1.TensorSpec\x12&\n\x06\x63ounts\x18\x07 \x01(\x0b\x32\x16.faasmoe.v1.TensorSpec\"\x80\x01\n\nCallResult\x12\x13\n\x0b\x66unction_id\x18\x01 \x01(\t\x12&\n\x06output\x18\x02 \x01(\x0b\x32\x16.faasmoe.v1.TensorSpec\x12\x11\n\tcompute_s\x18\x03 \x01(\x01\x12\x12\n\ncold_start\x18\x04 \x01(\x08\x12\x0e\n\x06load_s\x18\x05 \x01(\x01\"\x91\x01\n\x0bInvokeReply\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\'\n\x07results\x18\x03 \x03(\x0b\x32\x16.faasmoe.v1.CallResult\x12\x0e\n\x06node_s\x18\x04 \x01(\x01\x12$\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x15.faasmoe.v1.CallError\"*\n\tCallError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07\x64\x65tails\x18\x02 \x01(\t\"1\n\x0bLoadRequest\x12\x14\n\x0c\x66unction_ids\x18\x01 \x03(\t\x12\x0c\n\x04wait\x18\x02 \x01(\x08\",\n\tLoadReply\x12\x0e\n\x06loaded\x18\x01 \x03(\t\x12\x0f\n\x07missing\x18\x02 \x03(\t\"\x0f\n\rStatusRequest\"\xfb\x01\n\x0e\x46unctionStatus\x12\x13\n\x0b\x66unction_id\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\x05\x12\x12\n\nexpert_ids\x18\x03 \x03(\x05\x12\x12\n\nsize_bytes\x18\x04 \x01(\x03\x12\x0e\n\x06loaded\x18\x05 \x01(\x08\x12\x0e\n\x06idle_s\x18\x06 \x01(\x01\x12\x13\n\x0binvocations\x18\x07 \x01(\x03\x12\x11\n\tin_flight\x18\x08 \x01(\x05\x12\x16\n\x0eresident_bytes\x18\t \x01(\x03\x12\x10\n\x08model_id\x18\n \x01(\t\x12\x1b\n\x13\x65xpert_calls_window\x18\x0b \x03(\x03\x12\x0e\n\x06owners\x18\x0c \x03(\t\"\xec\x02\n\x0bStatusReply\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0f\n\x07profile\x18\x03 \x01(\t\x12\x1b\n\x13memory_budget_bytes\x18\x04 \x01(\x03\x12\x16\n\x0e\x64\x65ployed_bytes\x18\x05 \x01(\x03\x12\x14\n\x0cloaded_bytes\x18\x06 \x01(\x03\x12\x19\n\x11\x64isk_budget_bytes\x18\x07 \x01(\x03\x12\x17\n\x0f\x64isk_used_bytes\x18\x08 \x01(\x03\x12\x0f\n\x07threads\x18\t \x01(\x05\x12\x11\n\trss_bytes\x18\n \x01(\x03\x12\x14\n\x0ckeep_alive_s\x18\x0b \x01(\x01\x12-\n\tfunctions\x18\x0c \x03(\x0b\x32\x1a.faasmoe.v1.FunctionStatus\x12\x13\n\x0bqueue_depth\x18\r \x01(\x05\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x0e \x01(\x03\x12\x15\n\rheat_window_s\x18\x0f \x01(\x01\x32\x8a\x03\n\nExpertNode\x12<\n\x06\x44\x65ploy\x12\x17.faasmoe.v1.DeployChunk\x1a\x17.faasmoe.v1.DeployReply(\x01\x12\x42\n\x08Undeploy\x12\x1b.faasmoe.v1.UndeployRequest\x1a\x19.faasmoe.v1.UndeployReply\x12<\n\x06Invoke\x12\x19.faasmoe.v1.InvokeRequest\x1a\x17.faasmoe.v1.InvokeReply\x12\x46\n\x0cInvokeStream\x12\x19.faasmoe.v1.InvokeRequest\x1a\x17.faasmoe.v1.InvokeReply(\x01\x30\x01\x12\x36\n\x04Load\x12\x17.faasmoe.v1.LoadRequest\x1a\x15.faasmoe.v1.LoadReply\x12<\n\x06Status\x12\x19.faasmoe.v1.StatusRequest\x1a\x17.faasmoe.v1.StatusReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,36 +33,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TENSORSPEC']._serialized_start=43
   _globals['_TENSORSPEC']._serialized_end=85
-  _globals['_FUNCTIONHEADER']._serialized_start=87
-  _globals['_FUNCTIONHEADER']._serialized_end=212
-  _globals['_DEPLOYCHUNK']._serialized_start=214
-  _globals['_DEPLOYCHUNK']._serialized_end=285
-  _globals['_DEPLOYREPLY']._serialized_start=287
-  _globals['_DEPLOYREPLY']._serialized_end=370
-  _globals['_UNDEPLOYREQUEST']._serialized_start=372
-  _globals['_UNDEPLOYREQUEST']._serialized_end=410
-  _globals['_UNDEPLOYREPLY']._serialized_start=412
-  _globals['_UNDEPLOYREPLY']._serialized_end=473
-  _globals['_FUNCTIONCALL']._serialized_start=475
-  _globals['_FUNCTIONCALL']._serialized_end=551
-  _globals['_INVOKEREQUEST']._serialized_start=554
-  _globals['_INVOKEREQUEST']._serialized_end=704
-  _globals['_CALLRESULT']._serialized_start=707
-  _globals['_CALLRESULT']._serialized_end=835
-  _globals['_INVOKEREPLY']._serialized_start=838
-  _globals['_INVOKEREPLY']._serialized_end=983
-  _globals['_CALLERROR']._serialized_start=985
-  _globals['_CALLERROR']._serialized_end=1027
-  _globals['_LOADREQUEST']._serialized_start=1029
-  _globals['_LOADREQUEST']._serialized_end=1078
-  _globals['_LOADREPLY']._serialized_start=1080
-  _globals['_LOADREPLY']._serialized_end=1124
-  _globals['_STATUSREQUEST']._serialized_start=1126
-  _globals['_STATUSREQUEST']._serialized_end=1141
-  _globals['_FUNCTIONSTATUS']._serialized_start=1144
-  _globals['_FUNCTIONSTATUS']._serialized_end=1379
-  _globals['_STATUSREPLY']._serialized_start=1382
-  _globals['_STATUSREPLY']._serialized_end=1746
-  _globals['_EXPERTNODE']._serialized_start=1749
-  _globals['_EXPERTNODE']._serialized_end=2143
+  _globals['_FUNCTIONHEADER']._serialized_start=88
+  _globals['_FUNCTIONHEADER']._serialized_end=228
+  _globals['_DEPLOYCHUNK']._serialized_start=230
+  _globals['_DEPLOYCHUNK']._serialized_end=301
+  _globals['_DEPLOYREPLY']._serialized_start=303
+  _globals['_DEPLOYREPLY']._serialized_end=386
+  _globals['_UNDEPLOYREQUEST']._serialized_start=388
+  _globals['_UNDEPLOYREQUEST']._serialized_end=441
+  _globals['_UNDEPLOYREPLY']._serialized_start=443
+  _globals['_UNDEPLOYREPLY']._serialized_end=522
+  _globals['_FUNCTIONCALL']._serialized_start=524
+  _globals['_FUNCTIONCALL']._serialized_end=612
+  _globals['_INVOKEREQUEST']._serialized_start=615
+  _globals['_INVOKEREQUEST']._serialized_end=843
+  _globals['_CALLRESULT']._serialized_start=846
+  _globals['_CALLRESULT']._serialized_end=974
+  _globals['_INVOKEREPLY']._serialized_start=977
+  _globals['_INVOKEREPLY']._serialized_end=1122
+  _globals['_CALLERROR']._serialized_start=1124
+  _globals['_CALLERROR']._serialized_end=1166
+  _globals['_LOADREQUEST']._serialized_start=1168
+  _globals['_LOADREQUEST']._serialized_end=1217
+  _globals['_LOADREPLY']._serialized_start=1219
+  _globals['_LOADREPLY']._serialized_end=1263
+  _globals['_STATUSREQUEST']._serialized_start=1265
+  _globals['_STATUSREQUEST']._serialized_end=1280
+  _globals['_FUNCTIONSTATUS']._serialized_start=1283
+  _globals['_FUNCTIONSTATUS']._serialized_end=1534
+  _globals['_STATUSREPLY']._serialized_start=1537
+  _globals['_STATUSREPLY']._serialized_end=1901
+  _globals['_EXPERTNODE']._serialized_start=1904
+  _globals['_EXPERTNODE']._serialized_end=2298
 # @@protoc_insertion_point(module_scope)

@@ -15,20 +15,22 @@ class TensorSpec(_message.Message):
     def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class FunctionHeader(_message.Message):
-    __slots__ = ("function_id", "size_bytes", "layer", "expert_ids", "model_id", "dtype")
+    __slots__ = ("function_id", "size_bytes", "layer", "expert_ids", "model_id", "dtype", "owner")
     FUNCTION_ID_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
     EXPERT_IDS_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
     function_id: str
     size_bytes: int
     layer: int
     expert_ids: _containers.RepeatedScalarFieldContainer[int]
     model_id: str
     dtype: str
-    def __init__(self, function_id: _Optional[str] = ..., size_bytes: _Optional[int] = ..., layer: _Optional[int] = ..., expert_ids: _Optional[_Iterable[int]] = ..., model_id: _Optional[str] = ..., dtype: _Optional[str] = ...) -> None: ...
+    owner: str
+    def __init__(self, function_id: _Optional[str] = ..., size_bytes: _Optional[int] = ..., layer: _Optional[int] = ..., expert_ids: _Optional[_Iterable[int]] = ..., model_id: _Optional[str] = ..., dtype: _Optional[str] = ..., owner: _Optional[str] = ...) -> None: ...
 
 class DeployChunk(_message.Message):
     __slots__ = ("header", "data")
@@ -49,42 +51,50 @@ class DeployReply(_message.Message):
     def __init__(self, function_id: _Optional[str] = ..., already_present: _Optional[bool] = ..., deployed_bytes: _Optional[int] = ...) -> None: ...
 
 class UndeployRequest(_message.Message):
-    __slots__ = ("function_id",)
+    __slots__ = ("function_id", "owner")
     FUNCTION_ID_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
     function_id: str
-    def __init__(self, function_id: _Optional[str] = ...) -> None: ...
+    owner: str
+    def __init__(self, function_id: _Optional[str] = ..., owner: _Optional[str] = ...) -> None: ...
 
 class UndeployReply(_message.Message):
-    __slots__ = ("was_deployed", "deployed_bytes")
+    __slots__ = ("was_deployed", "deployed_bytes", "released")
     WAS_DEPLOYED_FIELD_NUMBER: _ClassVar[int]
     DEPLOYED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RELEASED_FIELD_NUMBER: _ClassVar[int]
     was_deployed: bool
     deployed_bytes: int
-    def __init__(self, was_deployed: _Optional[bool] = ..., deployed_bytes: _Optional[int] = ...) -> None: ...
+    released: bool
+    def __init__(self, was_deployed: _Optional[bool] = ..., deployed_bytes: _Optional[int] = ..., released: _Optional[bool] = ...) -> None: ...
 
 class FunctionCall(_message.Message):
-    __slots__ = ("function_id", "rows", "expert_row_counts")
+    __slots__ = ("function_id", "row_count", "expert_count")
     FUNCTION_ID_FIELD_NUMBER: _ClassVar[int]
-    ROWS_FIELD_NUMBER: _ClassVar[int]
-    EXPERT_ROW_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    ROW_COUNT_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_COUNT_FIELD_NUMBER: _ClassVar[int]
     function_id: str
-    rows: _containers.RepeatedScalarFieldContainer[int]
-    expert_row_counts: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, function_id: _Optional[str] = ..., rows: _Optional[_Iterable[int]] = ..., expert_row_counts: _Optional[_Iterable[int]] = ...) -> None: ...
+    row_count: int
+    expert_count: int
+    def __init__(self, function_id: _Optional[str] = ..., row_count: _Optional[int] = ..., expert_count: _Optional[int] = ...) -> None: ...
 
 class InvokeRequest(_message.Message):
-    __slots__ = ("request_id", "tenant_id", "layer", "hidden", "calls")
+    __slots__ = ("request_id", "tenant_id", "layer", "hidden", "calls", "rows", "counts")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     CALLS_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    COUNTS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     tenant_id: str
     layer: int
     hidden: TensorSpec
     calls: _containers.RepeatedCompositeFieldContainer[FunctionCall]
-    def __init__(self, request_id: _Optional[str] = ..., tenant_id: _Optional[str] = ..., layer: _Optional[int] = ..., hidden: _Optional[_Union[TensorSpec, _Mapping]] = ..., calls: _Optional[_Iterable[_Union[FunctionCall, _Mapping]]] = ...) -> None: ...
+    rows: TensorSpec
+    counts: TensorSpec
+    def __init__(self, request_id: _Optional[str] = ..., tenant_id: _Optional[str] = ..., layer: _Optional[int] = ..., hidden: _Optional[_Union[TensorSpec, _Mapping]] = ..., calls: _Optional[_Iterable[_Union[FunctionCall, _Mapping]]] = ..., rows: _Optional[_Union[TensorSpec, _Mapping]] = ..., counts: _Optional[_Union[TensorSpec, _Mapping]] = ...) -> None: ...
 
 class CallResult(_message.Message):
     __slots__ = ("function_id", "output", "compute_s", "cold_start", "load_s")
@@ -143,7 +153,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class FunctionStatus(_message.Message):
-    __slots__ = ("function_id", "layer", "expert_ids", "size_bytes", "loaded", "idle_s", "invocations", "in_flight", "resident_bytes", "model_id", "expert_calls_window")
+    __slots__ = ("function_id", "layer", "expert_ids", "size_bytes", "loaded", "idle_s", "invocations", "in_flight", "resident_bytes", "model_id", "expert_calls_window", "owners")
     FUNCTION_ID_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
     EXPERT_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -155,6 +165,7 @@ class FunctionStatus(_message.Message):
     RESIDENT_BYTES_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     EXPERT_CALLS_WINDOW_FIELD_NUMBER: _ClassVar[int]
+    OWNERS_FIELD_NUMBER: _ClassVar[int]
     function_id: str
     layer: int
     expert_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -166,7 +177,8 @@ class FunctionStatus(_message.Message):
     resident_bytes: int
     model_id: str
     expert_calls_window: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, function_id: _Optional[str] = ..., layer: _Optional[int] = ..., expert_ids: _Optional[_Iterable[int]] = ..., size_bytes: _Optional[int] = ..., loaded: _Optional[bool] = ..., idle_s: _Optional[float] = ..., invocations: _Optional[int] = ..., in_flight: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., model_id: _Optional[str] = ..., expert_calls_window: _Optional[_Iterable[int]] = ...) -> None: ...
+    owners: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, function_id: _Optional[str] = ..., layer: _Optional[int] = ..., expert_ids: _Optional[_Iterable[int]] = ..., size_bytes: _Optional[int] = ..., loaded: _Optional[bool] = ..., idle_s: _Optional[float] = ..., invocations: _Optional[int] = ..., in_flight: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., model_id: _Optional[str] = ..., expert_calls_window: _Optional[_Iterable[int]] = ..., owners: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class StatusReply(_message.Message):
     __slots__ = ("node_id", "version", "profile", "memory_budget_bytes", "deployed_bytes", "loaded_bytes", "disk_budget_bytes", "disk_used_bytes", "threads", "rss_bytes", "keep_alive_s", "functions", "queue_depth", "capacity_bytes", "heat_window_s")

@@ -107,35 +107,59 @@ class Call:
     """One function's share of an Invoke: rows of the hidden tensor per expert, in expert order."""
 
     function_id: str
-    rows: np.ndarray              # int32 [M]
+    rows: np.ndarray              # int32 [M]: expert j takes rows[sum(counts[:j]):sum(counts[:j+1])]
     expert_row_counts: Sequence[int]
+
+
+_I32 = np.dtype("<i4")
 
 
 def encode_request(request_id: str, tenant_id: str, layer: int, hidden: np.ndarray,
                    calls: Sequence[Call]) -> bytes:
+    """Payloads: hidden [N, H], then every call's rows and every call's per-expert counts as int32."""
     header = pb.InvokeRequest(request_id=request_id, tenant_id=tenant_id, layer=layer, hidden=spec_of(hidden))
-    for call in calls:
-        header.calls.add(function_id=call.function_id, rows=call.rows.tolist(),
-                         expert_row_counts=list(call.expert_row_counts))
-    return encode(header, [hidden])
+    rows = [np.asarray(c.rows, dtype=_I32) for c in calls]
+    counts = [np.asarray(c.expert_row_counts, dtype=_I32) for c in calls]
+    for call, r, n in zip(calls, rows, counts):
+        header.calls.add(function_id=call.function_id, row_count=len(r), expert_count=len(n))
+    all_rows = np.concatenate(rows) if len(rows) > 1 else (rows[0] if rows else np.zeros(0, _I32))
+    all_counts = np.concatenate(counts) if len(counts) > 1 else (counts[0] if counts else np.zeros(0, _I32))
+    header.rows.CopyFrom(spec_of(all_rows))
+    header.counts.CopyFrom(spec_of(all_counts))
+    return encode(header, [hidden, all_rows, all_counts])
 
 
-def decode_request(frame: bytes) -> tuple[pb.InvokeRequest, np.ndarray]:
-    """Validate an Invoke frame and return its header and the hidden rows [N, H] (a view)."""
-    header, (hidden,) = decode(frame, pb.InvokeRequest, lambda h: [("hidden", h.hidden)])
+def _request_specs(h: pb.InvokeRequest):
+    return [("hidden", h.hidden), ("rows", h.rows), ("counts", h.counts)]
+
+
+def decode_request(frame: bytes) -> tuple[pb.InvokeRequest, np.ndarray, list[Call]]:
+    """Validate an Invoke frame: its header, the hidden rows [N, H] (a view) and each call with its rows and
+    counts (views of the int32 payloads), every index checked against the frame."""
+    header, (hidden, rows, counts) = decode(frame, pb.InvokeRequest, _request_specs)
     if header.hidden.dtype not in HIDDEN_DTYPES:
         raise InvalidRequest(f"hidden: dtype {header.hidden.dtype} not allowed (use {' or '.join(HIDDEN_DTYPES)})")
     if hidden.ndim != 2:
         raise InvalidRequest(f"hidden: expected 2 dimensions [rows, hidden_size], got shape {list(hidden.shape)}")
-    n_rows = hidden.shape[0]
+    for what, spec, arr in (("rows", header.rows, rows), ("counts", header.counts, counts)):
+        if spec.dtype != "int32" or arr.ndim != 1:
+            raise InvalidRequest(f"{what}: expected int32 [n], got {spec.dtype}{list(spec.shape)}")
+    if sum(c.row_count for c in header.calls) != len(rows) or sum(c.expert_count for c in header.calls) != len(counts):
+        raise InvalidRequest(f"calls announce {sum(c.row_count for c in header.calls)} rows and "
+                             f"{sum(c.expert_count for c in header.calls)} counts; the payloads hold {len(rows)} and "
+                             f"{len(counts)}")
+    n_rows, calls, r0, c0 = hidden.shape[0], [], 0, 0
+    if len(rows) and (int(rows.min()) < 0 or int(rows.max()) >= n_rows):
+        raise InvalidRequest(f"row index out of range [0, {n_rows})")
     for call in header.calls:
-        counts = list(call.expert_row_counts)
-        if any(c < 0 for c in counts) or sum(counts) != len(call.rows):
-            raise InvalidRequest(f"{call.function_id}: expert_row_counts {counts} do not add up to "
-                                 f"{len(call.rows)} rows")
-        if call.rows and (min(call.rows) < 0 or max(call.rows) >= n_rows):
-            raise InvalidRequest(f"{call.function_id}: row index out of range [0, {n_rows})")
-    return header, hidden
+        if call.row_count < 0 or call.expert_count < 0:
+            raise InvalidRequest(f"{call.function_id}: negative row_count or expert_count")
+        r, n = rows[r0:r0 + call.row_count], counts[c0:c0 + call.expert_count]
+        r0, c0 = r0 + call.row_count, c0 + call.expert_count
+        if (len(n) and int(n.min()) < 0) or int(n.sum()) != len(r):
+            raise InvalidRequest(f"{call.function_id}: expert row counts {n.tolist()} do not add up to {len(r)} rows")
+        calls.append(Call(call.function_id, r, n.tolist()))
+    return header, hidden, calls
 
 
 def encode_reply(request_id: str, node_id: str, results: Sequence[tuple[pb.CallResult, np.ndarray]],

@@ -62,8 +62,8 @@ async def test_concurrent_cold_calls_share_one_load(tmp_path):
     async with running_node(tmp_path, keep_alive_s=float("inf")) as (node, stub):
         await stub.deploy(chunks_of(fn))
         # all 8 calls start in one event-loop turn, before the load (in a worker thread) can finish
-        header, hidden = frames.decode_request(frame(X, [fn.call([0, 1, 2], [2, 1])]))
-        replies = await asyncio.gather(*(node.runtime.invoke(header.calls, hidden) for _ in range(8)))
+        _, hidden, calls = frames.decode_request(frame(X, [fn.call([0, 1, 2], [2, 1])]))
+        replies = await asyncio.gather(*(node.runtime.invoke(calls, hidden) for _ in range(8)))
         stats = node.runtime.function(fn.function_id).stats
         assert stats.cold_starts == 1 and stats.loads == 1 and stats.invocations == 8
         assert node.runtime.counters.loads == 1

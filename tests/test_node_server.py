@@ -84,6 +84,14 @@ async def test_invalid_requests(tmp_path):
             "counts": frame(hidden, [fn.call([0, 1], [1, 2])]),
             "row range": frame(hidden, [fn.call([0, 4], [1, 1])]),
             "garbage": b"\xff\xff\xff\xff",
+            "rows dtype": _crafted(hidden, fn.function_id, np.array([0], np.int64), np.array([1, 0], np.int32)),
+            "counts dtype": _crafted(hidden, fn.function_id, np.array([0], np.int32), np.array([1, 0], np.int64)),
+            "row_count": _crafted(hidden, fn.function_id, np.array([0], np.int32), np.array([1, 0], np.int32),
+                                  row_count=2),
+            "expert_count": _crafted(hidden, fn.function_id, np.array([0], np.int32), np.array([1, 0], np.int32),
+                                     expert_count=1),
+            "negative count": _crafted(hidden, fn.function_id, np.array([0], np.int32), np.array([2, -1], np.int32)),
+            "negative row": _crafted(hidden, fn.function_id, np.array([-1], np.int32), np.array([1, 0], np.int32)),
         }
         for what, data in bad.items():
             details = await expect_error(stub.invoke(data), grpc.StatusCode.INVALID_ARGUMENT)
@@ -94,6 +102,38 @@ async def test_invalid_requests(tmp_path):
         mixed = frame(hidden, [fn.call([0], [1, 0]), frames.Call(unknown, np.array([0], np.int32), [1])])
         await expect_error(stub.invoke(mixed), grpc.StatusCode.NOT_FOUND)
         assert fn_status(await stub.status(pb.StatusRequest()), fn.function_id).invocations == 0
+
+
+def _crafted(hidden, function_id, rows, counts, row_count=None, expert_count=None) -> bytes:
+    """A frame whose header says what the test wants, whatever the payloads hold."""
+    header = pb.InvokeRequest(request_id="x", layer=0, hidden=frames.spec_of(hidden),
+                              rows=pb.TensorSpec(dtype=rows.dtype.name, shape=rows.shape),
+                              counts=pb.TensorSpec(dtype=counts.dtype.name, shape=counts.shape))
+    header.calls.add(function_id=function_id, row_count=len(rows) if row_count is None else row_count,
+                     expert_count=len(counts) if expert_count is None else expert_count)
+    return frames.encode(header, [hidden, rows, counts])
+
+
+async def test_deploy_leases_per_owner(tmp_path):
+    """Routers that share content never remove each other's copy: one copy, one lease per owner."""
+    fn = make_function(seed=13, hidden=64)
+    async with running_node(tmp_path) as (node, stub):
+        assert not (await stub.deploy(chunks_of(fn, header=fn.header(owner="router-a")))).already_present
+        assert (await stub.deploy(chunks_of(fn, header=fn.header(owner="router-b")))).already_present
+        status = await stub.status(pb.StatusRequest())
+        assert fn_status(status, fn.function_id).owners == ["router-a", "router-b"]
+        assert status.deployed_bytes == cost(fn)                          # one copy
+        reply = await stub.undeploy(pb.UndeployRequest(function_id=fn.function_id, owner="router-c"))
+        assert not reply.was_deployed and not reply.released              # not a lease of router-c
+        reply = await stub.undeploy(pb.UndeployRequest(function_id=fn.function_id, owner="router-a"))
+        assert reply.was_deployed and not reply.released
+        out = await stub.invoke(frame(np.ones((2, 64), np.float32), [fn.call([0, 1], [1, 1])]))
+        assert not frames.decode_reply(out)[0].HasField("error")          # router-b's copy still serves
+        assert fn_status(await stub.status(pb.StatusRequest()), fn.function_id).owners == ["router-b"]
+        reply = await stub.undeploy(pb.UndeployRequest(function_id=fn.function_id, owner="router-b"))
+        assert reply.was_deployed and reply.released and reply.deployed_bytes == 0
+        await expect_error(stub.invoke(frame(np.ones((1, 64), np.float32), [fn.call([0], [1, 0])])),
+                           grpc.StatusCode.NOT_FOUND)
 
 
 async def test_deploy_errors(tmp_path):

@@ -81,7 +81,6 @@ async def test_scrape_counts_invocations_rows_latency_loads_and_evictions(tmp_pa
             assert got["faasmoe_node_evictions_total", (("reason", "memory"),)] == 0
             assert got["faasmoe_node_resident_bytes", ()] == 0
             assert got["faasmoe_node_function_loaded", p3] == 0
-            assert (await http_get(node.metrics_port, "/nope"))[0] == 404
         assert node.metrics_port is None and node.invoke_listeners == [] and node.runtime.listeners == []
 
 
