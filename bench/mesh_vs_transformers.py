@@ -5,7 +5,7 @@ measured in one run; plus router RSS over dense bytes, a node's idle RSS, and wh
     python bench/mesh_vs_transformers.py --full-dims                                       # (b) Qwen1.5-MoE dims, 2 layers
 
 Each phase runs in its own process (so RSS figures are clean); results print as a table and go to
-bench/out/<name>.json. The mesh is measured in steady state: after placement every function is loaded
+bench/out/<name>.json. The mesh is measured in steady state, served by the engine: after placement every function is loaded
 (``RouterSession.warm``), then one warm-up generation, then the timed one. ``--pin`` keeps the router on the
 first CPU and the nodes on the others, as if the nodes were other devices.
 """
@@ -19,6 +19,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import psutil
@@ -39,10 +40,24 @@ def _prompt_ids(store_or_model: Path, n_fallback: int = 12) -> list[int]:
     return ids or [(i * 7919) % 1000 + 10 for i in range(n_fallback)]
 
 
+class StepClock:
+    """A transformers streamer that records when generate() emits the prompt and each new token."""
+
+    def __init__(self):
+        self.marks_s: list[float] = []
+
+    def put(self, value):
+        self.marks_s.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+    def step_times_s(self) -> list[float]:
+        return [b - a for a, b in zip(self.marks_s, self.marks_s[1:])]
+
+
 def _timed_generate(model, ids: list[int], new_tokens: int) -> tuple[list[int], list[float]]:
     import torch
-
-    from faasmoe.router.engine.generate import StepClock
     clock = StepClock()
     with torch.inference_mode():
         out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
@@ -63,14 +78,29 @@ def phase_transformers(args) -> dict:
                 rss_bytes=psutil.Process().memory_info().rss)
 
 
+async def _engine_tokens(engine, ids, new_tokens):
+    """Greedy tokens of one request through ``engine`` with the time of each (the first: time to first token);
+    end-of-sequence tokens do not stop it, as min_new_tokens does not for transformers."""
+    from faasmoe.router.engine.generate import generate_one
+    saved, engine.eos_ids = engine.eos_ids, frozenset()
+    try:
+        out = await generate_one(engine, ids, new_tokens)
+    finally:
+        engine.eos_ids = saved
+    return out.token_ids, out.step_s
+
+
 def phase_mesh(args) -> dict:
+    import asyncio
+
     import torch
 
     from faasmoe.router.control.local_mesh import LocalMesh
-    from faasmoe.router.mesh.dispatch import MeshStats
-    from faasmoe.router.model.build import build_mesh_model, dense_bytes
     from faasmoe.router.control.placement import PlacementOptions
     from faasmoe.router.control.session import RouterSession
+    from faasmoe.router.engine.serving import start_serving
+    from faasmoe.router.mesh.stats import MeshStats
+    from faasmoe.router.model.build import dense_bytes
     torch.set_num_threads(args.torch_threads)
     store = Path(args.store)
     ids = _prompt_ids(store)
@@ -80,48 +110,74 @@ def phase_mesh(args) -> dict:
         cpus = sorted(os.sched_getaffinity(0))
         os.sched_setaffinity(0, cpus[:1])
         prefix = ("taskset", "-c", ",".join(str(c) for c in cpus[1:]))
+
+    async def run(mesh):
+        session = RouterSession(store, placement_options=PlacementOptions(max_replicas=args.max_replicas))
+        await asyncio.to_thread(session.place_and_deploy, mesh.addresses)
+        warmed = await asyncio.to_thread(session.warm)           # steady state: every function loaded
+        rss_before_model = psutil.Process().memory_info().rss
+        serving = await start_serving(session)
+        try:
+            router_rss = psutil.Process().memory_info().rss
+            await _engine_tokens(serving.engine, ids, 8)         # warm up
+            serving.mesh.stats = MeshStats()
+            tokens, steps = await _engine_tokens(serving.engine, ids, args.new_tokens)
+            return (tokens, steps, serving.mesh.stats, warmed, router_rss, rss_before_model,
+                    dense_bytes(serving.model))
+        finally:
+            await serving.close()
+            session.close()
+
     with tempfile.TemporaryDirectory() as tmp, LocalMesh(args.nodes, Path(tmp), memory_budget_mb=args.node_budget_mb,
                                                           extra_args=extra, prefix=prefix) as mesh:
         node_idle_rss = [psutil.Process(n.process.pid).memory_info().rss for n in mesh.nodes]
-        session = RouterSession(store, placement_options=PlacementOptions(max_replicas=args.max_replicas))
-        session.place_and_deploy(mesh.addresses)
-        warmed = session.warm()                                       # steady state: every function loaded
-        rss_before_model = psutil.Process().memory_info().rss
-        model = build_mesh_model(store, session.manifest, session.mesh)
-        router_rss = psutil.Process().memory_info().rss
-        _timed_generate(model, ids, 8)                                # warm up: loads every session needed
-        session.mesh.stats = MeshStats()
-        tokens, steps = _timed_generate(model, ids, args.new_tokens)
-        stats = session.mesh.stats
+        tokens, steps, stats, warmed, router_rss, rss_before_model, dense = asyncio.run(run(mesh))
         node_rss = [psutil.Process(n.process.pid).memory_info().rss for n in mesh.nodes]
-        session.close()
     decode_total_s = sum(steps[1:])
     per_step = stats.layer_calls / max(1, len(steps))
     return dict(token_ids=tokens, decode_s=steps[1:], prefill_s=steps[0], router_rss_bytes=router_rss,
                 router_model_rss_bytes=router_rss - rss_before_model,
-                dense_bytes=dense_bytes(model), node_idle_rss_bytes=node_idle_rss, node_loaded_rss_bytes=node_rss,
+                dense_bytes=dense, node_idle_rss_bytes=node_idle_rss, node_loaded_rss_bytes=node_rss,
                 rpcs_per_token=stats.rpcs / len(steps), layer_calls_per_token=per_step,
                 mesh_wall_s=stats.wall_s, node_compute_s=stats.node_compute_s, encode_s=stats.encode_s,
                 wait_s=stats.wait_s, decode_reply_s=stats.decode_s, total_s=sum(steps),
                 decode_total_s=decode_total_s, warmed=warmed, cold_starts=stats.cold_starts)
 
 
+class _StubExperts:
+    """Routed experts stubbed out (zeros), optionally waiting asleep or busy: the router's floor."""
+
+    def __init__(self, wait=None):
+        self.wait = wait
+
+    async def submit(self, layer, hidden, top_k_index, top_k_weights, ctx):
+        return hidden
+
+    async def collect(self, hidden):
+        import torch
+        if self.wait is not None:
+            self.wait(0.0005)
+        return torch.zeros_like(hidden)
+
+
 def phase_router_floor(args) -> dict:
     """The router alone, routed experts stubbed out (zeros): its dense part per token, and the same with
     the stub waiting 0.5 ms per layer asleep vs busy (what an idle core costs when it comes back)."""
-    import time
+    import asyncio
 
     import torch
+    from transformers import AutoTokenizer
 
-    from faasmoe.router.mesh.dispatch import ExpertMesh
-    from faasmoe.router.model.build import MeshExperts, build_mesh_model
+    from faasmoe.router.engine.engine import Engine
+    from faasmoe.router.model.build import build_mesh_model
+    from faasmoe.router.model.runner import ModelRunner
     from faasmoe.router.store.manifest import load_manifest
     torch.set_num_threads(args.torch_threads)
     if args.pin:
         os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:1])
     store = Path(args.store)
-    manifest = load_manifest(store)
-    model = build_mesh_model(store, manifest, ExpertMesh({}, {}, {}))
+    model = build_mesh_model(store, load_manifest(store))
+    tokenizer = AutoTokenizer.from_pretrained(str(store)) if (store / "tokenizer.json").exists() else None
     ids = _prompt_ids(store)
 
     def busy(seconds):
@@ -129,17 +185,14 @@ def phase_router_floor(args) -> dict:
         while time.perf_counter() < end:
             pass
 
-    out = {}
-    for name, wait in (("zero", None), ("sleep500us", time.sleep), ("busy500us", busy)):
-        def stub(self, hidden, index, weights, wait=wait):
-            if wait is not None:
-                wait(0.0005)
-            return torch.zeros_like(hidden)
-        MeshExperts.forward = stub
-        _timed_generate(model, ids, 8)
-        _, steps = _timed_generate(model, ids, args.new_tokens)
-        out[name] = statistics.median(steps[1:])
-    return out
+    async def one(wait):
+        async with Engine(ModelRunner(model, _StubExperts(wait)), tokenizer) as engine:
+            await _engine_tokens(engine, ids, 8)
+            _, steps = await _engine_tokens(engine, ids, args.new_tokens)
+        return statistics.median(steps[1:])
+
+    return {name: asyncio.run(one(wait)) for name, wait in (("zero", None), ("sleep500us", time.sleep),
+                                                             ("busy500us", busy))}
 
 
 def build_full_dims(root: Path) -> Path:

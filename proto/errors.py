@@ -4,15 +4,22 @@
     ├── ConfigError              bad flags, profile or environment               (CLI exit 2)
     ├── CheckpointError          malformed or unsupported checkpoint / store
     ├── PlacementError           functions do not fit the nodes' budgets
-    └── MeshError                anything that happened talking to a node
-        ├── InvalidRequest       wrong dtype / shape / length, bad frame      INVALID_ARGUMENT
-        ├── FunctionNotFound     function id unknown on that node               NOT_FOUND
-        ├── IntegrityError       deployed bytes do not match their sha256       DATA_LOSS
-        ├── NodeFull             over the memory budget, or queue full          RESOURCE_EXHAUSTED
-        │   └── Backpressure     bounded wait queue full: retry later, not a failure
-        ├── NodeUnavailable      unreachable, crashed, or missed the deadline   UNAVAILABLE / DEADLINE_EXCEEDED
-        └── NodeInternalError    anything else the node reports                 INTERNAL
+    ├── MeshError                anything that happened talking to a node
+    │   ├── InvalidRequest       wrong dtype / shape / length, bad frame      INVALID_ARGUMENT
+    │   ├── FunctionNotFound     function id unknown on that node               NOT_FOUND
+    │   ├── IntegrityError       deployed bytes do not match their sha256       DATA_LOSS
+    │   ├── NodeFull             over the memory budget, or queue full          RESOURCE_EXHAUSTED
+    │   │   ├── Backpressure     bounded wait queue full: retry later, not a failure
+    │   │   └── FrameTooLarge    a frame over a message limit: split it, the node is fine
+    │   ├── NodeUnavailable      unreachable, crashed, or missed the deadline   UNAVAILABLE / DEADLINE_EXCEEDED
+    │   └── NodeInternalError    anything else the node reports                 INTERNAL
+    └── ServingError             the router's serving engine refused or failed a request
+        ├── BadRequest           a request that cannot be served as asked         HTTP 400
+        ├── UnknownModel         a model this server does not serve               HTTP 404
+        ├── Overloaded           the admission queue is full: retry later         HTTP 503 + Retry-After
+        └── StepFailed           the mesh failed the step the request was in      HTTP 503
 
+HTTP statuses are mapped to the serving errors in ``faasmoe.router.api.errors`` and only there.
 gRPC status codes are mapped to this tree here and only here: nodes raise these errors and abort with
 ``err.grpc_code``; routers turn a failed call into an error with :func:`from_grpc`.
 """
@@ -67,6 +74,10 @@ class Backpressure(NodeFull):
     """The node's bounded wait queue is full. Callers back off and retry; it is not a failure."""
 
 
+class FrameTooLarge(NodeFull):
+    """A frame exceeded the sender's or the node's message size limit. Callers split it; the node is fine."""
+
+
 BACKPRESSURE_PREFIX = "backpressure: "
 
 
@@ -117,3 +128,31 @@ def from_grpc(code: grpc.StatusCode, details: str | None, node: str) -> MeshErro
         return NodeUnavailable(f"missed the deadline ({details})", node=node)
     cls = _BY_CODE.get(code, NodeInternalError)
     return cls(details, node=node)
+
+
+class ServingError(FaasmoeError):
+    pass
+
+
+class BadRequest(ServingError):
+    grpc_code = grpc.StatusCode.INVALID_ARGUMENT
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param              # the offending request field, when there is one
+
+
+class UnknownModel(ServingError):
+    grpc_code = grpc.StatusCode.NOT_FOUND
+
+
+class Overloaded(ServingError):
+    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, message: str, retry_after_s: float):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class StepFailed(ServingError):
+    grpc_code = grpc.StatusCode.UNAVAILABLE

@@ -27,6 +27,33 @@ def test_demo_runs_and_matches_transformers():
     assert report["nodes"] == 3 and len(report["token_ids"]) == 6 and report["rpcs"] > 0
 
 
+def test_demo_serve_prints_a_curl_line_and_an_openai_snippet_that_work_as_printed(tmp_path):
+    import os
+    import signal
+    demo = subprocess.Popen([sys.executable, "-m", "faasmoe.router.cli.umbrella", "demo", "--serve", "--port", "0",
+                             "--nodes", "2", "--max-new-tokens", "4"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        lines = []
+        while not (lines and lines[-1].startswith("print(")):
+            line = demo.stdout.readline()
+            assert line, demo.stderr.read()
+            lines.append(line.rstrip("\n"))
+        curl = next(line for line in lines if line.startswith("curl "))
+        snippet = "\n".join(lines[lines.index("from openai import OpenAI"):])
+        by_curl = subprocess.run(["bash", "-c", curl], capture_output=True, text=True, timeout=60)
+        assert by_curl.returncode == 0, by_curl.stderr
+        completion = json.loads(by_curl.stdout)
+        assert completion["object"] == "text_completion" and completion["usage"]["completion_tokens"] >= 1
+        by_python = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, timeout=60)
+        assert by_python.returncode == 0, by_python.stderr
+        assert by_python.stdout == completion["choices"][0]["text"] + "\n"      # greedy: the same text
+    finally:
+        demo.send_signal(signal.SIGTERM)
+        code = demo.wait(60)
+    assert code == 0, demo.stderr.read()
+
+
 def test_split_of_a_malformed_checkpoint_is_one_line(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     proc = run("faasmoe.router.cli.umbrella", "split", str(tmp_path), "--out", str(tmp_path / "store"))

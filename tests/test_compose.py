@@ -379,9 +379,9 @@ def test_split_router_generate_agree(monkeypatch):
         assert volume == ("store", not writable), f"{name}: store volume mount {volume}"
 
     assert serve.discover and gen.discover
-    assert serve.mqtt.startswith("mqtt://broker:") and serve.metrics_port
+    assert serve.mqtt.startswith("mqtt://broker:") and serve.port and serve.host == "0.0.0.0"
     published = [str(p) for p in SERVICES["router"].get("ports", [])]
-    assert any(p.endswith(f":{serve.metrics_port}") for p in published), "router metrics port not published"
+    assert any(p.endswith(f":{serve.port}") for p in published), "router API port not published"
     assert SERVICES["router"]["depends_on"]["split"]["condition"] == "service_completed_successfully"
 
     assert SERVICES["generate"].get("profiles") == ["tools"], "generate only runs when asked"

@@ -1,8 +1,10 @@
-"""Greedy tokens through a mesh of real node processes equal transformers' ``generate``; prefill and
-decode logits agree within 1e-4 (fp32)."""
+"""Greedy tokens through a mesh of real node processes, served by the engine, equal transformers' own
+``generate`` prompt by prompt; logits of every generated token agree within 1e-4 (fp32). The prompts run
+concurrently, so they are co-batched in the engine's steps."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -12,12 +14,14 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from faasmoe.router.control.local_mesh import LocalMesh
-from faasmoe.router.model.build import build_mesh_model
-from faasmoe.router.control.session import RouterSession
+from faasmoe.router.engine.reference import reference_generate
+from faasmoe.router.engine.sampling import SamplingParams
+from faasmoe.router.engine.sequence import Request
+from faasmoe.router.engine.serving import local_serving
 from faasmoe.router.store.split import split_checkpoint
 from model_factory import make_checkpoint
 
-PROMPTS = ["def add(a, b):", "x", "the quick brown fox jumps over"]   # unequal lengths, one batch
+PROMPTS = ["def add(a, b):", "x", "the quick brown fox jumps over"]   # unequal lengths
 MAX_NEW = 8
 
 
@@ -27,15 +31,13 @@ def mesh(tmp_path_factory):
         yield m
 
 
-def _generate(model, tok, prompts):
-    tok.padding_side = "left"
-    enc = tok(prompts, return_tensors="pt", padding=True)
-    with torch.inference_mode():
-        out = model.generate(**enc, max_new_tokens=MAX_NEW, do_sample=False, output_logits=True,
-                             return_dict_in_generate=True, pad_token_id=tok.pad_token_id,
-                             temperature=None, top_p=None, top_k=None)
-        prefill = model(**enc).logits
-    return out.sequences, torch.stack(out.logits), prefill
+async def _serve_all(store, addresses, prompt_ids):
+    async with local_serving(store, addresses) as serving:
+        results = await asyncio.gather(*(serving.engine.generate(Request(tuple(ids), MAX_NEW, SamplingParams(),
+                                                                           keep_logits=True))
+                                         for ids in prompt_ids))
+        nodes = {n for nodes in serving.session.placement.values() for n in nodes}
+        return results, serving.mesh.stats.rpcs, nodes
 
 
 CONFIGS = [
@@ -56,20 +58,14 @@ def test_mesh_matches_transformers(tmp_path, mesh, kwargs, group_size):
     split_checkpoint(model_dir, store, group_size=group_size, progress=False)
     tok = AutoTokenizer.from_pretrained(str(store))
     reference = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    ref_seq, ref_logits, ref_prefill = _generate(reference, tok, PROMPTS)
-
-    session = RouterSession(store)
-    try:
-        plan, _ = session.place_and_deploy(mesh.addresses)
-        assert len({n for nodes in plan.values() for n in nodes}) == 3          # really spread
-        model = build_mesh_model(store, session.manifest, session.mesh)
-        seq, logits, prefill = _generate(model, tok, PROMPTS)
-        assert session.mesh.stats.rpcs > 0
-    finally:
-        session.close()
-    assert torch.equal(seq, ref_seq)
-    assert (prefill - ref_prefill).abs().max().item() <= 1e-4
-    assert (logits - ref_logits).abs().max().item() <= 1e-4
+    refs = reference_generate(reference, tok, PROMPTS, MAX_NEW)
+    results, rpcs, nodes = asyncio.run(_serve_all(store, mesh.addresses, [r.prompt_token_ids for r in refs]))
+    assert len(nodes) == 3 and rpcs > 0                     # really spread over the mesh
+    for ref, res in zip(refs, results):
+        assert res.token_ids == ref.token_ids
+        assert res.logits.shape == ref.logits.shape
+        assert (res.logits - ref.logits).abs().max().item() <= 1e-4
+        assert res.text == tok.decode(res.token_ids, skip_special_tokens=True)
 
 
 def test_router_cli_generate_json(tmp_path, mesh):
@@ -78,14 +74,15 @@ def test_router_cli_generate_json(tmp_path, mesh):
     store = tmp_path / "store"
     split_checkpoint(model_dir, store, group_size=2, progress=False)
     proc = subprocess.run([sys.executable, "-m", "faasmoe.router", "generate", "--store", str(store),
-                           "--nodes", ",".join(mesh.addresses), "--prompt", PROMPTS[0],
+                           "--nodes", ",".join(mesh.addresses), "--prompt", PROMPTS[0], "--prompt", PROMPTS[2],
                            "--max-new-tokens", str(MAX_NEW), "--json"],
                           capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr
-    out = json.loads(proc.stdout)
+    out = json.loads(proc.stdout)["results"]
     tok = AutoTokenizer.from_pretrained(str(store))
     reference = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    ref_seq, _, _ = _generate(reference, tok, PROMPTS[:1])
-    assert out["prompt_token_ids"] == tok(PROMPTS[0])["input_ids"]
-    assert out["token_ids"] == ref_seq[0, len(out["prompt_token_ids"]):].tolist()
-    assert out["text"] == tok.decode(out["token_ids"], skip_special_tokens=True)
+    refs = reference_generate(reference, tok, [PROMPTS[0], PROMPTS[2]], MAX_NEW)
+    for item, ref in zip(out, refs):
+        assert item["prompt_token_ids"] == ref.prompt_token_ids
+        assert item["token_ids"] == ref.token_ids
+        assert item["text"] == tok.decode(item["token_ids"], skip_special_tokens=True)

@@ -3,14 +3,16 @@ sizes (two splits of one model, deployed side by side) at once."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from faasmoe.router.engine.generate import generate
 from faasmoe.router.control.local_mesh import LocalMesh
-from faasmoe.router.model.build import build_mesh_model
-from faasmoe.router.control.session import RouterSession
+from faasmoe.router.engine.generate import generate
+from faasmoe.router.engine.reference import reference_generate
+from faasmoe.router.engine.serving import local_serving
 from faasmoe.router.store.split import split_checkpoint
 from model_factory import make_checkpoint
 
@@ -25,19 +27,18 @@ def model_60(tmp_path_factory):
                                 moe_intermediate_size=16, vocab_size=260, norm_topk_prob=False, seed=5)
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     ref = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    expected = [g.token_ids for g in generate(ref, tok, PROMPTS, MAX_NEW)]
+    expected = [r.token_ids for r in reference_generate(ref, tok, PROMPTS, MAX_NEW)]
     with LocalMesh(3, root / "nodes", memory_budget_mb=256) as mesh:
         yield model_dir, root, tok, expected, mesh
 
 
+async def _serve(store, tok, mesh):
+    async with local_serving(store, mesh.addresses) as serving:
+        return [g.token_ids for g in await generate(serving.engine, tok, PROMPTS, MAX_NEW)], serving.mesh.stats
+
+
 def _run(store, tok, mesh):
-    session = RouterSession(store)
-    try:
-        session.place_and_deploy(mesh.addresses)
-        model = build_mesh_model(store, session.manifest, session.mesh)
-        return [g.token_ids for g in generate(model, tok, PROMPTS, MAX_NEW)], session.mesh.stats
-    finally:
-        session.close()
+    return asyncio.run(_serve(store, tok, mesh))
 
 
 @pytest.mark.parametrize("group_size", [1, 2, 4, 15, 60])
@@ -58,17 +59,14 @@ def test_mixed_group_sizes_share_the_nodes(model_60):
         store = root / f"mixed-G{g}"
         split_checkpoint(model_dir, store, group_size=g, progress=False)
         stores.append(store)
-    sessions = [RouterSession(s) for s in stores]
-    try:
-        for s in sessions:
-            s.place_and_deploy(mesh.addresses)
-        # both splits now live on the same nodes; each generates exactly
-        for store, s in zip(stores, sessions):
-            model = build_mesh_model(store, s.manifest, s.mesh)
-            assert [g.token_ids for g in generate(model, tok, PROMPTS, MAX_NEW)] == expected
-        status = sessions[0].client(mesh.addresses[0]).status()
-        sizes = {f.size_bytes for f in status.functions}
-        assert len(sizes) >= 2      # functions of different granularity side by side on one node
-    finally:
-        for s in sessions:
-            s.close()
+    async def both():
+        async with local_serving(stores[0], mesh.addresses) as a, local_serving(stores[1], mesh.addresses) as b:
+            # both splits now live on the same nodes; each generates exactly, at the same time
+            out = await asyncio.gather(generate(a.engine, tok, PROMPTS, MAX_NEW), generate(b.engine, tok, PROMPTS,
+                                                                                          MAX_NEW))
+            return out, a.session.client(mesh.addresses[0]).status()
+
+    (out_a, out_b), status = asyncio.run(both())
+    assert [g.token_ids for g in out_a] == expected and [g.token_ids for g in out_b] == expected
+    sizes = {f.size_bytes for f in status.functions}
+    assert len(sizes) >= 2      # functions of different granularity side by side on one node

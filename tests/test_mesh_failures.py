@@ -3,6 +3,7 @@ a node killed mid-generation is replaced by the survivors (same tokens) or fails
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
@@ -12,14 +13,18 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from faasmoe.proto.errors import NodeUnavailable, PlacementError
-from faasmoe.router.mesh.client import NodeClient
-from faasmoe.router.engine.generate import generate
-from faasmoe.router.mesh.grouping import LayerFunctions
+from faasmoe.proto.errors import NodeUnavailable, PlacementError, StepFailed
 from faasmoe.router.control.local_mesh import LocalMesh
-from faasmoe.router.mesh.dispatch import ExpertMesh
-from faasmoe.router.model.build import build_mesh_model
 from faasmoe.router.control.session import RouterSession
+from faasmoe.router.engine.engine import EngineConfig
+from faasmoe.router.engine.generate import generate
+from faasmoe.router.engine.reference import reference_generate
+from faasmoe.router.engine.serving import local_serving
+from faasmoe.router.mesh.dispatch import ExpertMesh
+from faasmoe.router.mesh.grouping import LayerFunctions
+from faasmoe.router.mesh.routing import Router
+from faasmoe.router.mesh.transport import Transport
+from faasmoe.router.model.build import build_mesh_model
 from faasmoe.router.store.split import split_checkpoint
 from model_factory import make_checkpoint
 
@@ -55,20 +60,28 @@ class SilentServer:
             c.close()
 
 
-def _mesh_to(address: str, timeout_s: float) -> ExpertMesh:
+async def _layer_step(address: str, timeout_s: float):
     layers = {0: LayerFunctions({"f" * 64: (0, 1)})}
-    return ExpertMesh(layers, {address: NodeClient(address)}, {"f" * 64: (address,)}, step_timeout_s=timeout_s)
+    transport = Transport()
+    router = Router()
+    router.publish({"f" * 64: (address,)})
+    mesh = ExpertMesh(layers, transport, router, step_timeout_s=timeout_s)
+    try:
+        ctx = mesh.context("r")
+        pending = await mesh.submit(0, np.zeros((2, 8), np.float32), np.array([[0, 1], [1, 0]]), ctx)
+        return await mesh.collect(pending)
+    finally:
+        await transport.close()
 
 
 @pytest.mark.parametrize("kind", ["refused", "silent"])
 def test_unreachable_node_fails_within_deadline_naming_it(kind):
     server = SilentServer() if kind == "silent" else None
     address = server.address if server else f"127.0.0.1:{_free_port()}"
-    mesh = _mesh_to(address, timeout_s=1.5)
     start = time.monotonic()
     try:
         with pytest.raises(NodeUnavailable, match=address.replace(".", r"\.")):
-            mesh.run_layer(0, np.zeros((2, 8), np.float32), np.array([[0, 1], [1, 0]]))
+            asyncio.run(_layer_step(address, timeout_s=1.5))
     finally:
         if server:
             server.close()
@@ -91,36 +104,38 @@ def model_and_store(tmp_path):
     return model_dir, tmp_path / "store"
 
 
-def _kill_after_calls(session: RouterSession, node, calls: int):
-    """Wrap the mesh so ``node`` is SIGKILLed once ``calls`` layer steps have run (mid-generation)."""
-    original = session.mesh.run_layer
+def _kill_after_calls(serving, node, calls: int):
+    """Wrap the mesh so ``node`` is SIGKILLed once ``calls`` layer steps were submitted (mid-generation)."""
+    original = serving.mesh.submit
     count = {"n": 0}
 
-    def run_layer(*a, **kw):
+    async def submit(*a, **kw):
         count["n"] += 1
         if count["n"] == calls:
             node.kill()
-        return original(*a, **kw)
+        return await original(*a, **kw)
 
-    session.mesh.run_layer = run_layer
+    serving.mesh.submit = submit
 
 
 def test_killed_node_is_replaced_by_survivors_same_tokens(tmp_path, model_and_store):
     model_dir, store = model_and_store
     tok = AutoTokenizer.from_pretrained(str(store))
     ref = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    expected = generate(ref, tok, ["hello mesh"], 10)[0].token_ids
-    with LocalMesh(3, tmp_path / "nodes", memory_budget_mb=64) as mesh:
-        session = RouterSession(store, step_timeout_s=10)
-        try:
-            session.place_and_deploy(mesh.addresses)
-            model = build_mesh_model(store, session.manifest, session.mesh)
-            _kill_after_calls(session, mesh.nodes[1], calls=7)
-            out = generate(model, tok, ["hello mesh"], 10)[0]
+    expected = reference_generate(ref, tok, ["hello mesh"], 10)[0].token_ids
+
+    async def run(mesh):
+        async with local_serving(store, mesh.addresses, EngineConfig(step_timeout_s=10)) as serving:
+            _kill_after_calls(serving, mesh.nodes[1], calls=7)
+            out = (await generate(serving.engine, tok, ["hello mesh"], 10))[0]
+            session = serving.session
             assert mesh.nodes[1].address in session.dead
             assert all(mesh.nodes[1].address not in nodes for nodes in session.placement.values())
-        finally:
-            session.close()
+            assert serving.engine.stats.failed_steps == 0
+            return out
+
+    with LocalMesh(3, tmp_path / "nodes", memory_budget_mb=64) as mesh:
+        out = asyncio.run(run(mesh))
     assert out.token_ids == expected
 
 
@@ -132,18 +147,18 @@ def test_killed_node_without_room_fails_saying_so(tmp_path):
     tok = AutoTokenizer.from_pretrained(str(store))
     function_bytes = sum(f.bytes for f in RouterSession(store).placement_functions())   # memory when loaded
     budget_mb = 1.05 * function_bytes / 2**20 / 2      # two nodes hold everything once, one cannot
-    with LocalMesh(2, tmp_path / "nodes", memory_budget_mb=budget_mb) as mesh:
-        session = RouterSession(store, step_timeout_s=10)
-        try:
-            session.place_and_deploy(mesh.addresses)
-            model = build_mesh_model(store, session.manifest, session.mesh)
-            _kill_after_calls(session, mesh.nodes[0], calls=5)
+
+    async def run(mesh):
+        async with local_serving(store, mesh.addresses, EngineConfig(step_timeout_s=10)) as serving:
+            _kill_after_calls(serving, mesh.nodes[0], calls=5)
             start = time.monotonic()
-            with pytest.raises(NodeUnavailable, match="cannot hold"):
-                generate(model, tok, ["hello mesh"], 10)
+            with pytest.raises(StepFailed, match="cannot hold"):
+                await generate(serving.engine, tok, ["hello mesh"], 10)
             assert time.monotonic() - start < 10
-        finally:
-            session.close()
+            assert serving.engine.stats.failed_steps == 1 and not serving.engine.running
+
+    with LocalMesh(2, tmp_path / "nodes", memory_budget_mb=budget_mb) as mesh:
+        asyncio.run(run(mesh))
 
 
 def test_store_whose_config_disagrees_with_its_functions_is_a_clear_error(tmp_path):
@@ -158,4 +173,4 @@ def test_store_whose_config_disagrees_with_its_functions_is_a_clear_error(tmp_pa
     (store / "config.json").write_text(json.dumps(config))
     session = RouterSession(store)
     with pytest.raises(CheckpointError, match="layer 0 has expert functions but no MoE block"):
-        build_mesh_model(store, session.manifest, session.mesh)
+        build_mesh_model(store, session.manifest)

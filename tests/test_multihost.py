@@ -34,6 +34,7 @@ from types import SimpleNamespace
 import pytest
 
 import netns
+from conftest import skip_or_fail
 from model_factory import make_checkpoint
 
 pytestmark = pytest.mark.netns
@@ -50,7 +51,7 @@ ROUTER = [sys.executable, "-m", "faasmoe.router"]
 def topo():
     reason = netns.unavailable_reason()
     if reason:
-        pytest.skip(reason)
+        skip_or_fail(reason)
     with netns.Topology(("router", *NODE_ROLES)) as t:
         yield t
 

@@ -1,14 +1,16 @@
-"""``faasmoe-router serve`` keeps a store placed while nodes leave and come back, and serves metrics."""
+"""``faasmoe-router serve`` keeps a store placed while nodes leave and come back, and serves health and
+metrics over its HTTP API."""
 
 from __future__ import annotations
 
-import re
+import json
 import signal
 import subprocess
 import sys
 import time
 import urllib.request
 
+from faasmoe.router.api.server import READY_PREFIX
 from faasmoe.router.mesh.client import NodeClient
 from faasmoe.router.control.local_mesh import start_node
 from faasmoe.router.store.manifest import load_manifest
@@ -43,11 +45,12 @@ def test_serve_replaces_on_leave_and_rejoin(tmp_path):
     nodes = [start_node(tmp_path / f"n{i}", memory_budget_mb=64, extra_args=["--node-id", f"n{i}"]) for i in range(2)]
     serve = subprocess.Popen([sys.executable, "-m", "faasmoe.router", "serve", "--store", str(store),
                               "--nodes", ",".join(n.address for n in nodes), "--settle-s", "0.2",
-                              "--metrics-port", "0", "--no-replicas"],
+                              "--port", "0", "--no-replicas"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         banner = serve.stdout.readline()
-        port = int(re.search(r":(\d+)/metrics", banner).group(1))
+        assert banner.startswith(READY_PREFIX), banner
+        url = json.loads(banner[len(READY_PREFIX):])["url"]
         a, b = nodes
         assert wait_until(lambda: held(a.address) | held(b.address) == everything, 30)
         assert held(a.address) and held(b.address)                 # spread over both nodes
@@ -59,8 +62,9 @@ def test_serve_replaces_on_leave_and_rejoin(tmp_path):
         nodes.append(b2)
         assert wait_until(lambda: len(held(b2.address)) > 0, 30), "returning node never used again"
         assert held(a.address) | held(b2.address) == everything
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        text = urllib.request.urlopen(f"{url}/metrics", timeout=5).read().decode()
         assert "faasmoe_router" in text
+        assert json.loads(urllib.request.urlopen(f"{url}/health", timeout=5).read())["status"] == "ok"
     finally:
         serve.send_signal(signal.SIGTERM)
         assert serve.wait(30) == 0, serve.stderr.read()

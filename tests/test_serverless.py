@@ -4,15 +4,17 @@ back-pressure the router absorbs, not failures."""
 
 from __future__ import annotations
 
+import asyncio
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from faasmoe.router.engine.generate import generate
 from faasmoe.router.control.local_mesh import LocalMesh
-from faasmoe.router.model.build import build_mesh_model
+from faasmoe.router.engine.engine import EngineConfig
+from faasmoe.router.engine.reference import reference_generate
+from faasmoe.router.engine.serving import local_serving
 from faasmoe.router.control.session import RouterSession
 from faasmoe.router.store.split import split_checkpoint
 from model_factory import make_checkpoint
@@ -38,22 +40,23 @@ def test_burst_against_all_cold_mesh(tmp_path):
     tok = AutoTokenizer.from_pretrained(str(store))
     prompts = [f"request {i}: x = {i} *" for i in range(N_REQUESTS)]
     ref = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    expected = [generate(ref, tok, [p], MAX_NEW)[0].token_ids for p in prompts]
+    expected = [r.token_ids for r in reference_generate(ref, tok, prompts, MAX_NEW)]
 
     # keep-alive 0.5 s: idle functions scale to zero; a small queue forces back-pressure in the burst
     with LocalMesh(3, tmp_path / "nodes", memory_budget_mb=64,
                    extra_args=["--keep-alive-s", "0.5", "--max-queue", "1"]) as mesh:
-        session = RouterSession(store, step_timeout_s=60)
-        try:
-            session.place_and_deploy(mesh.addresses)
-            model = build_mesh_model(store, session.manifest, session.mesh)
-            warm = [generate(model, tok, [p], MAX_NEW)[0].token_ids for p in prompts[:3]]
-            assert warm == expected[:3]
-            assert _wait_all_cold(session, mesh.addresses, timeout_s=20), "functions never scaled to zero"
-            cold_before = session.mesh.stats.cold_starts
-            with ThreadPoolExecutor(N_REQUESTS) as pool:
-                results = list(pool.map(lambda p: generate(model, tok, [p], MAX_NEW)[0].token_ids, prompts))
-            assert results == expected                      # zero errors (map re-raises), same tokens
-            assert session.mesh.stats.cold_starts > cold_before
-        finally:
-            session.close()
+        asyncio.run(_burst(store, mesh.addresses, tok, prompts, expected))
+
+
+async def _burst(store, addresses, tok, prompts, expected):
+    async with local_serving(store, addresses, EngineConfig(step_timeout_s=60)) as serving:
+        session, engine = serving.session, serving.engine
+        warm = [g.token_ids for g in await generate(engine, tok, prompts[:3], MAX_NEW)]
+        assert warm == expected[:3]
+        cold = await asyncio.to_thread(_wait_all_cold, session, addresses, 20)
+        assert cold, "functions never scaled to zero"
+        cold_before = serving.mesh.stats.cold_starts
+        results = await generate(engine, tok, prompts, MAX_NEW)          # all at once: one burst
+        assert [g.token_ids for g in results] == expected                # zero errors, same tokens
+        assert serving.mesh.stats.cold_starts > cold_before
+        assert engine.stats.failed_steps == 0

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -24,7 +23,6 @@ from faasmoe.router.store.manifest import load_manifest
 from faasmoe.router.store.split import add_arguments, run, split_checkpoint
 from model_factory import make_checkpoint, make_model, torch_expert
 
-SHARED_MODEL = Path(__file__).resolve().parents[2] / "shared" / "models" / "qwen2moe-tiny-code"
 EXPERT_RE = re.compile(r"\.mlp\.experts\.")
 
 
@@ -285,13 +283,11 @@ def test_bad_group_size(ckpts, tmp_path, group_size):
     assert not (tmp_path / "store").exists()
 
 
-# ---- the shared trained model (opt-in: FAASMOE_SHARED_MODEL=1 pytest -m shared_model) ----------------------------
+# ---- the shared trained model (../shared beside the clone; CI has it) --------------------------------------------
 @pytest.mark.shared_model
-@pytest.mark.skipif(not SHARED_MODEL.is_dir() or not os.environ.get("FAASMOE_SHARED_MODEL"),
-                    reason="needs ../shared/models/qwen2moe-tiny-code and FAASMOE_SHARED_MODEL=1")
-def test_shared_model_splits(tmp_path):
+def test_shared_model_splits(tmp_path, shared_model):
     from transformers import AutoModelForCausalLM
-    m = _split(SHARED_MODEL, tmp_path / "s", group_size=4)
+    m = _split(shared_model, tmp_path / "s", group_size=4)
     assert len(m.functions) == 8 * 15 and m.moe_layers == tuple(range(8))
-    model = AutoModelForCausalLM.from_pretrained(str(SHARED_MODEL), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(shared_model), dtype=torch.float32)
     _check_numerics(tmp_path / "s", m, model)

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import urllib.request
+import asyncio
 
 import numpy as np
 import pytest
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from faasmoe.proto import faasmoe_pb2 as pb
@@ -17,7 +18,9 @@ from faasmoe.router.mesh.client import NodeClient
 from faasmoe.router.mesh.grouping import LayerFunctions
 from faasmoe.router.control.local_mesh import start_node
 from faasmoe.router.mesh.dispatch import ExpertMesh
-from faasmoe.router.observe.metrics import RouterMetrics, start_metrics_server, stop_metrics_server
+from faasmoe.router.mesh.routing import Router
+from faasmoe.router.mesh.transport import Transport
+from faasmoe.router.observe.metrics import RouterMetrics
 from faasmoe.router.store.onnx_function import build_function
 
 HIDDEN, INTER = 64, 96
@@ -44,8 +47,8 @@ def deploy_layout(tmp_path, client: NodeClient) -> dict[int, LayerFunctions]:
     return layers
 
 
-def scrape(port: int) -> dict[tuple, float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+def scrape(registry) -> dict[tuple, float]:
+    text = generate_latest(registry).decode()
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
             for family in text_string_to_metric_families(text) for s in family.samples}
 
@@ -57,20 +60,27 @@ def stepped_node(tmp_path):
     client = NodeClient(node.address)
     try:
         layers = deploy_layout(tmp_path, client)
-        placement = {fid: (node.address,) for lf in layers.values() for fid in lf.experts_of}
-        mesh = ExpertMesh(layers, {node.address: client}, placement, tenant_id="tenant-heat")
-        metrics = RouterMetrics(lambda: mesh.stats)
-        metrics.watch(mesh)
-        port = start_metrics_server(metrics.registry, 0, "127.0.0.1")
-        try:
-            x = np.random.default_rng(1).standard_normal((5, HIDDEN), dtype=np.float32)
-            for layer, steps in ((0, 3), (1, 1)):
-                for _ in range(steps):
-                    out = mesh.run_layer(layer, x[:len(TOP_K[layer])], TOP_K[layer])
-                    assert sorted(out) == sorted(set(TOP_K[layer].ravel().tolist()))
-            yield node, scrape(port)
-        finally:
-            stop_metrics_server(port)
+        router = Router()
+        router.publish({fid: (node.address,) for lf in layers.values() for fid in lf.experts_of})
+
+        async def steps():
+            transport = Transport()
+            mesh = ExpertMesh(layers, transport, router)
+            metrics = RouterMetrics(lambda: mesh.stats)
+            metrics.watch(mesh)
+            try:
+                x = np.random.default_rng(1).standard_normal((5, HIDDEN), dtype=np.float32)
+                for layer, n_steps in ((0, 3), (1, 1)):
+                    for _ in range(n_steps):
+                        ctx = mesh.context("heat-steps", tenant_id="tenant-heat")
+                        pending = await mesh.submit(layer, x[:len(TOP_K[layer])], TOP_K[layer], ctx)
+                        out = await mesh.collect(pending)
+                        assert sorted(out) == sorted(set(TOP_K[layer].ravel().tolist()))
+                return scrape(metrics.registry)
+            finally:
+                await transport.close()
+
+        yield node, asyncio.run(steps())
     finally:
         client.close()
         node.stop()

@@ -3,6 +3,8 @@ within each node's memory budget, so a warmed generation meets no cold start."""
 
 from __future__ import annotations
 
+import asyncio
+
 import json
 
 import torch
@@ -12,7 +14,8 @@ from faasmoe.proto.function_abi import resident_estimate_bytes
 from faasmoe.router.cli import main as cli
 from faasmoe.router.engine.generate import generate
 from faasmoe.router.control.local_mesh import LocalMesh
-from faasmoe.router.model.build import build_mesh_model
+from faasmoe.router.engine.reference import reference_generate
+from faasmoe.router.engine.serving import start_serving
 from faasmoe.router.control.session import RouterSession
 from faasmoe.router.store.split import split_checkpoint
 from model_factory import make_checkpoint
@@ -36,7 +39,7 @@ def test_warm_loads_everything_placed_and_generation_has_no_cold_start(tmp_path,
     model_dir, store = _store(tmp_path)
     tok = AutoTokenizer.from_pretrained(str(store))
     ref = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    expected = generate(ref, tok, ["warm me up"], 6)[0].token_ids
+    expected = reference_generate(ref, tok, ["warm me up"], 6)[0].token_ids
     with LocalMesh(2, tmp_path / "nodes", memory_budget_mb=64, extra_args=["--keep-alive-s", "inf"]) as mesh:
         session = RouterSession(store)
         try:
@@ -44,9 +47,16 @@ def test_warm_loads_everything_placed_and_generation_has_no_cold_start(tmp_path,
             copies = sum(len(nodes) for nodes in plan.values())
             assert session.warm() == copies
             assert sum(len(_loaded(session, a)) for a in mesh.addresses) == copies
-            model = build_mesh_model(store, session.manifest, session.mesh)
-            assert generate(model, tok, ["warm me up"], 6)[0].token_ids == expected
-            assert session.mesh.stats.cold_starts == 0
+
+            async def run():
+                serving = await start_serving(session)
+                try:
+                    out = (await generate(serving.engine, tok, ["warm me up"], 6))[0].token_ids
+                    return out, serving.mesh.stats.cold_starts
+                finally:
+                    await serving.close()
+
+            assert asyncio.run(run()) == (expected, 0)
         finally:
             session.close()
         # the CLI flag, on a fresh router: the nodes are already warm, and it says how many it loaded

@@ -36,8 +36,20 @@ def node_addresses(args):
 def _session(args):
     from faasmoe.router.control.session import RouterSession
     options = pl.PlacementOptions(replicate=not getattr(args, "no_replicas", False))
-    return RouterSession(args.store, tenant_id=getattr(args, "tenant", "default"),
-                         step_timeout_s=getattr(args, "step_timeout_s", 30.0), placement_options=options)
+    return RouterSession(args.store, router_id=getattr(args, "router_id", None), placement_options=options)
+
+
+def engine_config(args):
+    from faasmoe.router.engine.engine import EngineConfig
+    from faasmoe.router.engine.scheduler import Limits
+    try:
+        limits = Limits(max_running=args.max_batch, max_step_tokens=args.max_step_tokens,
+                        prefill_chunk=args.prefill_chunk)
+    except ValueError as exc:
+        raise ConfigError(f"{exc}: check --max-batch, --max-step-tokens and --prefill-chunk") from None
+    if args.max_waiting < 0 or args.step_timeout_s <= 0:
+        raise ConfigError("--max-waiting must be >= 0 and --step-timeout-s > 0")
+    return EngineConfig(limits=limits, max_waiting=args.max_waiting, step_timeout_s=args.step_timeout_s)
 
 
 def place(args) -> int:
@@ -66,42 +78,49 @@ def place(args) -> int:
 def generate(args) -> int:
     if args.max_new_tokens < 1:
         raise ConfigError("--max-new-tokens must be at least 1")
-    from transformers import AutoTokenizer
+    import asyncio
 
     from faasmoe.router.engine.generate import generate as run
-    from faasmoe.router.model.build import build_mesh_model
+    from faasmoe.router.engine.serving import start_serving
 
+    config = engine_config(args)
     session = _session(args)
-    try:
+
+    async def main():
         with node_addresses(args) as (addresses, directory):
             if directory is not None:
                 session.on_mark_down = directory.mark_down
             t0 = time.perf_counter()
-            session.place_and_deploy(addresses)
-            warmed = session.warm() if args.warm else 0
+            await asyncio.to_thread(session.place_and_deploy, addresses)
+            warmed = await asyncio.to_thread(session.warm) if args.warm else 0
             t1 = time.perf_counter()
-            model = build_mesh_model(session.store, session.manifest, session.mesh)
-            tokenizer = AutoTokenizer.from_pretrained(str(session.store))
-            t2 = time.perf_counter()
-            results = run(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_p,
-                          args.seed)
-            t3 = time.perf_counter()
-        stats = session.mesh.stats
-        if args.json:
-            items = [dict(text=r.text, token_ids=r.token_ids, prompt_token_ids=r.prompt_token_ids,
-                          step_s=[round(s, 6) for s in r.step_s]) for r in results]
-            out = dict(items[0]) if len(items) == 1 else {"results": items}
-            out.update(deploy_s=round(t1 - t0, 3), load_model_s=round(t2 - t1, 3), generate_s=round(t3 - t2, 3),
-                       rpcs=stats.rpcs, cold_starts=stats.cold_starts, retries=stats.retries, warmed=warmed)
-            print(json.dumps(out))
-        else:
-            for r in results:
-                print(r.text)
-            print(f"[{sum(len(r.token_ids) for r in results)} tokens in {t3 - t2:.2f} s; "
-                  f"{stats.rpcs} RPCs, {stats.cold_starts} cold starts]", file=sys.stderr)
-        return 0
+            serving = await start_serving(session, config)
+            try:
+                t2 = time.perf_counter()
+                results = await run(serving.engine, serving.tokenizer, args.prompt, args.max_new_tokens,
+                                    args.temperature, args.top_p, args.seed)
+                t3 = time.perf_counter()
+            finally:
+                await serving.close()
+        return results, serving.mesh.stats, warmed, (t0, t1, t2, t3)
+
+    try:
+        results, stats, warmed, (t0, t1, t2, t3) = asyncio.run(main())
     finally:
         session.close()
+    if args.json:
+        items = [dict(text=r.text, token_ids=r.token_ids, prompt_token_ids=r.prompt_token_ids,
+                      finish_reason=r.finish_reason, step_s=[round(s, 6) for s in r.step_s]) for r in results]
+        out = dict(items[0]) if len(items) == 1 else {"results": items}
+        out.update(deploy_s=round(t1 - t0, 3), load_model_s=round(t2 - t1, 3), generate_s=round(t3 - t2, 3),
+                   rpcs=stats.rpcs, cold_starts=stats.cold_starts, retries=stats.retries, warmed=warmed)
+        print(json.dumps(out))
+    else:
+        for r in results:
+            print(r.text)
+        print(f"[{sum(len(r.token_ids) for r in results)} tokens in {t3 - t2:.2f} s; "
+              f"{stats.rpcs} RPCs, {stats.cold_starts} cold starts]", file=sys.stderr)
+    return 0
 
 
 def status(args) -> int:
@@ -127,44 +146,24 @@ def status(args) -> int:
 
 
 def serve(args) -> int:
-    """Long-running: keep the store placed on the live mesh until SIGINT/SIGTERM."""
+    """Long-running: the OpenAI-compatible API over the mesh, kept placed until SIGINT/SIGTERM."""
+    import asyncio
     import signal
-    import threading
 
-    from faasmoe.router.control.controller import PlacementController
+    from faasmoe.router.api.server import RouterServer, ServeOptions
 
     static = [parse_address(a) for a in args.nodes.split(",") if a.strip()] if args.nodes else []
     if not static and not args.discover:
         raise ConfigError("no nodes: give --nodes HOST:PORT[,...] or --discover")
+    if not 0 <= args.port < 65536:
+        raise ConfigError(f"--port {args.port} is not a port number (0 = any free port)")
+    config = engine_config(args)
     session = _session(args)
     directory = NodeDirectory(static=static, mdns_interfaces=(args.mdns_interface or []) if args.discover else None)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    from faasmoe.router.observe.metrics import RouterMetrics, start_metrics_server, stop_metrics_server
-    from faasmoe.router.observe.telemetry import TelemetryCollector
-
-    telemetry = TelemetryCollector(args.mqtt).start() if args.mqtt else None
-    metrics_port = None
-    if args.metrics_port is not None:
-        metrics = RouterMetrics(lambda: session.mesh.stats, telemetry=telemetry)
-        metrics.watch(session.mesh)
-        metrics_port = start_metrics_server(metrics.registry, args.metrics_port, host=args.metrics_host)
-    directory.start()
-    controller = PlacementController(session, directory, settle_s=args.settle_s)
-    controller.start()
-    print(f"faasmoe-router serving {session.manifest.model_id} ({len(session.manifest.functions)} functions)"
-          + (f"; metrics on {args.metrics_host}:{metrics_port}/metrics" if metrics_port is not None else ""),
-          flush=True)
-    try:
-        while not stop.wait(1.0):
-            pass
-    finally:
-        controller.stop()
-        directory.stop()
-        if metrics_port is not None:
-            stop_metrics_server(metrics_port)
-        if telemetry is not None:
-            telemetry.stop()
-        session.close()
+    options = ServeOptions(host=args.host, port=args.port, model_name=args.model_name, warm=args.warm,
+                           settle_s=args.settle_s, mqtt_url=args.mqtt)
+    server = RouterServer(session, directory, config, options, announce=lambda line: print(line, flush=True))
+    for sig in (signal.SIGINT, signal.SIGTERM):      # uvicorn shuts down on them, then re-raises them here
+        signal.signal(sig, lambda *_: server.stop())
+    asyncio.run(server.run())
     return 0

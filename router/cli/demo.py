@@ -1,22 +1,30 @@
 """``faasmoe demo``: the whole path on one machine with nothing else running.
 
 Builds a small random ``Qwen2MoeForCausalLM`` (or takes ``--model DIR``), splits it, starts N node processes
-on loopback, deploys, generates through the mesh, prints the text, per-step timings and whether the tokens
-match transformers run locally, then shuts everything down.
+on loopback, deploys, generates through the mesh with the serving engine, prints the text, per-step timings
+and whether the tokens match transformers run locally, then shuts everything down.
+
+With ``--serve`` the mesh stays up behind the OpenAI-compatible API instead, and the demo prints a ``curl``
+line and an ``openai`` client snippet that work as printed (Ctrl-C stops everything).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import shlex
+import signal
 import statistics
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 from faasmoe.proto.errors import ConfigError
 
 DEMO_PROMPT = "def fibonacci(n):"
+DEMO_MODEL_NAME = "faasmoe-demo"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -27,27 +35,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--memory-budget-mb", type=float, default=512, help="memory budget of each node")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--serve", action="store_true",
+                   help="keep the mesh up behind the OpenAI-compatible API (Ctrl-C stops)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port with --serve (default 8000; 0 = any free)")
 
 
 def _reference_tokens(model_dir: Path, tokenizer, prompt: str, max_new_tokens: int) -> list[int]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from faasmoe.router.engine.generate import generate
+    from faasmoe.router.engine.reference import reference_generate
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    return generate(model, tokenizer, [prompt], max_new_tokens)[0].token_ids
+    return reference_generate(model, tokenizer, [prompt], max_new_tokens)[0].token_ids
 
 
 def run(args) -> int:
     if args.nodes < 1:
         raise ConfigError("--nodes must be at least 1")
-    from transformers import AutoTokenizer
+    if not 0 <= args.port < 65536:
+        raise ConfigError(f"--port {args.port} is not a port number (0 = any free port)")
     from transformers.utils import logging as hf_logging
 
-    from faasmoe.router.engine.generate import generate
     from faasmoe.router.control.local_mesh import LocalMesh
-    from faasmoe.router.model.build import build_mesh_model
-    from faasmoe.router.control.session import RouterSession
     from faasmoe.router.store.split import split_checkpoint
 
     hf_logging.disable_progress_bar()
@@ -64,23 +73,18 @@ def run(args) -> int:
         t1 = time.perf_counter()
         with LocalMesh(args.nodes, tmp / "nodes", memory_budget_mb=args.memory_budget_mb) as mesh:
             t2 = time.perf_counter()
-            session = RouterSession(store)
-            try:
-                plan, _ = session.place_and_deploy(mesh.addresses)
-                t3 = time.perf_counter()
-                model = build_mesh_model(store, session.manifest, session.mesh)
-                tokenizer = AutoTokenizer.from_pretrained(str(store))
-                out = generate(model, tokenizer, [args.prompt], args.max_new_tokens)[0]
-                stats = session.mesh.stats
-            finally:
-                session.close()
+            if args.serve:
+                return _serve(args, store, mesh.addresses)
+            out, stats, copies, t3 = asyncio.run(_generate(args, store, mesh.addresses))
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(str(store))
         reference = _reference_tokens(model_dir, tokenizer, args.prompt, args.max_new_tokens)
     decode_s = out.step_s[1:]
     report = {
         "text": out.text, "token_ids": out.token_ids, "prompt_token_ids": out.prompt_token_ids,
         "matches_transformers": out.token_ids == reference,
         "nodes": args.nodes, "functions": len(manifest.functions), "group_size": manifest.group_size,
-        "function_copies": sum(len(v) for v in plan.values()),
+        "function_copies": copies,
         "split_s": round(t1 - t0, 3), "start_nodes_s": round(t2 - t1, 3), "deploy_s": round(t3 - t2, 3),
         "prefill_s": round(out.step_s[0], 4) if out.step_s else None,
         "decode_step_ms_p50": round(1000 * statistics.median(decode_s), 2) if decode_s else None,
@@ -102,7 +106,52 @@ def run(args) -> int:
         print(f"{stats.rpcs} RPCs, {stats.cold_starts} cold starts, dispatch share of mesh time "
               f"{report['dispatch_share']}")
         print("tokens match transformers: " + ("yes" if report["matches_transformers"] else "NO"))
+        print("next: `faasmoe demo --serve` keeps this mesh up behind an OpenAI-compatible API")
     return 0 if report["matches_transformers"] else 1
+
+
+async def _generate(args, store: Path, addresses):
+    from faasmoe.router.engine.generate import generate
+    from faasmoe.router.engine.serving import local_serving
+
+    async with local_serving(store, addresses) as serving:
+        t3 = time.perf_counter()
+        copies = sum(len(nodes) for nodes in serving.session.placement.values())
+        out = (await generate(serving.engine, serving.tokenizer, [args.prompt], args.max_new_tokens))[0]
+        return out, serving.mesh.stats, copies, t3
+
+
+def _serve(args, store: Path, addresses) -> int:
+    from faasmoe.router.api.server import ServeOptions, ServerThread
+    from faasmoe.router.control.session import RouterSession
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    options = ServeOptions(host="127.0.0.1", port=args.port, model_name=DEMO_MODEL_NAME)
+    with ServerThread(RouterSession(store), addresses, options=options) as server:
+        print(usage(server.url, args.prompt), flush=True)
+        stop.wait()
+    print("stopped", flush=True)
+    return 0
+
+
+def usage(url: str, prompt: str) -> str:
+    body = json.dumps({"model": DEMO_MODEL_NAME, "prompt": prompt, "max_tokens": 16, "temperature": 0})
+    return "\n".join([
+        f"faasmoe demo: {DEMO_MODEL_NAME} served by a local mesh at {url}/v1 (Ctrl-C stops it)",
+        "",
+        "curl:",
+        f"curl -s {url}/v1/completions -H 'Content-Type: application/json' -d {shlex.quote(body)}",
+        "",
+        "python (pip install openai):",
+        "from openai import OpenAI",
+        f"client = OpenAI(base_url=\"{url}/v1\", api_key=\"none\")",
+        f"out = client.completions.create(model=\"{DEMO_MODEL_NAME}\", prompt={prompt!r}, max_tokens=16, "
+        "temperature=0)",
+        "print(out.choices[0].text)",
+        "",
+    ])
 
 
 DEMO_MODEL = dict(num_layers=4, hidden_size=64, num_experts=16, top_k=4, moe_intermediate_size=32,

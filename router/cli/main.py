@@ -64,6 +64,20 @@ def add_mesh_arguments(p: argparse.ArgumentParser, store: bool = True) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
 
 
+def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-batch", type=int, default=32,
+                   help="sequences decoding together in one step at most (default 32)")
+    p.add_argument("--max-step-tokens", type=int, default=512,
+                   help="tokens fed per step, all sequences together (default 512)")
+    p.add_argument("--prefill-chunk", type=int, default=256,
+                   help="prompt tokens one sequence prefills per step at most: long prompts are prefilled over "
+                        "several steps while running decodes keep stepping (default 256)")
+    p.add_argument("--max-waiting", type=int, default=256,
+                   help="requests queued beyond the batch; more get 503 with Retry-After (default 256)")
+    p.add_argument("--step-timeout-s", type=float, default=30.0,
+                   help="deadline of one step across the mesh, recovery included (default 30)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="faasmoe-router", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
@@ -77,9 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=None)
-    gen.add_argument("--tenant", default="default", help="tenant id carried on every call")
-    gen.add_argument("--step-timeout-s", type=float, default=30.0,
-                     help="deadline of one layer step across all nodes (default 30)")
+    add_engine_arguments(gen)
     gen.add_argument("--no-replicas", action="store_true", help="place one copy of each function only")
     gen.add_argument("--warm", action="store_true",
                      help="load the placed functions on their nodes before generating (no cold starts; each node "
@@ -90,14 +102,18 @@ def build_parser() -> argparse.ArgumentParser:
     place.add_argument("--dry-run", action="store_true", help="show the plan, change nothing")
     place.add_argument("--no-replicas", action="store_true", help="place one copy of each function only")
 
-    serve = sub.add_parser("serve", help="keep the store placed on the live mesh: re-place and redeploy when "
-                                         "nodes join or leave (long-running)")
+    serve = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API and keep it placed on "
+                                         "the live mesh (long-running)")
     add_mesh_arguments(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address of the HTTP API (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port of the HTTP API (default 8000; 0 = any free)")
+    serve.add_argument("--model-name", default=None,
+                       help="the model id clients ask for (default: the store directory's name)")
+    add_engine_arguments(serve)
+    serve.add_argument("--router-id", default=None,
+                       help="this router's owner id on the nodes (default: a fresh random id)")
     serve.add_argument("--no-replicas", action="store_true", help="place one copy of each function only")
-    serve.add_argument("--metrics-port", type=int, default=None,
-                       help="serve Prometheus /metrics on this port (default: off)")
-    serve.add_argument("--metrics-host", default="127.0.0.1",
-                       help="address of the metrics endpoint (default 127.0.0.1; 0.0.0.0 in containers)")
+    serve.add_argument("--warm", action="store_true", help="load the placed functions before serving")
     serve.add_argument("--mqtt", default=None, help="MQTT broker URL to read node telemetry from")
     serve.add_argument("--settle-s", type=float, default=1.0,
                        help="wait this long after a mesh change before re-placing (default 1)")

@@ -1,24 +1,30 @@
-"""A router session for one store: which nodes are up, where the functions go, getting them there, and
-the mesh + model that serve generation. Nodes are keyed by their ``host:port`` address everywhere.
+"""A router session for one store: which nodes are up, where the functions go, getting them there
+(make-before-break), and the routing table the engine's steps read. Nodes are keyed by ``host:port``.
+
+The session is the control plane's synchronous side (gRPC control calls from threads); the engine reaches it
+through :class:`SessionControl`, which runs recoveries off the event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from faasmoe.proto import faasmoe_pb2 as pb
-from faasmoe.proto.function_abi import resident_estimate_bytes
 from faasmoe.proto.errors import MeshError, NodeUnavailable, PlacementError
+from faasmoe.proto.function_abi import resident_estimate_bytes
 from faasmoe.router.control import placement as pl
+from faasmoe.router.control.transition import Transition, transition
 from faasmoe.router.mesh.client import NodeClient
 from faasmoe.router.mesh.grouping import LayerFunctions
+from faasmoe.router.mesh.routing import Router
 from faasmoe.router.store.manifest import FunctionEntry, Manifest, load_manifest
-from faasmoe.router.mesh.dispatch import ExpertMesh
 
 log = logging.getLogger(__name__)
 
@@ -30,31 +36,31 @@ class NodeView:
     address: str
     status: pb.StatusReply
     capacity_bytes: int          # what this model may use there: node capacity minus other models' functions
-    held: frozenset[str]         # this model's function ids deployed there
+    held: frozenset[str]         # this model's function ids deployed there (by any router)
+    leased: frozenset[str]       # ... of which this router holds a lease
 
 
 class RouterSession:
-    def __init__(self, store: str | Path, *, tenant_id: str = "default", step_timeout_s: float = 30.0,
-                 status_timeout_s: float = 5.0, placement_options: pl.PlacementOptions | None = None):
+    def __init__(self, store: str | Path, *, router_id: str | None = None, status_timeout_s: float = 5.0,
+                 placement_options: pl.PlacementOptions | None = None):
         self.store = Path(store)
         self.manifest: Manifest = load_manifest(self.store)
-        self.tenant_id = tenant_id
-        self.step_timeout_s = step_timeout_s
+        self.router_id = router_id or f"router-{uuid.uuid4().hex[:12]}"
         self.status_timeout_s = status_timeout_s
         self.placement_options = placement_options or pl.PlacementOptions()
         self.clients: dict[str, NodeClient] = {}
         self.placement: dict[str, tuple[str, ...]] = {}
         self.budgets: dict[str, int] = {}          # address -> memory budget bytes, from the last survey
+        self.router = Router()                     # the routing table the engine's steps read
+        self.layers = {layer: LayerFunctions({f.function_id: f.expert_ids for f in self.manifest.layer_functions(layer)})
+                       for layer in self.manifest.moe_layers}
         self._by_id = {f.function_id: f for f in self.manifest.functions}
         self._lock = threading.RLock()
         self._place_lock = threading.Lock()
-        self.mesh = ExpertMesh(
-            {layer: LayerFunctions({f.function_id: f.expert_ids for f in self.manifest.layer_functions(layer)})
-             for layer in self.manifest.moe_layers},
-            {}, {}, tenant_id=tenant_id, step_timeout_s=step_timeout_s, on_node_failure=self.recover)
         self.dead: set[str] = set()
         self.unreachable: dict[str, str] = {}     # address -> why, from the last survey
-        self.on_mark_down = None     # set by callers that keep a NodeDirectory
+        self.on_mark_down: Callable[[str], None] | None = None     # set by callers that keep a NodeDirectory
+        self.placed_once = threading.Event()      # every function has been routed at least once
 
     # -- nodes -----------------------------------------------------------------------------------------
     def client(self, address: str) -> NodeClient:
@@ -78,10 +84,12 @@ class RouterSession:
                     log.info("left out of placement: %s", err)
                     self.unreachable[address] = err.detail
                     continue
-                held = frozenset(f.function_id for f in status.functions if f.function_id in self._by_id)
+                mine = [f for f in status.functions if f.function_id in self._by_id]
                 foreign = sum(resident_estimate_bytes(f.size_bytes) for f in status.functions
                               if f.function_id not in self._by_id)
-                views.append(NodeView(address, status, max(status.capacity_bytes - foreign, 0), held))
+                views.append(NodeView(address, status, max(status.capacity_bytes - foreign, 0),
+                                      frozenset(f.function_id for f in mine),
+                                      frozenset(f.function_id for f in mine if self.router_id in f.owners)))
         return views
 
     # -- placement -------------------------------------------------------------------------------------
@@ -95,44 +103,68 @@ class RouterSession:
             tried = "; ".join(f"{a}: {why.split(';')[0]}" for a, why in sorted(self.unreachable.items()))
             raise PlacementError("no reachable node" + (f" ({tried})" if tried else "")
                                  + ": start faasmoe-node on some devices or check --nodes")
-        nodes = node_specs(views)
         current = {fid: [v.address for v in views if fid in v.held] for fid in self._by_id}
-        return pl.place(self.placement_functions(), nodes, current, self.placement_options)
+        return pl.place(self.placement_functions(), node_specs(views), current, self.placement_options)
+
+    def transition_to(self, plan: dict[str, tuple[str, ...]], views: Sequence[NodeView]) -> Transition:
+        live = {v.address for v in views}
+        with self._lock:
+            routed = {fid: [n for n in nodes if n in live] for fid, nodes in self.placement.items()}
+        leased = {fid: [v.address for v in views if fid in v.leased] for fid in self._by_id}
+        return transition(routed, leased, plan)
 
     def apply(self, plan: dict[str, tuple[str, ...]], views: Sequence[NodeView]) -> tuple[int, int]:
-        """Take the mesh from what ``views`` hold to ``plan``: undeploy dropped replicas, deploy new copies
-        (nodes in parallel), undeploy the old copies of moved functions; then route by ``plan``."""
-        current = {fid: [v.address for v in views if fid in v.held] for fid in self._by_id}
-        to_deploy, to_undeploy = pl.diff(current, plan)
+        """Take the mesh from what ``views`` hold to ``plan``, make-before-break (see
+        :mod:`~faasmoe.router.control.transition`). Returns (leases taken, leases released)."""
+        t = self.transition_to(plan, views)
+        if t.drop:
+            self._route(t.routes_during)
+            self._release(t.drop)
         by_node: dict[str, list[FunctionEntry]] = {}
-        for fid, address in to_deploy:
+        for fid, address in t.deploy:
             by_node.setdefault(address, []).append(self._by_id[fid])
 
         def deploy_all(address):
             client = self.client(address)
             for entry in by_node[address]:
-                client.deploy(self.store / entry.file, header_of(entry, self.manifest.model_id))
+                client.deploy(self.store / entry.file, header_of(entry, self.manifest.model_id, self.router_id))
 
-        def undeploy(pairs):
-            for fid, address in pairs:
-                try:
-                    self.client(address).undeploy(fid)
-                except MeshError as exc:
-                    log.warning("undeploy %s: %s", fid[:12], exc)
-
-        # A dropped replica (its function keeps a deployed copy) goes first: the new copies may need its room
-        # (recovery onto full survivors). A moved copy goes only once its new copy exists.
-        stays = {fid: set(current.get(fid, ())) & set(plan.get(fid, ())) for fid in self._by_id}
-        undeploy([(fid, a) for fid, a in to_undeploy if stays.get(fid)])
         if by_node:
             with ThreadPoolExecutor(max_workers=len(by_node)) as pool:
                 list(pool.map(deploy_all, sorted(by_node)))
-        undeploy([(fid, a) for fid, a in to_undeploy if not stays.get(fid)])
         with self._lock:
-            self.placement = dict(plan)
             self.budgets.update({v.address: v.status.memory_budget_bytes for v in views})
-            self.mesh.update({a: self.client(a) for a in {n for ns in plan.values() for n in ns}}, plan)
-        return len(to_deploy), len(to_undeploy)
+        self._route(t.routes_after)
+        self._release(t.release)
+        if all(t.routes_after.get(fid) for fid in self._by_id):
+            self.placed_once.set()
+        return len(t.deploy), len(t.drop) + len(t.release)
+
+    def _route(self, routes: dict[str, tuple[str, ...]]) -> None:
+        with self._lock:
+            self.placement = dict(routes)
+            for address in {n for nodes in routes.values() for n in nodes}:
+                self.client(address)
+            self.router.publish(routes)
+
+    def _release(self, pairs) -> None:
+        for fid, address in pairs:
+            try:
+                self.client(address).undeploy(fid, owner=self.router_id)
+            except MeshError as exc:
+                log.warning("undeploy %s from %s: %s", fid[:12], address, exc)
+
+    def move(self, function_id: str, source: str, target: str) -> None:
+        """Move one copy of ``function_id`` from ``source`` to ``target``, make-before-break (an operator's
+        move; the controller may move it back on its next re-placement)."""
+        with self._place_lock:
+            plan = {fid: tuple(nodes) for fid, nodes in self.placement.items()}
+            nodes = set(plan.get(function_id, ()))
+            if source not in nodes or target in nodes:
+                raise PlacementError(f"cannot move {function_id[:12]} from {source} to {target}: it is on "
+                                     f"{sorted(nodes) or 'no node'}")
+            plan[function_id] = tuple(sorted((nodes - {source}) | {target}))
+            self.apply(plan, self.survey(sorted({n for ns in plan.values() for n in ns} | {source})))
 
     def warm(self, timeout_s: float = 600.0) -> int:
         """Load placed functions on their nodes now (prefetch), so first calls meet no cold start. Each node
@@ -168,6 +200,15 @@ class RouterSession:
             self.apply(plan, views)
             return plan, views
 
+    def placement_holds(self) -> bool:
+        """Every function is routed to at least one node not known dead (what /health reports)."""
+        with self._lock:
+            return all(any(n not in self.dead for n in self.placement.get(fid, ())) for fid in self._by_id)
+
+    def live_nodes(self) -> list[str]:
+        with self._lock:
+            return sorted(set(self.clients) - self.dead)
+
     def revive(self, address: str) -> None:
         """``address`` answers health checks again: it may be placed on."""
         with self._lock:
@@ -180,23 +221,46 @@ class RouterSession:
             self.dead.add(address)
             if self.on_mark_down is not None:
                 self.on_mark_down(address)
-            survivors = sorted(set(self.clients) - self.dead)     # every node surveyed so far, minus the dead
         try:
-            self.place_and_deploy(survivors)
+            self.place_and_deploy(self.live_nodes())     # every node surveyed so far, minus the dead
         except PlacementError as exc:
             raise NodeUnavailable(f"died and the surviving nodes cannot hold its functions: {exc}",
                                   node=address) from None
         except MeshError as exc:
             raise NodeUnavailable(f"died and redeploying its functions failed: {exc}", node=address) from None
 
+    def repair(self, pairs: set[tuple[str, str]]) -> None:
+        """Nodes said NOT_FOUND for functions the routing table puts there (e.g. a node restarted and lost
+        them): survey again and deploy what is missing."""
+        log.warning("nodes lost %d function copies (%s); re-placing", len(pairs),
+                    ", ".join(f"{fid[:12]}@{node}" for fid, node in sorted(pairs)[:4]))
+        try:
+            self.place_and_deploy(self.live_nodes())
+        except (PlacementError, MeshError) as exc:
+            raise NodeUnavailable(f"redeploying missing functions failed: {exc}") from None
+
     def close(self) -> None:
         for client in self.clients.values():
             client.close()
 
 
-def header_of(entry: FunctionEntry, model_id: str) -> pb.FunctionHeader:
+class SessionControl:
+    """The engine's way into the session (:class:`~faasmoe.router.mesh.dispatch.MeshControl`): recoveries
+    run in a worker thread, so the event loop keeps serving while nodes are re-placed."""
+
+    def __init__(self, session: RouterSession):
+        self.session = session
+
+    async def node_failed(self, node: str, error: MeshError) -> None:
+        await asyncio.to_thread(self.session.recover, node, error)
+
+    async def functions_missing(self, pairs: set[tuple[str, str]]) -> None:
+        await asyncio.to_thread(self.session.repair, pairs)
+
+
+def header_of(entry: FunctionEntry, model_id: str, owner: str = "") -> pb.FunctionHeader:
     return pb.FunctionHeader(function_id=entry.function_id, size_bytes=entry.bytes, layer=entry.layer,
-                             expert_ids=list(entry.expert_ids), model_id=model_id, dtype=entry.dtype)
+                             expert_ids=list(entry.expert_ids), model_id=model_id, dtype=entry.dtype, owner=owner)
 
 
 def node_specs(views: Sequence[NodeView]) -> list[pl.NodeSpec]:

@@ -56,7 +56,6 @@ class NodeClient:
         self.node = node or address
         self.max_message_bytes = max_message_bytes
         self.channel = make_channel(address, max_message_bytes)
-        self._invoke = methods.stub(self.channel, methods.INVOKE)
         self._deploy = methods.stub(self.channel, methods.DEPLOY)
         self._undeploy = methods.stub(self.channel, methods.UNDEPLOY)
         self._load = methods.stub(self.channel, methods.LOAD)
@@ -64,9 +63,6 @@ class NodeClient:
 
     def close(self) -> None:
         self.channel.close()
-
-    def invoke_blocking(self, frame: bytes, timeout_s: float) -> bytes:
-        return self._invoke(frame, timeout=max(timeout_s, 0.001))
 
     def _call(self, method, request, timeout_s: float):
         try:
@@ -77,8 +73,9 @@ class NodeClient:
     def status(self, timeout_s: float = 5.0) -> pb.StatusReply:
         return self._call(self._status, pb.StatusRequest(), timeout_s)
 
-    def undeploy(self, function_id: str, timeout_s: float = 10.0) -> pb.UndeployReply:
-        return self._call(self._undeploy, pb.UndeployRequest(function_id=function_id), timeout_s)
+    def undeploy(self, function_id: str, owner: str = "", timeout_s: float = 10.0) -> pb.UndeployReply:
+        """Drop ``owner``'s lease on the function (the node removes it with its last lease)."""
+        return self._call(self._undeploy, pb.UndeployRequest(function_id=function_id, owner=owner), timeout_s)
 
     def load(self, function_ids: list[str], wait: bool, timeout_s: float = 60.0) -> pb.LoadReply:
         return self._call(self._load, pb.LoadRequest(function_ids=function_ids, wait=wait), timeout_s)

@@ -1,57 +1,58 @@
-"""Fan-out of one MoE layer step to the nodes: one RPC per node, all concurrent, one absolute deadline.
+"""One MoE layer step on the mesh, as submit/collect on the engine's event loop.
 
-The mesh knows where functions live (``placement``: function id -> node ids) and the clients of those
-nodes. A node that fails with UNAVAILABLE is handed to ``on_node_failure`` (the router's recovery: re-place
-and deploy its functions on the survivors, or raise saying why it cannot); the unanswered pairs are then
-retried within the same deadline. Back-pressure (a node's full wait queue) is retried, not failed.
+:meth:`ExpertMesh.submit` runs right after the gate: on the step's routing snapshot it picks one replica per
+needed function, groups the rows into one frame per node (:mod:`~faasmoe.router.mesh.grouping`) and hands the
+frames to the nodes' streams, whose writes start before ``submit`` returns. The caller computes the shared
+expert meanwhile; :meth:`ExpertMesh.collect` then gathers the replies and retries what failed, within the
+step's deadline and without marking a healthy node dead:
+
+- back-pressure (a node's wait queue is full): back off, resend;
+- NOT_FOUND (the function moved away): route around that copy on a fresh snapshot, or ask control to repair;
+- a frame over a message limit: split the rows into smaller frames, resend;
+- a node that is gone: control's recovery re-places its functions on the survivors, then resend;
+- anything else is raised to the step.
 """
 
 from __future__ import annotations
 
-import contextvars
-import itertools
-import logging
-import threading
+import asyncio
 import time
-import uuid
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Protocol
 
 import numpy as np
 
 from faasmoe.proto import frames
-from faasmoe.proto.errors import Backpressure, MeshError, NodeUnavailable, from_code_number
-from faasmoe.router.mesh.client import NodeClient
-from faasmoe.router.mesh.transport import invoke_all
+from faasmoe.proto.backoff import Backoff
+from faasmoe.proto.errors import (Backpressure, FrameTooLarge, FunctionNotFound, MeshError, NodeUnavailable,
+                                  from_code_number)
 from faasmoe.router.mesh.grouping import LayerFunctions, NodeBatch, choose_replicas, plan_layer
+from faasmoe.router.mesh.routing import Router, RoutingTable
+from faasmoe.router.mesh.stats import MeshStats
+from faasmoe.router.mesh.transport import Transport
 
-log = logging.getLogger(__name__)
-BACKOFF_S = (0.005, 0.02, 0.05, 0.1, 0.2)
-# The request a layer step belongs to (set around one generate() call): every Invoke of that request carries
-# it, so nodes and, later, per-tenant accounting can tell requests apart.
-current_request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("faasmoe_request_id", default=None)
+BACKPRESSURE = Backoff(0.005, 0.2, factor=2.5, jitter=0.3)
+MAX_REPAIRS = 2           # per layer step: re-surveys after NOT_FOUND with no other replica
+
+
+class MeshControl(Protocol):
+    """What the mesh asks of the control plane when a call fails (both may take a while: run off the loop)."""
+
+    async def node_failed(self, node: str, error: MeshError) -> None:
+        """``node`` is gone: re-place its functions on the survivors (raise NodeUnavailable if they cannot)."""
+
+    async def functions_missing(self, pairs: set[tuple[str, str]]) -> None:
+        """Nodes answered NOT_FOUND for these (function, node) pairs: survey and redeploy what is missing."""
 
 
 @dataclass
-class MeshStats:
-    """Where a step's time goes, summed over layer calls since the last reset."""
+class StepContext:
+    """One engine step: its request id, deadline (``time.perf_counter`` clock) and routing snapshot."""
 
-    layer_calls: int = 0
-    rpcs: int = 0
-    function_calls: int = 0
-    rows_sent: int = 0
-    wall_s: float = 0.0          # run_layer end to end
-    encode_s: float = 0.0        # planning + framing on the router
-    wait_s: float = 0.0          # from sending to the last reply (RPC + node time)
-    node_compute_s: float = 0.0  # slowest node's own time (frame in to reply out) per layer call, summed
-    decode_s: float = 0.0        # reading replies
-    cold_starts: int = 0
-    retries: int = 0
-    by_node: dict = field(default_factory=dict)   # node -> rpc count
-
-    def dispatch_s(self) -> float:
-        """Time the mesh added beyond expert compute: serialization, RPC, waiting."""
-        return max(self.wall_s - self.node_compute_s, 0.0)
+    request_id: str
+    deadline_s: float
+    routing: RoutingTable
+    tenant_id: str = "default"
 
 
 @dataclass(frozen=True)
@@ -61,136 +62,224 @@ class ExpertResult:
     output: np.ndarray      # float32 [n, H], unweighted expert output
 
 
+@dataclass
+class _Sent:
+    node: str
+    batch: NodeBatch
+    offset: int                  # first row of the batch's chunk in the layer's rows
+    reply: asyncio.Future
+
+
+@dataclass
+class PendingLayer:
+    layer: int
+    hidden: np.ndarray           # float32 [T, H]
+    top_k_index: np.ndarray      # [T, k]
+    ctx: StepContext
+    started_s: float
+    max_rows: int                # rows per frame (halved when a frame is too large)
+    pending: np.ndarray | None = None                    # bool [T, k]: pairs not answered yet (after a failure)
+    results: dict[int, list[ExpertResult]] = field(default_factory=dict)
+    sent: list[_Sent] = field(default_factory=list)
+    missing: set[tuple[str, str]] = field(default_factory=set)   # (function, node) answered NOT_FOUND
+    no_replica: MeshError | None = None
+    pauses: int = 0
+    repairs: int = 0
+
+
 class ExpertMesh:
-    def __init__(self, layers: Mapping[int, LayerFunctions], clients: Mapping[str, NodeClient],
-                 placement: Mapping[str, Sequence[str]], *, tenant_id: str = "default",
-                 step_timeout_s: float = 30.0, max_message_bytes: int = frames.DEFAULT_MAX_MESSAGE_BYTES,
-                 on_node_failure: Callable[[str, MeshError], None] | None = None,
-                 compact_max_rows: int = 16):
+    def __init__(self, layers: Mapping[int, LayerFunctions], transport: Transport, router: Router | None = None, *,
+                 control: MeshControl | None = None, step_timeout_s: float = 30.0, compact_max_rows: int = 16):
         self.layers = dict(layers)
-        self.clients = dict(clients)
-        self.placement = {fid: tuple(nodes) for fid, nodes in placement.items()}
-        self.tenant_id = tenant_id
+        self.transport = transport
+        self.router = router or Router()
+        self.control = control
         self.step_timeout_s = step_timeout_s
-        self.max_message_bytes = max_message_bytes
-        self.on_node_failure = on_node_failure
-        self.stats = MeshStats()
         self.compact_max_rows = compact_max_rows
-        self.on_layer_done: Callable[[int, float], None] | None = None   # (layer, seconds): metrics hook
-        self._where = {layer: {e: fid for e, (fid, _) in lf.where.items()}
-                       for layer, lf in self.layers.items()}
-        self._lock = threading.Lock()
-        self._turn = itertools.count()
+        self.stats = MeshStats()          # updated on the loop only
+        self.on_layer_done = None         # (layer, seconds) -> None: metrics hook
+        self.on_reply = None              # (ctx, layer, node, batch, header) -> None: accounting hook
+        self._where = {layer: {e: fid for e, (fid, _) in lf.where.items()} for layer, lf in self.layers.items()}
+        self._turn = 0
 
-    def update(self, clients: Mapping[str, NodeClient], placement: Mapping[str, Sequence[str]]) -> None:
-        with self._lock:
-            self.clients = dict(clients)
-            self.placement = {fid: tuple(nodes) for fid, nodes in placement.items()}
+    def context(self, request_id: str, tenant_id: str = "default", timeout_s: float | None = None) -> StepContext:
+        """A step's context: one routing snapshot, one deadline."""
+        timeout_s = self.step_timeout_s if timeout_s is None else timeout_s
+        return StepContext(request_id, time.perf_counter() + timeout_s, self.router.table, tenant_id)
 
-    def _route(self, layer: int, top_k_index: np.ndarray, pending: np.ndarray | None) -> dict[str, str]:
-        """One replica per function this step needs (fewest nodes for small steps, rotation otherwise)."""
-        where = self._where[layer]
-        asked = top_k_index if pending is None else top_k_index[pending]
-        needed = sorted({where[e] for e in set(asked.reshape(-1).tolist()) if e in where})
-        with self._lock:
-            replicas = {fid: [n for n in self.placement.get(fid, ()) if n in self.clients] for fid in needed}
+    # -- submit ----------------------------------------------------------------------------------------
+    async def submit(self, layer: int, hidden: np.ndarray, top_k_index: np.ndarray, ctx: StepContext) -> PendingLayer:
+        """Send the layer's frames; their writes are under way when this returns."""
+        hidden = np.ascontiguousarray(hidden, dtype=np.float32)
+        per_row = hidden.shape[1] * 4 + 8 * top_k_index.shape[1] + 64
+        max_rows = max(1, int(0.9 * self.transport.max_message_bytes) // per_row)
+        p = PendingLayer(layer, hidden, top_k_index, ctx, time.perf_counter(), max_rows)
+        self._send(p)
+        await asyncio.sleep(0)       # run the write tasks up to the hand-off to gRPC's core
+        return p
+
+    def _send(self, p: PendingLayer) -> None:
+        """Send every pair still pending, on ``p.ctx.routing`` minus known-missing copies."""
+        t0 = time.perf_counter()
+        n_tokens = p.top_k_index.shape[0]
+        self._turn += 1
+        try:
+            for lo in range(0, n_tokens, p.max_rows):
+                hi = min(n_tokens, lo + p.max_rows)
+                top_k = p.top_k_index[lo:hi]
+                mask = None if p.pending is None else p.pending[lo:hi]
+                if mask is not None and not mask.any():
+                    continue
+                node_of = self._route(p, top_k if mask is None else top_k[mask.any(axis=1)])
+                for batch in plan_layer(top_k, self.layers[p.layer], node_of, p.layer, mask):
+                    frame = frames.encode_request(p.ctx.request_id, p.ctx.tenant_id, p.layer,
+                                                  p.hidden[lo + batch.token_rows], batch.calls)
+                    p.sent.append(_Sent(batch.node_id, batch, lo, self.transport.stream(batch.node_id).send(frame)))
+                    self.stats.count_frame(batch.node_id, len(batch.token_rows), len(batch.calls))
+        except NodeUnavailable as exc:        # a needed function has no reachable copy: collect() repairs
+            p.no_replica = exc
+        self.stats.encode_s += time.perf_counter() - t0
+
+    def _route(self, p: PendingLayer, top_k: np.ndarray) -> dict[str, str]:
+        where = self._where[p.layer]
+        needed = sorted({where[e] for e in set(top_k.reshape(-1).tolist()) if e in where})
+        replicas = {fid: p.ctx.routing.nodes_of(fid, p.missing) for fid in needed}
         for fid, nodes in replicas.items():
             if not nodes:
-                raise NodeUnavailable(f"layer {layer}: function {fid[:12]} is on no reachable node")
-        compact = top_k_index.shape[0] <= self.compact_max_rows
-        return choose_replicas(needed, replicas, next(self._turn), compact)
+                raise NodeUnavailable(f"layer {p.layer}: function {fid[:12]} is on no reachable node")
+        return choose_replicas(needed, replicas, self._turn, p.top_k_index.shape[0] <= self.compact_max_rows)
 
-    def run_layer(self, layer: int, hidden: np.ndarray, top_k_index: np.ndarray,
-                  request_id: str | None = None) -> dict[int, list[ExpertResult]]:
-        """Expert outputs of ``layer`` for every (token, slot) pair, grouped by expert id."""
-        start = time.perf_counter()
-        deadline = start + self.step_timeout_s
-        hidden = np.ascontiguousarray(hidden, dtype=np.float32)
-        max_rows = max(1, int(0.9 * self.max_message_bytes) // (hidden.shape[1] * 4 * top_k_index.shape[1]))
-        request_id = request_id or current_request_id.get() or uuid.uuid4().hex
-        if hidden.shape[0] <= max_rows:
-            results = self._run_chunk(layer, hidden, top_k_index, deadline, request_id)
-        else:
-            results: dict[int, list[ExpertResult]] = {}
-            for lo in range(0, hidden.shape[0], max_rows):
-                part = self._run_chunk(layer, hidden[lo:lo + max_rows], top_k_index[lo:lo + max_rows], deadline,
-                                       request_id)
-                for expert, items in part.items():
-                    results.setdefault(expert, []).extend(
-                        ExpertResult(r.tokens + lo, r.slots, r.output) for r in items)
-        wall_s = time.perf_counter() - start
+    # -- collect ---------------------------------------------------------------------------------------
+    async def collect(self, p: PendingLayer) -> dict[int, list[ExpertResult]]:
+        """Expert outputs for every (token, slot) pair of the layer, grouped by expert id."""
+        while True:
+            failures = await self._gather(p)
+            if p.no_replica is not None:
+                failures.append((None, p.no_replica, None))
+                p.no_replica = None
+            if not failures:
+                if p.pending is not None and p.pending.any():
+                    raise MeshError(f"layer {p.layer}: {int(p.pending.sum())} expert calls went unanswered")
+                break
+            await self._handle(p, failures)
+            self.stats.retries += 1
+            self._send(p)
+        wall_s = time.perf_counter() - p.started_s
         self.stats.layer_calls += 1
         self.stats.wall_s += wall_s
         if self.on_layer_done is not None:
-            self.on_layer_done(layer, wall_s)
-        return results
+            self.on_layer_done(p.layer, wall_s)
+        return p.results
 
-    def _run_chunk(self, layer, hidden, top_k_index, deadline, request_id):
-        pending = np.ones(top_k_index.shape, dtype=bool)
-        results: dict[int, list[ExpertResult]] = {}
-        backoff = iter(BACKOFF_S)
-        retry = False
-        while not retry or pending.any():
-            t0 = time.perf_counter()
-            mask = pending if retry else None          # a retry sends only the pairs still unanswered
-            batches = plan_layer(top_k_index, self.layers[layer], self._route(layer, top_k_index, mask), layer, mask)
-            failures = self._fan_out(layer, hidden, batches, deadline, request_id, results, pending, t0)
-            if not failures:
-                break
-            retry = True
-            self.stats.retries += 1
-            for node, err in failures:
-                if isinstance(err, Backpressure):
-                    continue
-                if not isinstance(err, NodeUnavailable) or self.on_node_failure is None:
-                    raise err
-                self.on_node_failure(node, err)   # re-places, or raises why it cannot
-            if all(isinstance(e, Backpressure) for _, e in failures):
-                pause_s = next(backoff, BACKOFF_S[-1])
-                if time.perf_counter() + pause_s >= deadline:
-                    raise failures[0][1]
-                time.sleep(pause_s)
-            if time.perf_counter() >= deadline:
-                raise NodeUnavailable(f"layer {layer}: step deadline passed while retrying", node=failures[0][0])
-        return results
-
-    def _fan_out(self, layer, hidden, batches: list[NodeBatch], deadline, request_id, results, pending, t0):
-        calls = []
-        for batch in batches:
-            frame = frames.encode_request(request_id, self.tenant_id, layer, hidden[batch.token_rows], batch.calls)
-            calls.append((self.clients[batch.node_id], frame))
-            self.stats.rows_sent += len(batch.token_rows)
-            self.stats.function_calls += len(batch.calls)
-            self.stats.by_node[batch.node_id] = self.stats.by_node.get(batch.node_id, 0) + 1
+    async def _gather(self, p: PendingLayer) -> list[tuple[str | None, MeshError, NodeBatch | None]]:
+        sent, p.sent = p.sent, []
+        if not sent:
+            return []
+        t0 = time.perf_counter()
+        left_s = p.ctx.deadline_s - t0
+        done, _ = await asyncio.wait([s.reply for s in sent], timeout=max(left_s, 0.0))
         t1 = time.perf_counter()
-        self.stats.encode_s += t1 - t0
-        self.stats.rpcs += len(calls)
-        replies = invoke_all(calls, deadline)
-        t2 = time.perf_counter()
-        self.stats.wait_s += t2 - t1
-        failures, slowest = [], 0.0
-        for batch, reply in zip(batches, replies):
-            if isinstance(reply, MeshError):
-                failures.append((batch.node_id, reply))
+        self.stats.wait_s += t1 - t0
+        if p.pending is None:
+            p.pending = np.ones(p.top_k_index.shape, dtype=bool)
+        failures, slowest_s = [], 0.0
+        for s in sent:
+            if s.reply not in done:
+                s.reply.cancel()
+                err = NodeUnavailable(f"layer {p.layer}: no reply before the step deadline", node=s.node)
+                self.transport.stream(s.node).fail(err)
+                raise err
+            exc = s.reply.exception()
+            if exc is not None:
+                if not isinstance(exc, MeshError):
+                    raise exc
+                failures.append((s.node, exc, s.batch))
                 continue
-            header, outputs = frames.decode_reply(reply)
+            header, outputs = frames.decode_reply(s.reply.result())
             if header.HasField("error"):
-                failures.append((batch.node_id, from_code_number(header.error.code, header.error.details,
-                                                                 batch.node_id)))
+                failures.append((s.node, from_code_number(header.error.code, header.error.details, s.node), s.batch))
                 continue
-            if header.request_id != request_id:
-                raise MeshError(f"replied to request {header.request_id!r} instead of {request_id!r}",
-                                batch.node_id)
-            if len(outputs) != len(batch.calls):
-                raise MeshError(f"replied {len(outputs)} results for {len(batch.calls)} calls", batch.node_id)
-            slowest = max(slowest, header.node_s)      # the node's wall time: loads, queueing, ONNX runs
-            self.stats.cold_starts += sum(r.cold_start for r in header.results)
-            for seg in batch.segments:
-                out = outputs[seg.call_index][seg.start:seg.start + len(seg.tokens)]
-                if out.shape != (len(seg.tokens), hidden.shape[1]):
-                    raise MeshError(f"output of expert {seg.expert_id} has shape {list(out.shape)}", batch.node_id)
-                results.setdefault(seg.expert_id, []).append(ExpertResult(seg.tokens, seg.slots, out))
-                pending[seg.tokens, seg.slots] = False
-        self.stats.node_compute_s += slowest
-        self.stats.decode_s += time.perf_counter() - t2
+            self._take(p, s, header, outputs)
+            slowest_s = max(slowest_s, header.node_s)
+        self.stats.node_compute_s += slowest_s
+        self.stats.decode_s += time.perf_counter() - t1
         return failures
+
+    def _take(self, p: PendingLayer, s: _Sent, header, outputs) -> None:
+        if header.request_id != p.ctx.request_id:
+            raise MeshError(f"replied to request {header.request_id!r} instead of {p.ctx.request_id!r}", s.node)
+        if len(outputs) != len(s.batch.calls):
+            raise MeshError(f"replied {len(outputs)} results for {len(s.batch.calls)} calls", s.node)
+        self.stats.cold_starts += sum(r.cold_start for r in header.results)
+        width = p.hidden.shape[1]
+        for seg in s.batch.segments:
+            out = outputs[seg.call_index][seg.start:seg.start + len(seg.tokens)]
+            if out.shape != (len(seg.tokens), width):
+                raise MeshError(f"output of expert {seg.expert_id} has shape {list(out.shape)}", s.node)
+            tokens = seg.tokens + s.offset if s.offset else seg.tokens
+            p.results.setdefault(seg.expert_id, []).append(ExpertResult(tokens, seg.slots, out))
+            p.pending[tokens, seg.slots] = False
+        if self.on_reply is not None:
+            self.on_reply(p.ctx, p.layer, s.node, s.batch, header)
+
+    async def _handle(self, p: PendingLayer, failures) -> None:
+        """Decide how to retry the failed frames (see the module docstring)."""
+        pause, dead, missing, need_repair = False, {}, set(), None
+        for node, err, batch in failures:
+            if isinstance(err, Backpressure):
+                pause = True
+            elif isinstance(err, FrameTooLarge):
+                rows = len(batch.token_rows)
+                if rows <= 1:
+                    raise err
+                p.max_rows = min(p.max_rows, max(1, rows // 2))
+            elif isinstance(err, FunctionNotFound):
+                missing |= {(call.function_id, node) for call in batch.calls}
+                need_repair = need_repair or err
+            elif isinstance(err, NodeUnavailable) and node is None:    # no copy left of a needed function
+                need_repair = need_repair or err
+            elif isinstance(err, NodeUnavailable):
+                dead[node] = err
+            else:
+                raise err
+        self._check_deadline(p)
+        for node, err in dead.items():
+            if self.control is None:
+                raise err
+            await self._bounded(p, self.control.node_failed(node, err))
+            await self.transport.forget(node)
+        if dead:
+            p.ctx.routing = self.router.table
+        if need_repair is not None:
+            p.missing |= missing
+            if self.router.table.version != p.ctx.routing.version:   # placement moved on: use the new table
+                p.ctx.routing = self.router.table
+            if not self._all_routable(p):
+                if self.control is None or p.repairs >= MAX_REPAIRS:
+                    raise need_repair
+                p.repairs += 1
+                await self._bounded(p, self.control.functions_missing(set(p.missing)))
+                p.ctx.routing, p.missing = self.router.table, set()
+        if pause:
+            delay_s = BACKPRESSURE.delay_s(p.pauses)
+            p.pauses += 1
+            if time.perf_counter() + delay_s >= p.ctx.deadline_s:
+                raise next(e for _, e, _ in failures if isinstance(e, Backpressure))
+            await asyncio.sleep(delay_s)
+        self._check_deadline(p)
+
+    def _all_routable(self, p: PendingLayer) -> bool:
+        where = self._where[p.layer]
+        asked = p.top_k_index if p.pending is None else p.top_k_index[p.pending]
+        return all(p.ctx.routing.nodes_of(where[e], p.missing) for e in set(asked.reshape(-1).tolist()) if e in where)
+
+    async def _bounded(self, p: PendingLayer, work) -> None:
+        left_s = p.ctx.deadline_s - time.perf_counter()
+        try:
+            await asyncio.wait_for(work, max(left_s, 0.001))
+        except asyncio.TimeoutError:
+            raise NodeUnavailable(f"layer {p.layer}: recovery did not finish within the step deadline") from None
+
+    def _check_deadline(self, p: PendingLayer) -> None:
+        if time.perf_counter() >= p.ctx.deadline_s:
+            raise NodeUnavailable(f"layer {p.layer}: step deadline passed while retrying")

@@ -1,95 +1,156 @@
-"""Invoke frames sent to nodes on long-lived ``InvokeStream`` streams, driven from the caller's own thread.
+"""Invoke frames to nodes on long-lived ``InvokeStream`` streams, on the engine's event loop.
 
-A unary call pays for call setup, metadata and a polling hand-off every time (~0.4 ms here); a frame on an
-open stream costs about half of that. Each calling thread owns a private event loop, its grpc.aio channels
-and one open stream per node, and runs the exchange with ``run_until_complete``: no thread hand-off, one
-absolute deadline for all nodes. A stream carries one request at a time (its thread waits for the reply),
-so replies match requests by order. Any failure on a stream (error status, the node ending it, a missed
-deadline) drops it; the next call opens a fresh one.
+One grpc.aio channel and one open stream per node. Requests on a stream are pipelined: :meth:`NodeStream.send`
+starts the write at once (a task whose first step hands the frame to gRPC's core, which transmits it while the
+caller computes) and returns a future for the reply. A reader task keeps a read posted, so replies are taken
+off the wire as they arrive; the node answers a stream's frames one at a time, so replies match requests in
+order. Any failure of the stream (an error status, the node ending it, a missed deadline, which would shift
+the order) fails every request still waiting on it and drops it; the next send opens a fresh one.
+
+A stream that fails with RESOURCE_EXHAUSTED failed because a frame was larger than a side's message limit: that
+is :class:`~faasmoe.proto.errors.FrameTooLarge` (split and retry), never a dead node.
 """
 
 from __future__ import annotations
 
 import asyncio
-import threading
-import time
-from typing import Sequence
+import collections
+import contextlib
+import logging
 
 import grpc
 
-from faasmoe.proto.errors import MeshError, NodeUnavailable, from_grpc
 from faasmoe.proto import methods
-from faasmoe.router.mesh.client import NodeClient, make_channel
+from faasmoe.proto.errors import FrameTooLarge, MeshError, NodeUnavailable
+from faasmoe.proto.frames import DEFAULT_MAX_MESSAGE_BYTES
+from faasmoe.router.mesh.client import make_channel
 
-_local = threading.local()
+log = logging.getLogger(__name__)
 
 
-class _ThreadStreams:
-    """One thread's event loop, aio channels and open streams (keyed by node address)."""
+def _stream_error(exc: BaseException, node: str) -> MeshError:
+    if isinstance(exc, grpc.RpcError) and hasattr(exc, "code"):
+        code, details = exc.code(), exc.details()
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            return FrameTooLarge(f"a frame exceeded a message limit ({details})", node=node)
+        # requests fail in-band (an error reply); a failed stream means the node or the link went away
+        # (a killed peer surfaces as UNAVAILABLE, CANCELLED or even INTERNAL "from Core")
+        return NodeUnavailable(f"invoke stream failed ({code.name}: {details})", node=node)
+    return NodeUnavailable(f"invoke stream broke ({type(exc).__name__}: {exc})", node=node)
 
-    def __init__(self):
-        self.loop = asyncio.new_event_loop()
-        self.channels: dict[tuple[str, int], grpc.aio.Channel] = {}
-        self.streams: dict[tuple[str, int], grpc.aio.StreamStreamCall] = {}
 
-    def stream(self, client: NodeClient) -> grpc.aio.StreamStreamCall:
-        """The open stream to ``client``'s node (called on the running loop: aio channels bind to it)."""
-        key = (client.address, client.max_message_bytes)
-        call = self.streams.get(key)
-        if call is None or call.done():
-            if key not in self.channels:
-                self.channels[key] = make_channel(client.address, client.max_message_bytes, aio=True)
-            call = self.streams[key] = methods.stub(self.channels[key], methods.INVOKE_STREAM)()
-        return call
+class NodeStream:
+    """The open InvokeStream to one node (create and use on one event loop)."""
 
-    def drop(self, client: NodeClient) -> None:
-        call = self.streams.pop((client.address, client.max_message_bytes), None)
-        if call is not None:
-            call.cancel()
+    def __init__(self, channel: grpc.aio.Channel, node: str):
+        self.node = node
+        self._call = methods.stub(channel, methods.INVOKE_STREAM)()
+        self._waiting: collections.deque[asyncio.Future] = collections.deque()
+        self._write_lock = asyncio.Lock()
+        self._broken: MeshError | None = None
+        self._writes: set[asyncio.Task] = set()
+        self._reader = asyncio.ensure_future(self._read_replies())
 
-    async def exchange(self, client: NodeClient, frame: bytes, timeout_s: float) -> bytes | MeshError:
-        """Send one frame and read its reply, or say why not."""
-        try:
-            async with asyncio.timeout(timeout_s):
-                call = self.stream(client)
-                await call.write(frame)
-                reply = await call.read()
-        except TimeoutError:
-            self.drop(client)
-            return from_grpc(grpc.StatusCode.DEADLINE_EXCEEDED, f"no reply within {timeout_s:.3g} s", client.node)
-        except grpc.RpcError as exc:
-            # requests fail in-band (an error reply); a failed stream means the node or the link went away
-            # (a killed peer surfaces as UNAVAILABLE, CANCELLED or even INTERNAL "from Core")
-            self.drop(client)
-            code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
-            details = exc.details() if hasattr(exc, "details") else str(exc)
-            return NodeUnavailable(f"invoke stream failed ({code.name}: {details})", node=client.node)
-        except (asyncio.InvalidStateError, grpc.aio.UsageError) as exc:   # the stream ended under us
-            self.drop(client)
-            return NodeUnavailable(f"invoke stream broke ({type(exc).__name__}: {exc})", node=client.node)
-        if reply is grpc.aio.EOF:
-            self.drop(client)
-            return NodeUnavailable("ended its invoke stream (the node is shutting down)", node=client.node)
+    @property
+    def broken(self) -> bool:
+        return self._broken is not None
+
+    def send(self, frame: bytes) -> asyncio.Future:
+        """Send ``frame``; the future resolves to the reply frame or fails with a MeshError."""
+        reply = asyncio.get_running_loop().create_future()
+        if self._broken is not None:
+            reply.set_exception(self._broken)
+            return reply
+        self._waiting.append(reply)
+        task = asyncio.ensure_future(self._write(frame))
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
         return reply
 
+    async def _write(self, frame: bytes) -> None:
+        try:
+            async with self._write_lock:          # gRPC takes one write at a time; the lock keeps them in order
+                if self._broken is None:
+                    await self._call.write(frame)
+        except (grpc.RpcError, asyncio.InvalidStateError, grpc.aio.UsageError) as exc:
+            self.fail(_stream_error(exc, self.node))
+        except asyncio.CancelledError:
+            self.fail(NodeUnavailable("invoke stream closed", node=self.node))
 
-def _thread_streams() -> _ThreadStreams:
-    state = getattr(_local, "streams", None)
-    if state is None:
-        state = _local.streams = _ThreadStreams()
-    return state
+    async def _read_replies(self) -> None:
+        try:
+            while True:
+                reply = await self._call.read()
+                if reply is grpc.aio.EOF:
+                    self.fail(NodeUnavailable("ended its invoke stream (the node is shutting down)", node=self.node))
+                    return
+                if not self._waiting:
+                    self.fail(NodeUnavailable("replied to a request it was not sent", node=self.node))
+                    return
+                future = self._waiting.popleft()
+                if not future.done():
+                    future.set_result(reply)
+        except asyncio.CancelledError:
+            self.fail(NodeUnavailable("invoke stream closed", node=self.node))
+        except Exception as exc:  # noqa: BLE001 - every stream failure fails its waiters
+            self.fail(_stream_error(exc, self.node))
+
+    def fail(self, error: MeshError) -> None:
+        """Fail every waiting request with ``error`` and end the stream (idempotent)."""
+        if self._broken is None:
+            self._broken = error
+            self._call.cancel()
+        while self._waiting:
+            future = self._waiting.popleft()
+            if not future.done():
+                future.set_exception(error)
+
+    async def close(self) -> None:
+        self.fail(NodeUnavailable("invoke stream closed", node=self.node))
+        self._reader.cancel()
+        for task in list(self._writes):
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await asyncio.gather(self._reader, *self._writes, return_exceptions=True)
 
 
-def invoke_all(calls: Sequence[tuple[NodeClient, bytes]], deadline_s: float) -> list[bytes | MeshError]:
-    """Send every frame concurrently; return each reply frame or the error of its node, in order.
-    ``deadline_s`` is on ``time.perf_counter``'s clock; nodes not done by then fail as unavailable."""
-    timeout_s = max(deadline_s - time.perf_counter(), 0.001)
-    state = _thread_streams()
-    if len(calls) == 1:
-        client, frame = calls[0]
-        return [state.loop.run_until_complete(state.exchange(client, frame, timeout_s))]
+class Transport:
+    """Channels and streams to every node this router talks to, on the engine's loop."""
 
-    async def gather():
-        return await asyncio.gather(*(state.exchange(client, frame, timeout_s) for client, frame in calls))
+    def __init__(self, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+        self.max_message_bytes = max_message_bytes
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._streams: dict[str, NodeStream] = {}
 
-    return state.loop.run_until_complete(gather())
+    def stream(self, address: str) -> NodeStream:
+        stream = self._streams.get(address)
+        if stream is None or stream.broken:
+            channel = self._channels.get(address)
+            if channel is None:
+                channel = self._channels[address] = make_channel(address, self.max_message_bytes, aio=True)
+            stream = self._streams[address] = NodeStream(channel, address)
+        return stream
+
+    async def request(self, address: str, frame: bytes, timeout_s: float) -> bytes:
+        """One frame's reply; raises the node's MeshError (a missed deadline drops the stream)."""
+        stream = self.stream(address)
+        future = stream.send(frame)
+        try:
+            return await asyncio.wait_for(future, max(timeout_s, 0.001))
+        except asyncio.TimeoutError:
+            error = NodeUnavailable(f"missed the deadline (no reply within {timeout_s:.3g} s)", node=address)
+            stream.fail(error)
+            raise error from None
+
+    async def forget(self, address: str) -> None:
+        """Close the stream and channel of a node that left."""
+        stream = self._streams.pop(address, None)
+        if stream is not None:
+            await stream.close()
+        channel = self._channels.pop(address, None)
+        if channel is not None:
+            await channel.close()
+
+    async def close(self) -> None:
+        for address in list(set(self._channels) | set(self._streams)):
+            await self.forget(address)

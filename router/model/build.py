@@ -1,7 +1,7 @@
 """The router's model: transformers' own ``Qwen2MoeForCausalLM`` with every MoE layer's routed experts
-replaced by :class:`MeshExperts`, which sends the rows to the mesh. Only dense tensors are loaded, so the
-router never holds routed-expert weights; attention, RoPE, KV cache, sampling and ``generate()`` stay
-transformers' own and the output is exact.
+replaced by a weightless :class:`RemoteExperts`. Only dense tensors are loaded, so the router never holds
+routed-expert weights; the engine's runner drives transformers' own modules (norms, attention projections,
+RoPE, attention kernel, gate, shared expert, lm_head) and sends the routed experts' rows to the mesh.
 """
 
 from __future__ import annotations
@@ -9,50 +9,29 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors import safe_open
 from transformers import AutoConfig
 from transformers.models.qwen2_moe import modeling_qwen2_moe as qm
 
-from faasmoe.proto.errors import CheckpointError
+from faasmoe.proto.errors import CheckpointError, FaasmoeError
 from faasmoe.router.store.manifest import Manifest
-from faasmoe.router.mesh.dispatch import ExpertMesh
 
 log = logging.getLogger(__name__)
 
 
-class MeshExperts(torch.nn.Module):
-    """Drop-in for ``Qwen2MoeExperts``: same call, the experts run on the mesh.
+class RemoteExperts(torch.nn.Module):
+    """Stands where ``Qwen2MoeExperts`` stood: the layer's routed experts live on the mesh and hold no weights
+    here. The engine's :class:`~faasmoe.router.model.runner.ModelRunner` sends their rows to the mesh itself
+    (overlapped with the shared expert); calling this module is a programming error."""
 
-    Combines exactly as transformers does: experts in ascending order, each expert's rows in
-    (slot, token) order, output × routing weight, ``index_add_`` into zeros.
-    """
-
-    def __init__(self, layer: int, mesh: ExpertMesh):
+    def __init__(self, layer: int):
         super().__init__()
         self.layer = layer
-        self.mesh = mesh
 
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                top_k_weights: torch.Tensor) -> torch.Tensor:
-        x = hidden_states.detach()
-        x = (x if x.dtype == torch.float32 else x.float()).contiguous().numpy()
-        weights = top_k_weights.detach()
-        weights = (weights if weights.dtype == torch.float32 else weights.float()).numpy()
-        results = self.mesh.run_layer(self.layer, x, top_k_index.detach().cpu().numpy())
-        final = np.zeros_like(x)
-        for expert in sorted(results):
-            items = results[expert]
-            tokens = np.concatenate([r.tokens for r in items]) if len(items) > 1 else items[0].tokens
-            slots = np.concatenate([r.slots for r in items]) if len(items) > 1 else items[0].slots
-            out = np.concatenate([r.output for r in items]) if len(items) > 1 else items[0].output
-            if len(items) > 1:
-                order = np.lexsort((tokens, slots))      # (slot, token): transformers' order
-                tokens, slots, out = tokens[order], slots[order], out[order]
-            # a token meets an expert at most once, so this is transformers' index_add_, in numpy
-            final[tokens] += out * weights[tokens, slots, None]
-        return torch.from_numpy(final).to(hidden_states.dtype)
+    def forward(self, *args, **kwargs):
+        raise FaasmoeError(f"the routed experts of layer {self.layer} run on the mesh: generate through "
+                           "faasmoe.router.engine, not with the model's own forward")
 
 
 def load_dense(store: Path, manifest: Manifest, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -64,8 +43,10 @@ def load_dense(store: Path, manifest: Manifest, dtype: torch.dtype) -> dict[str,
         raise CheckpointError(f"{path}: cannot read the dense weights ({exc})") from None
 
 
-def build_mesh_model(store: str | Path, manifest: Manifest, mesh: ExpertMesh,
+def build_mesh_model(store: str | Path, manifest: Manifest,
                      dtype: torch.dtype = torch.float32) -> qm.Qwen2MoeForCausalLM:
+    """transformers' model of ``store`` with only its dense weights: each MoE layer's routed experts are a
+    weightless :class:`RemoteExperts` (they run on the mesh)."""
     store = Path(store)
     config = AutoConfig.from_pretrained(str(store))
     if config.model_type != "qwen2_moe":
@@ -77,7 +58,7 @@ def build_mesh_model(store: str | Path, manifest: Manifest, mesh: ExpertMesh,
         if not isinstance(mlp, qm.Qwen2MoeSparseMoeBlock):
             raise CheckpointError(f"{store / 'manifest.json'}: layer {i} has expert functions but no MoE block "
                                   "in config.json; the store does not match its config")
-        mlp.experts = MeshExperts(i, mesh)
+        mlp.experts = RemoteExperts(i)
     model.to_empty(device="cpu")
     model.to(dtype)
     dense = load_dense(store, manifest, dtype)

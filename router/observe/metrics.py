@@ -1,30 +1,25 @@
-"""The router's Prometheus metrics (``faasmoe-router serve --metrics-port P``), in its own registry.
+"""The router's Prometheus metrics (``/metrics`` of ``faasmoe-router serve``), in its own registry.
 
 Counts come from the mesh's :class:`~faasmoe.router.mesh.MeshStats` at scrape time (layer calls, RPCs per
 node, function calls, rows, retries, cold starts seen in replies, where the time went: dispatch vs node
 compute). The one histogram, seconds per layer step across the mesh, is observed through :meth:`watch`.
 With a :class:`~faasmoe.router.telemetry.TelemetryCollector` it also reports the nodes seen on MQTT.
 
-    metrics = RouterMetrics(lambda: session.mesh.stats, telemetry=collector)
-    metrics.watch(session.mesh)
-    port = start_metrics_server(metrics.registry, args.metrics_port, host="0.0.0.0")
+    metrics = RouterMetrics(lambda: mesh.stats, telemetry=collector, engine=lambda: engine)
+    metrics.watch(mesh, engine)      # then serve metrics.registry (the API mounts it at /metrics)
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 from typing import Callable
 
-from prometheus_client import CollectorRegistry, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from faasmoe.proto.errors import ConfigError
 
 log = logging.getLogger(__name__)
 STEP_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-_servers: dict[int, object] = {}
-_servers_lock = threading.Lock()
 
 _COUNTS = (("layer_calls", "MoE layer steps run through the mesh"), ("rpcs", "Invoke RPCs sent"),
            ("function_calls", "function calls inside those RPCs"), ("rows_sent", "token rows sent to nodes"),
@@ -65,41 +60,51 @@ class _StatsCollector:
                                       value=self.telemetry.events_received)
 
 
-class RouterMetrics:
-    """``stats``: a callable returning the current MeshStats (or None); ``telemetry``: optional collector."""
+class _EngineCollector:
+    def __init__(self, engine: Callable[[], object]):
+        self.engine = engine
 
-    def __init__(self, stats: Callable[[], object], telemetry=None):
+    def collect(self):
+        engine = self.engine()
+        if engine is None:
+            return
+        st = engine.stats
+        for name, value, text in (("requests", st.requests, "requests accepted by the engine"),
+                                  ("steps", st.steps, "engine steps (one batched forward each)"),
+                                  ("failed_steps", st.failed_steps, "steps the mesh failed"),
+                                  ("prompt_tokens", st.prompt_tokens, "prompt tokens prefilled"),
+                                  ("completion_tokens", st.completion_tokens, "tokens generated"),
+                                  ("decode_steps", st.decode_steps, "steps that fed decode tokens only"),
+                                  ("decode_step_rpcs", st.decode_step_rpcs, "frames sent during decode-only steps")):
+            yield CounterMetricFamily(f"faasmoe_router_engine_{name}", text, value=value)
+        seqs = GaugeMetricFamily("faasmoe_router_engine_sequences", "sequences by state", labels=["state"])
+        seqs.add_metric(["running"], len(engine.running))
+        seqs.add_metric(["waiting"], len(engine.waiting))
+        yield seqs
+
+
+class RouterMetrics:
+    """``stats``: a callable returning the current MeshStats (or None); ``engine``: one returning the running
+    engine (or None); ``telemetry``: optional MQTT collector. Read at scrape time on the engine's loop."""
+
+    def __init__(self, stats: Callable[[], object], telemetry=None, engine: Callable[[], object] | None = None):
         self.registry = CollectorRegistry(auto_describe=False)
         self.step_s = Histogram("faasmoe_router_layer_step_seconds", "one MoE layer step across the mesh",
                                 buckets=STEP_BUCKETS_S, registry=self.registry)
+        self.engine_step_s = Histogram("faasmoe_router_engine_step_seconds", "one engine step (all layers)",
+                                       buckets=STEP_BUCKETS_S, registry=self.registry)
         self.registry.register(_StatsCollector(stats, telemetry))
+        if engine is not None:
+            self.registry.register(_EngineCollector(engine))
 
     def observe_step(self, layer: int, wall_s: float) -> None:
         self.step_s.observe(wall_s)
 
-    def watch(self, mesh) -> None:
-        """Time every layer step of ``mesh`` (through its ``on_layer_done`` hook)."""
+    def observe_engine_step(self, wall_s: float, tokens: int) -> None:
+        self.engine_step_s.observe(wall_s)
+
+    def watch(self, mesh, engine=None) -> None:
+        """Time every layer step of ``mesh`` (its ``on_layer_done`` hook) and every step of ``engine``."""
         mesh.on_layer_done = self.observe_step
-
-
-def start_metrics_server(registry: CollectorRegistry, port: int, host: str = "127.0.0.1") -> int:
-    """Serve ``registry`` on http://host:port/metrics from a daemon thread; returns the bound port (port 0
-    picks a free one). Stop it with :func:`stop_metrics_server`."""
-    try:
-        server, _thread = start_http_server(port, addr=host, registry=registry)
-    except OSError as err:
-        raise ConfigError(f"cannot serve metrics on {host}:{port} ({err.strerror}); pick another "
-                          "--metrics-port (0 = any free port)") from None
-    bound = server.server_port
-    with _servers_lock:
-        _servers[bound] = server
-    log.info("router metrics on http://%s:%d/metrics", host, bound)
-    return bound
-
-
-def stop_metrics_server(port: int) -> None:
-    with _servers_lock:
-        server = _servers.pop(port, None)
-    if server is not None:
-        server.shutdown()
-        server.server_close()
+        if engine is not None:
+            engine.on_step = self.observe_engine_step

@@ -1,0 +1,72 @@
+"""The OpenAI-compatible HTTP API (FastAPI on uvicorn).
+
+    GET  /v1/models             the model this server serves
+    POST /v1/completions        text completion, plain or streamed (server-sent events ending in [DONE])
+    POST /v1/chat/completions   chat completion, plain or streamed
+    GET  /health                200 once the functions are placed and routed, else 503 with the reason
+    GET  /metrics               Prometheus (prometheus_client's ASGI app on the router's registry)
+
+Errors come in OpenAI's JSON shape (:mod:`faasmoe.router.api.errors`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from fastapi import FastAPI
+from fastapi import Request as HttpRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from prometheus_client import CollectorRegistry, make_asgi_app
+from starlette.routing import Route
+
+from faasmoe.proto.errors import FaasmoeError
+from faasmoe.router.api import openai
+from faasmoe.router.api.errors import error_response, validation_response
+from faasmoe.router.api.schemas import ChatCompletionRequest, CompletionRequest
+
+
+class _AsgiEndpoint:
+    """Starlette treats a non-function endpoint as a plain ASGI app (so /metrics is served at /metrics
+    exactly, not redirected to /metrics/ as a mount would be)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        await self.app(scope, receive, send)
+
+
+def create_app(api: openai.ApiContext, health: Callable[[], tuple[bool, str]],
+               registry: CollectorRegistry) -> FastAPI:
+    app = FastAPI(title="faasmoe", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: HttpRequest, exc: RequestValidationError):
+        return validation_response(exc.errors())
+
+    @app.exception_handler(FaasmoeError)
+    async def _refused(request: HttpRequest, exc: FaasmoeError):
+        return error_response(exc)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": api.model_name, "object": "model", "created": api.created,
+                                            "owned_by": "faasmoe"}]}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: HttpRequest):
+        return await openai.completions(api, body, request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: HttpRequest):
+        return await openai.chat_completions(api, body, request)
+
+    @app.get("/health")
+    async def healthz():
+        ok, reason = health()
+        return JSONResponse({"status": "ok" if ok else "unavailable", "reason": reason},
+                            status_code=200 if ok else 503)
+
+    app.router.routes.append(Route("/metrics", endpoint=_AsgiEndpoint(make_asgi_app(registry))))
+    return app

@@ -1,0 +1,184 @@
+"""``faasmoe-router serve``: the whole router as one long-running process.
+
+The control plane (node directory with health checks, placement controller) runs in its threads and keeps
+the store placed while nodes come and go; the engine and the HTTP API share one asyncio loop. The server
+prints one line ``FAASMOE_ROUTER_READY {"url": ..., "model": ...}`` once it listens (tests and scripts wait
+for it), then serves until SIGINT or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import uvicorn
+
+from faasmoe.proto.errors import ConfigError, StepFailed
+from faasmoe.router.api.app import create_app
+from faasmoe.router.api.openai import ApiContext
+from faasmoe.router.control.controller import PlacementController
+from faasmoe.router.control.directory import NodeDirectory
+from faasmoe.router.control.session import RouterSession
+from faasmoe.router.engine.engine import EngineConfig
+from faasmoe.router.engine.serving import Serving, start_serving
+from faasmoe.router.observe.metrics import RouterMetrics
+
+log = logging.getLogger(__name__)
+READY_PREFIX = "FAASMOE_ROUTER_READY "
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    model_name: str | None = None       # default: the store directory's name
+    warm: bool = False
+    settle_s: float = 1.0
+    mqtt_url: str | None = None
+
+
+class _Readiness:
+    def __init__(self, session: RouterSession):
+        self.session = session
+        self.serving: Serving | None = None
+
+    def health(self) -> tuple[bool, str]:
+        if self.serving is None:
+            return False, "starting: loading the model"
+        if not self.session.placed_once.is_set():
+            return False, "starting: placing the expert functions on the nodes"
+        if not self.session.placement_holds():
+            return False, "some functions have no live node (re-placing)"
+        return True, "placement holds"
+
+    def engine(self):
+        if self.serving is None or not self.session.placed_once.is_set():
+            raise StepFailed("the server is starting: the expert functions are not placed yet; retry shortly")
+        return self.serving.engine
+
+
+class RouterServer:
+    """The serving router: ``await RouterServer(...).run()`` until :meth:`stop` (thread-safe) or a signal."""
+
+    def __init__(self, session: RouterSession, directory: NodeDirectory, config: EngineConfig,
+                 options: ServeOptions, announce=print):
+        self.session, self.directory, self.config, self.options, self.announce = (
+            session, directory, config, options, announce)
+        self.readiness = _Readiness(session)
+        self.url: str | None = None
+        self.controller: PlacementController | None = None
+        self._server: uvicorn.Server | None = None
+        self._stop_requested = False
+
+    @property
+    def serving(self) -> Serving | None:
+        return self.readiness.serving
+
+    def stop(self) -> None:
+        self._stop_requested = True
+        if self._server is not None:
+            self._server.should_exit = True
+
+    async def run(self) -> None:
+        options, session = self.options, self.session
+        telemetry = None
+        if options.mqtt_url:
+            from faasmoe.router.observe.telemetry import TelemetryCollector
+            telemetry = TelemetryCollector(options.mqtt_url).start()
+        readiness = self.readiness
+        metrics = RouterMetrics(lambda: readiness.serving.mesh.stats if readiness.serving else None, telemetry,
+                                engine=lambda: readiness.serving.engine if readiness.serving else None)
+        self.directory.start()
+        self.controller = PlacementController(session, self.directory, settle_s=options.settle_s)
+        self.controller.start()
+        try:
+            serving = readiness.serving = await start_serving(session, self.config)
+            metrics.watch(serving.mesh, serving.engine)
+            if options.warm:
+                await asyncio.to_thread(session.placed_once.wait)
+                await asyncio.to_thread(session.warm)
+            name = options.model_name or session.store.name
+            api = ApiContext(readiness.engine, name, serving.tokenizer, int(time.time()))
+            app = create_app(api, readiness.health, metrics.registry)
+            self._server = server = uvicorn.Server(uvicorn.Config(
+                app, host=options.host, port=options.port, log_level="warning", lifespan="off",
+                timeout_graceful_shutdown=5))
+            server.should_exit = self._stop_requested
+            task = asyncio.create_task(server.serve())
+            while not server.started:
+                if task.done():
+                    with contextlib.suppress(SystemExit):
+                        await task
+                    raise ConfigError(f"cannot listen on {options.host}:{options.port}: pick another --port "
+                                      "(0 = any free port) or --host")
+                await asyncio.sleep(0.02)
+            port = server.servers[0].sockets[0].getsockname()[1]
+            host = options.host if ":" not in options.host else f"[{options.host}]"
+            self.url = f"http://{host}:{port}"
+            self.announce(READY_PREFIX + json.dumps({"url": self.url, "model": name, "router_id": session.router_id}))
+            self.announce(f"faasmoe-router serving {name} ({len(session.manifest.functions)} expert functions) at "
+                          f"{self.url}/v1")
+            await task
+        finally:
+            if readiness.serving is not None:
+                await readiness.serving.close()
+            self.controller.stop()
+            self.directory.stop()
+            if telemetry is not None:
+                telemetry.stop()
+            session.close()
+
+
+class ServerThread:
+    """A :class:`RouterServer` on its own thread and event loop, over static nodes (the demo, tests and
+    benchmarks): ``with ServerThread(session, addresses) as server: server.url``."""
+
+    def __init__(self, session: RouterSession, addresses, config: EngineConfig = EngineConfig(),
+                 options: ServeOptions = ServeOptions(port=0), ready_timeout_s: float = 120.0):
+        self.session = session
+        self.server = RouterServer(session, NodeDirectory(static=list(addresses)), config, options,
+                                   announce=lambda line: log.info("%s", line))
+        self.ready_timeout_s = ready_timeout_s
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def _main(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        try:
+            self.loop.run_until_complete(self.server.run())
+        except BaseException as exc:  # noqa: BLE001 - reported to the starting thread
+            self._error = exc
+        finally:
+            self.loop.close()
+
+    def call(self, coro, timeout_s: float = 60.0):
+        """Run ``coro`` on the server's loop (e.g. to read engine state) and return its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
+
+    def __enter__(self) -> ServerThread:
+        self._thread = threading.Thread(target=self._main, name="faasmoe-router-server", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + self.ready_timeout_s
+        while self.server.url is None or not self.session.placed_once.is_set():
+            if not self._thread.is_alive():
+                raise self._error or RuntimeError("the router server stopped while starting")
+            if time.monotonic() > deadline:
+                self.__exit__(None, None, None)
+                raise TimeoutError(f"the router server was not ready within {self.ready_timeout_s} s")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.stop()
+        if self._thread is not None:
+            self._thread.join(30)

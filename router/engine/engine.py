@@ -1,0 +1,230 @@
+"""The serving engine: one asyncio loop, continuous batching across every caller.
+
+A step is schedule → execute → update (the vLLM v1 split): :func:`~faasmoe.router.engine.scheduler.plan_step`
+decides on plain data which sequences feed how many tokens; the runner runs one batched forward of the dense
+part for all of them, with one frame per node and MoE layer for all their rows; then each sequence that
+completed its step samples its next token, streams it and maybe finishes. Sequences join and leave at step
+boundaries. A cancelled sequence (its client went away) leaves at the next boundary, its cache freed. A step
+the mesh fails (after the mesh's own retries, within the step deadline) fails the requests in it, and only
+them; their caches are rolled back and every other request goes on.
+
+Everything here runs on the engine's loop; its counters are only touched there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import AsyncIterator, Callable
+
+import torch
+
+from faasmoe.proto.errors import BadRequest, FaasmoeError, Overloaded, StepFailed
+from faasmoe.router.engine.sampling import sample
+from faasmoe.router.engine.scheduler import Limits, SeqView, plan_step
+from faasmoe.router.engine.sequence import FinishEvent, Request, Result, Sequence, TokenEvent
+from faasmoe.router.model.runner import ModelRunner, Segment
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    limits: Limits = Limits()
+    max_waiting: int = 256         # requests queued beyond the batch; more are refused (Overloaded)
+    step_timeout_s: float = 30.0   # one step across the mesh, recovery included
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    decode_steps: int = 0          # steps that fed only decode tokens
+    decode_step_rpcs: int = 0      # frames sent during those steps
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    requests: int = 0
+    failed_steps: int = 0
+    step_s: float = 0.0
+
+
+class Engine:
+    def __init__(self, runner: ModelRunner, tokenizer, *, mesh=None, config: EngineConfig = EngineConfig(),
+                 eos_ids: frozenset[int] = frozenset()):
+        self.runner, self.tokenizer, self.mesh, self.config = runner, tokenizer, mesh, config
+        self.eos_ids = eos_ids
+        self.waiting: list[Sequence] = []
+        self.running: list[Sequence] = []
+        self.stats = EngineStats()
+        self.on_step: Callable[[float, int], None] | None = None     # (seconds, tokens): metrics hook
+        self.order_waiting: Callable[[list[Sequence]], list[Sequence]] | None = None   # fairness hook
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._step_no = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="faasmoe-engine")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        for seq in [*self.running, *self.waiting]:
+            seq.finish("error", StepFailed("the server is shutting down"))
+        self.running, self.waiting = [], []
+
+    async def __aenter__(self) -> Engine:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.stop()
+
+    # -- requests ----------------------------------------------------------------------------------------
+    def check(self, request: Request) -> None:
+        """Refuse what cannot be served (BadRequest names the field)."""
+        n = len(request.prompt_ids)
+        if n == 0:
+            raise BadRequest("the prompt is empty", "prompt")
+        if request.max_tokens < 1:
+            raise BadRequest(f"max_tokens must be at least 1, got {request.max_tokens}", "max_tokens")
+        limit = self.runner.max_positions
+        if n + request.max_tokens > limit:
+            raise BadRequest(f"this model's context is {limit} tokens; the prompt has {n} and max_tokens asks for "
+                             f"{request.max_tokens} more ({n + request.max_tokens}): shorten the prompt or lower "
+                             "max_tokens", "max_tokens")
+        vocab = self.runner.config.vocab_size
+        if any(not 0 <= t < vocab for t in request.prompt_ids):
+            raise BadRequest(f"prompt token ids must be in [0, {vocab})", "prompt")
+
+    def submit(self, request: Request) -> Sequence:
+        self.check(request)
+        if len(self.waiting) >= self.config.max_waiting:
+            raise Overloaded(f"the server is full ({len(self.running)} running, {len(self.waiting)} waiting); retry "
+                             "shortly", retry_after_s=max(1.0, self._drain_estimate_s()))
+        seq = Sequence(request, self.tokenizer, self.eos_ids)
+        self.waiting.append(seq)
+        self.stats.requests += 1
+        self._wake.set()
+        return seq
+
+    def cancel(self, seq: Sequence) -> None:
+        """The caller went away: the sequence leaves the batch at the next step boundary."""
+        if not seq.finished:
+            seq.cancelled = True
+            self._wake.set()
+
+    async def events(self, seq: Sequence) -> AsyncIterator[TokenEvent | FinishEvent]:
+        """The sequence's events until it finishes; leaving early cancels it."""
+        try:
+            while True:
+                event = await seq.events.get()
+                yield event
+                if isinstance(event, FinishEvent):
+                    return
+        finally:
+            self.cancel(seq)
+
+    async def generate(self, request: Request) -> Result:
+        seq = self.submit(request)
+        choices, text = [], []
+        async for event in self.events(seq):
+            if isinstance(event, TokenEvent):
+                choices.append(event.choice)
+                text.append(event.text)
+            else:
+                if event.error is not None:
+                    raise event.error
+                text.append(event.text)
+                ttft = None if seq.first_token_s is None else seq.first_token_s - seq.arrival_s
+                return Result("".join(text), list(seq.output_ids), event.reason, event.prompt_tokens, choices, ttft,
+                              torch.stack(seq.logits) if seq.logits else None)
+
+    def _drain_estimate_s(self) -> float:
+        mean_step_s = self.stats.step_s / self.stats.steps if self.stats.steps else 0.05
+        return mean_step_s * 16
+
+    # -- the loop ------------------------------------------------------------------------------------------
+    async def _run(self) -> None:
+        while True:
+            self._drop_cancelled()
+            if not self.running and not self.waiting:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            await self.step()
+            await asyncio.sleep(0)          # let handlers and streams run between steps
+
+    def _drop_cancelled(self) -> None:
+        for group in (self.running, self.waiting):
+            for seq in [s for s in group if s.cancelled]:
+                group.remove(seq)
+                seq.finish("cancelled")
+
+    async def step(self) -> None:
+        if self.order_waiting is not None:
+            self.waiting = self.order_waiting(self.waiting)
+        plan = plan_step([SeqView(s.id, s.prompt_left) for s in self.running],
+                         [SeqView(s.id, s.prompt_left) for s in self.waiting], self.config.limits)
+        if not plan.runs:
+            return
+        by_id = {s.id: s for s in [*self.running, *self.waiting]}
+        for seq_id in plan.admitted:
+            seq = by_id[seq_id]
+            self.waiting.remove(seq)
+            seq.cache = self.runner.new_cache(len(seq.request.prompt_ids) + seq.request.max_tokens)
+            self.running.append(seq)
+        runs = [(by_id[i], n) for i, n in plan.runs]
+        segments, samplers = [], []
+        for seq, n in runs:
+            tokens, want = seq.feed(n)
+            segments.append(Segment(seq.cache, tokens, want))
+            if want:
+                samplers.append(seq)
+        decode_only = all(seq.prompt_left == 0 for seq, _ in runs)
+        rpcs_before = self.mesh.stats.rpcs if self.mesh is not None else 0
+        self._step_no += 1
+        ctx = (self.mesh.context(f"step-{self._step_no}", timeout_s=self.config.step_timeout_s)
+               if self.mesh is not None else None)
+        t0 = time.perf_counter()
+        try:
+            logits = await self.runner.forward(segments, ctx)
+        except FaasmoeError as exc:
+            self._fail([seq for seq, _ in runs], StepFailed(f"the mesh failed this request's step: {exc}"))
+            return
+        except Exception as exc:  # noqa: BLE001 - a bug fails the step's requests, never the engine
+            log.exception("step %d failed", self._step_no)
+            self._fail([seq for seq, _ in runs], StepFailed(f"internal error in step: {type(exc).__name__}: {exc}"))
+            return
+        elapsed_s = time.perf_counter() - t0
+        self._account(runs, decode_only, rpcs_before, elapsed_s)
+        for seq, n in runs:
+            seq.advance(n)
+        for seq, row in zip(samplers, logits):
+            reason = seq.take(sample(row, seq.request.params, seq.generator), row)
+            self.stats.completion_tokens += 1
+            if reason is not None:
+                self.running.remove(seq)
+                seq.finish(reason)
+
+    def _account(self, runs, decode_only: bool, rpcs_before: int, elapsed_s: float) -> None:
+        st = self.stats
+        st.steps += 1
+        st.step_s += elapsed_s
+        st.prompt_tokens += sum(n for seq, n in runs if seq.prompt_left > 0)
+        if decode_only:
+            st.decode_steps += 1
+            st.decode_step_rpcs += (self.mesh.stats.rpcs - rpcs_before) if self.mesh is not None else 0
+        if self.on_step is not None:
+            self.on_step(elapsed_s, sum(n for _, n in runs))
+
+    def _fail(self, seqs: list[Sequence], error: FaasmoeError) -> None:
+        log.warning("step %d failed for %d requests: %s", self._step_no, len(seqs), error)
+        self.stats.failed_steps += 1
+        for seq in seqs:
+            if seq in self.running:
+                self.running.remove(seq)
+            seq.finish("error", error)

@@ -1,0 +1,69 @@
+"""Pure decision: which sequences run in the next step and how many tokens each feeds.
+
+    plan_step(running, waiting, limits) -> StepPlan
+
+1. Every running sequence that is decoding feeds its one token: decodes never wait behind prefills.
+2. Running sequences still prefilling feed their next prompt chunk (at most ``prefill_chunk`` tokens), in order,
+   while the step's token budget (``max_step_tokens``) lasts.
+3. Waiting sequences join in the order given (arrival, or a fairness order decided elsewhere) while there is
+   room in the batch (``max_running``) and budget left; each feeds its first chunk.
+
+Long prompts are so prefilled over several steps while the running decodes keep stepping. The plan is plain
+data (sequence ids and token counts); nothing here touches a tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+
+@dataclass(frozen=True)
+class SeqView:
+    seq_id: int
+    prompt_left: int         # prompt tokens not yet in the cache; 0 = decoding
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_running: int = 32        # sequences in the batch at once
+    max_step_tokens: int = 512   # tokens fed per step, all sequences together
+    prefill_chunk: int = 256     # prompt tokens one sequence feeds per step at most
+
+    def __post_init__(self):
+        if min(self.max_running, self.max_step_tokens, self.prefill_chunk) < 1:
+            raise ValueError("scheduler limits must be >= 1")
+        if self.max_step_tokens < self.max_running:
+            raise ValueError(f"max_step_tokens ({self.max_step_tokens}) must be at least max_running "
+                             f"({self.max_running}): every running decode feeds one token per step")
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    runs: tuple[tuple[int, int], ...]     # (seq id, tokens fed), running sequences first
+    admitted: tuple[int, ...]             # waiting sequences that join the batch
+
+    @property
+    def tokens(self) -> int:
+        return sum(n for _, n in self.runs)
+
+
+def plan_step(running: Sequence[SeqView], waiting: Sequence[SeqView], limits: Limits) -> StepPlan:
+    runs = [(s.seq_id, 1) for s in running if s.prompt_left == 0]
+    budget = limits.max_step_tokens - len(runs)
+    for s in running:
+        if s.prompt_left > 0 and budget > 0:
+            n = min(s.prompt_left, limits.prefill_chunk, budget)
+            runs.append((s.seq_id, n))
+            budget -= n
+    admitted = []
+    room = limits.max_running - len(running)
+    for s in waiting:
+        if room <= 0 or budget <= 0:
+            break
+        n = min(s.prompt_left, limits.prefill_chunk, budget)
+        runs.append((s.seq_id, n))
+        admitted.append(s.seq_id)
+        budget -= n
+        room -= 1
+    return StepPlan(tuple(runs), tuple(admitted))
