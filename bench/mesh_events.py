@@ -23,6 +23,7 @@ a failed recovery or re-placement is listed as FAILED (exit 1), with the logs ke
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import shutil
 import statistics
@@ -52,41 +53,43 @@ PORT = 50051
 # JSON lines: requests on stdin, replies and timestamped events on stdout.
 
 def router_helper(argv: list[str]) -> int:
-    from transformers import AutoTokenizer
-
-    from faasmoe.router.mesh import dispatch as mesh_module
-    from faasmoe.router.control.controller import PlacementController
-    from faasmoe.router.control.directory import NodeDirectory
-    from faasmoe.router.engine.generate import generate
-    from faasmoe.router.model.build import build_mesh_model
-    from faasmoe.router.control.session import RouterSession
-
     p = argparse.ArgumentParser(prog="mesh_events.py _router")
     p.add_argument("--store", required=True)
     p.add_argument("--mdns-interface", required=True)
     p.add_argument("--mode", choices=("generate", "serve"), required=True)
     p.add_argument("--settle-s", type=float, default=0.5)
     args = p.parse_args(argv)
+    return asyncio.run(_router_helper(args))
+
+
+async def _router_helper(args) -> int:
+    from faasmoe.router.control.controller import PlacementController
+    from faasmoe.router.control.directory import NodeDirectory
+    from faasmoe.router.control.session import RouterSession
+    from faasmoe.router.engine.engine import EngineConfig
+    from faasmoe.router.engine.generate import generate
+    from faasmoe.router.engine.serving import start_serving
+    from faasmoe.router.mesh import transport as transport_module
+
     import netns
     emit = netns.json_line_writer()
 
-    # every layer step's fan-out: the time the last call to each node was sent
+    # every layer step's fan-out: the time the last frame to each node was handed to its stream
     last_send: dict[str, float] = {}
-    original_invoke_all = mesh_module.invoke_all
+    original_send = transport_module.NodeStream.send
 
-    def invoke_all(calls, deadline_s):
-        now = time.time()
-        for client, _ in calls:
-            last_send[client.address] = now
-        return original_invoke_all(calls, deadline_s)
+    def send(self, frame):
+        last_send[self.node] = time.time()
+        return original_send(self, frame)
 
-    mesh_module.invoke_all = invoke_all
+    transport_module.NodeStream.send = send
 
-    session = RouterSession(args.store, step_timeout_s=10.0)
+    session = RouterSession(args.store)
+    config = EngineConfig(step_timeout_s=10.0)
     recoveries: list[dict] = []
     original_recover = session.recover
 
-    def recover(address, err):
+    def recover(address, err):          # the engine's SessionControl runs it in a worker thread
         entry = {"address": address, "start": time.time()}
         recoveries.append(entry)
         try:
@@ -95,7 +98,6 @@ def router_helper(argv: list[str]) -> int:
             entry["end"] = time.time()
 
     session.recover = recover
-    session.mesh.on_node_failure = recover
     directory = NodeDirectory(mdns_interfaces=[args.mdns_interface])
     directory.subscribe(lambda ev: emit({"type": "event", "kind": ev.kind, "node_id": ev.node.node_id,
                                          "address": ev.node.address, "t": time.time()}))
@@ -112,28 +114,29 @@ def router_helper(argv: list[str]) -> int:
 
         controller = Controller(session, directory, settle_s=args.settle_s)
         controller.start()
-    model = tokenizer = None
+    serving = None
     emit({"type": "ready", "t": time.time()})
     try:
-        for line in sys.stdin:
+        while line := await asyncio.to_thread(sys.stdin.readline):
             req = json.loads(line)
             try:
-                if req["op"] == "prepare":             # place on every up node (reviving all), build the model
+                if req["op"] == "prepare":             # place on every up node (reviving all), start serving
                     want = set(req["addresses"])
-                    if not directory.wait_for(lambda s: want <= {n.address for n in s if n.up}, 30):
+                    if not await asyncio.to_thread(
+                            directory.wait_for, lambda s: want <= {n.address for n in s if n.up}, 30):
                         raise RuntimeError(f"nodes not up: {want}")
                     for a in want:
                         session.revive(a)
-                    plan, _ = session.place_and_deploy(sorted(want))
-                    if model is None:
-                        model = build_mesh_model(session.store, session.manifest, session.mesh)
-                        tokenizer = AutoTokenizer.from_pretrained(str(session.store))
+                    plan, _ = await asyncio.to_thread(session.place_and_deploy, sorted(want))
+                    if serving is None:
+                        serving = await start_serving(session, config)
                     recoveries.clear()
                     last_send.clear()
                     result = {"functions": len(plan)}
                 elif req["op"] == "generate":
                     start = time.time()
-                    out = generate(model, tokenizer, [req["prompt"]], req["max_new_tokens"])[0]
+                    out = (await generate(serving.engine, serving.tokenizer, [req["prompt"]],
+                                          req["max_new_tokens"]))[0]
                     result = {"token_ids": out.token_ids, "start": start, "end": time.time(),
                               "recoveries": list(recoveries), "last_send": dict(last_send)}
                 else:
@@ -142,8 +145,10 @@ def router_helper(argv: list[str]) -> int:
             except Exception as exc:  # noqa: BLE001 - reported to the caller
                 emit({"type": "reply", "id": req["id"], "ok": False, "error": f"{type(exc).__name__}: {exc}"})
     finally:
+        if serving is not None:
+            await serving.close()
         if controller is not None:
-            controller.stop()
+            await asyncio.to_thread(controller.stop)
         directory.stop()
         session.close()
     return 0
@@ -183,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from faasmoe.router.engine.reference import reference_generate
     from faasmoe.router.store.manifest import load_manifest
     from faasmoe.router.store.split import split_checkpoint
     from model_factory import make_checkpoint
@@ -196,11 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     total_mb = sum(resident_estimate_bytes(f.bytes) for f in manifest.functions) / 2**20   # as placement counts
     tok = AutoTokenizer.from_pretrained(str(store))
     ref = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    enc = tok(PROMPT, return_tensors="pt")
-    with torch.inference_mode():
-        ref_out = ref.generate(**enc, max_new_tokens=args.tokens, do_sample=False, temperature=None, top_p=None,
-                               top_k=None, pad_token_id=tok.pad_token_id)
-    expected = ref_out[0, enc["input_ids"].shape[1]:].tolist()
+    expected = reference_generate(ref, tok, [PROMPT], args.tokens)[0].token_ids
     extra = ["--profile", "rpi4-4gb", "--threads", "1"]
     budget_mb = CAPACITY_FRACTION * total_mb
     results: dict[str, dict] = {}

@@ -16,7 +16,6 @@ import sys
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -44,10 +43,11 @@ def split_for(model_dir: Path, work: Path, g: int) -> Path:
 
 def cold_starts(store: Path, layer_only: int, repeats: int, budget_mb: float) -> list[float]:
     """Deploy one layer's functions to one node with keep-alive 0: every call is a cold start."""
-    from faasmoe.proto import frames
+    from faasmoe.proto import frames, methods
     from faasmoe.router.control.local_mesh import LocalMesh
-    from faasmoe.router.store.manifest import load_manifest
     from faasmoe.router.control.session import RouterSession, header_of
+    from faasmoe.router.mesh.client import make_channel
+    from faasmoe.router.store.manifest import load_manifest
     manifest = load_manifest(store)
     fns = manifest.layer_functions(layer_only)
     loads = []
@@ -55,6 +55,8 @@ def cold_starts(store: Path, layer_only: int, repeats: int, budget_mb: float) ->
                                                           extra_args=["--keep-alive-s", "0"]) as mesh:
         session = RouterSession(store)
         client = session.client(mesh.addresses[0])
+        channel = make_channel(mesh.addresses[0])
+        invoke = methods.stub(channel, methods.INVOKE)          # one raw Invoke per call, synchronous
         x = np.zeros((1, manifest.hidden_size), np.float32)
         for f in fns:
             client.deploy(store / f.file, header_of(f, manifest.model_id))
@@ -63,77 +65,83 @@ def cold_starts(store: Path, layer_only: int, repeats: int, budget_mb: float) ->
                 counts = [1] + [0] * (len(f.expert_ids) - 1)
                 frame = frames.encode_request("bench", "bench", f.layer, x,
                                               [frames.Call(f.function_id, np.array([0], np.int32), counts)])
-                header, _ = frames.decode_reply(client.invoke_blocking(frame, 120))
+                header, _ = frames.decode_reply(invoke(frame, timeout=120))
+                if header.HasField("error"):
+                    raise RuntimeError(f"invoke {f.function_id[:12]}: {header.error.details}")
                 assert header.results[0].cold_start
                 loads.append(header.results[0].load_s)
+        channel.close()
         session.close()
     return loads
 
 
 def per_token(store: Path, prompt_ids: list[int], new_tokens: int, nodes: int) -> dict:
-    import torch
+    """Steady decode through the engine on ``nodes`` local nodes: one short warm-up generation (its cold
+    starts load the functions), then the timed one; end-of-sequence does not stop either."""
+    import asyncio
 
     from faasmoe.router.control.local_mesh import LocalMesh
-    from faasmoe.router.mesh.dispatch import MeshStats
-    from faasmoe.router.model.build import build_mesh_model
-    from faasmoe.router.control.session import RouterSession
+    from faasmoe.router.engine.serving import local_serving
+    from faasmoe.router.mesh.stats import MeshStats
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from mesh_vs_transformers import _timed_generate
+    from mesh_vs_transformers import _engine_tokens
+
+    async def run(addresses):
+        async with local_serving(store, addresses) as serving:
+            await _engine_tokens(serving.engine, prompt_ids, 4)          # warm up
+            serving.mesh.stats = MeshStats()
+            _, steps = await _engine_tokens(serving.engine, prompt_ids, new_tokens)
+            return steps, serving.mesh.stats
+
     with tempfile.TemporaryDirectory() as tmp, LocalMesh(nodes, Path(tmp), memory_budget_mb=4096,
                                                           extra_args=["--threads", "1"]) as mesh:
-        session = RouterSession(store)
-        session.place_and_deploy(mesh.addresses)
-        model = build_mesh_model(store, session.manifest, session.mesh)
-        _timed_generate(model, prompt_ids, 4)
-        session.mesh.stats = MeshStats()
-        _, steps = _timed_generate(model, prompt_ids, new_tokens)
-        st = session.mesh.stats
-        session.close()
-    del torch
+        steps, st = asyncio.run(run(mesh.addresses))
     return dict(ms_per_token=1000 * statistics.median(steps[1:]), rpcs_per_token=st.rpcs / len(steps),
                 invocations_per_token=st.function_calls / len(steps))
 
 
 def memory_timeline(store: Path, keep_alive_s: float, burst: int, png: Path, nodes: int = 3) -> dict:
     """Sample total node RSS at 10 Hz: idle (deployed, cold) -> burst of concurrent requests -> idle."""
+    import asyncio
+
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from transformers import AutoTokenizer
 
-    from faasmoe.router.engine.generate import generate
     from faasmoe.router.control.local_mesh import LocalMesh
-    from faasmoe.router.model.build import build_mesh_model
-    from faasmoe.router.control.session import RouterSession
-    tok = AutoTokenizer.from_pretrained(str(store))
+    from faasmoe.router.engine.engine import EngineConfig
+    from faasmoe.router.engine.generate import generate
+    from faasmoe.router.engine.serving import local_serving
     samples, marks = [], {}
+
+    async def run(mesh):
+        procs = [psutil.Process(n.process.pid) for n in mesh.nodes]
+        async with local_serving(store, mesh.addresses, EngineConfig(step_timeout_s=120)) as serving:
+            stop = threading.Event()
+            t0 = time.monotonic()
+
+            def sample():
+                while not stop.is_set():
+                    samples.append((time.monotonic() - t0, sum(p.memory_info().rss for p in procs)))
+                    stop.wait(0.1)
+
+            sampler = threading.Thread(target=sample, daemon=True)
+            sampler.start()
+            try:
+                await asyncio.sleep(3)                          # idle: deployed, nothing loaded
+                marks["burst_start_s"] = time.monotonic() - t0
+                prompts = [f"def task_{i}(x):" for i in range(burst)]
+                await generate(serving.engine, serving.tokenizer, prompts, 8)   # concurrent requests, co-batched
+                marks["burst_end_s"] = time.monotonic() - t0
+                await asyncio.sleep(keep_alive_s + 4)          # past the keep-alive window: scaled to zero
+            finally:
+                stop.set()
+                sampler.join()
+
     with tempfile.TemporaryDirectory() as tmp, LocalMesh(nodes, Path(tmp), memory_budget_mb=4096,
                                                           extra_args=["--keep-alive-s", str(keep_alive_s),
                                                                       "--threads", "1"]) as mesh:
-        procs = [psutil.Process(n.process.pid) for n in mesh.nodes]
-        session = RouterSession(store, step_timeout_s=120)
-        session.place_and_deploy(mesh.addresses)
-        model = build_mesh_model(store, session.manifest, session.mesh)
-        stop = threading.Event()
-        t0 = time.monotonic()
-
-        def sample():
-            while not stop.is_set():
-                samples.append((time.monotonic() - t0, sum(p.memory_info().rss for p in procs)))
-                stop.wait(0.1)
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-        time.sleep(3)                                   # idle: deployed, nothing loaded
-        marks["burst_start_s"] = time.monotonic() - t0
-        prompts = [f"def task_{i}(x):" for i in range(burst)]
-        with ThreadPoolExecutor(burst) as pool:
-            list(pool.map(lambda p: generate(model, tok, [p], 8), prompts))
-        marks["burst_end_s"] = time.monotonic() - t0
-        time.sleep(keep_alive_s + 4)                    # past the keep-alive window: scaled to zero
-        stop.set()
-        sampler.join()
-        session.close()
+        asyncio.run(run(mesh))
     ts = [t for t, _ in samples]
     mib = [b / 2**20 for _, b in samples]
     fig, ax = plt.subplots(figsize=(8, 3.5))

@@ -1,0 +1,126 @@
+"""Helpers for the serving tests: a tiny model split into a store, transformers' reference answers, and
+``faasmoe-router serve`` as a real process on 127.0.0.1 port 0 (read its ready line for the URL)."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from faasmoe.router.api.server import READY_PREFIX
+from faasmoe.router.engine.reference import reference_generate
+from faasmoe.router.store.split import split_checkpoint
+from model_factory import make_checkpoint
+
+TINY = dict(num_layers=4, hidden_size=64, num_experts=16, top_k=4, moe_intermediate_size=32,
+            shared_expert_intermediate_size=96, vocab_size=97, seed=3)     # one printable character per token
+
+
+@dataclass
+class TinyModel:
+    model_dir: Path
+    store: Path
+    tokenizer: object
+    reference: object            # transformers' own model
+
+    def greedy(self, prompts, max_new_tokens: int):
+        return reference_generate(self.reference, self.tokenizer, prompts, max_new_tokens)
+
+    def text(self, token_ids) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+
+def tiny_model(root: Path, group_size: int = 4) -> TinyModel:
+    model_dir = make_checkpoint(root / "model", **TINY)
+    store = root / "store"
+    split_checkpoint(model_dir, store, group_size=group_size, progress=False)
+    reference = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    return TinyModel(model_dir, store, AutoTokenizer.from_pretrained(str(store)), reference)
+
+
+class RouterProcess:
+    """``faasmoe-router serve`` on 127.0.0.1 port 0 over static nodes; stopped with SIGTERM on exit."""
+
+    def __init__(self, store: Path, addresses, *extra: str, ready_timeout_s: float = 120.0):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FAASMOE_")}
+        self.proc = subprocess.Popen([sys.executable, "-m", "faasmoe.router", "serve", "--store", str(store),
+                                      "--nodes", ",".join(addresses), "--port", "0", *extra],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     env=env | {"PYTHONUNBUFFERED": "1"})
+        self.stderr: list[str] = []
+        threading.Thread(target=self._drain_stderr, daemon=True).start()
+        lines: queue.Queue = queue.Queue()
+        threading.Thread(target=lambda: [lines.put(line) for line in self.proc.stdout] + [lines.put(None)],
+                         daemon=True).start()
+        deadline = time.monotonic() + ready_timeout_s
+        while True:
+            try:
+                line = lines.get(timeout=max(deadline - time.monotonic(), 0.01))
+            except queue.Empty:
+                self.stop()
+                raise TimeoutError(f"router not ready in {ready_timeout_s} s: {''.join(self.stderr)[-2000:]}")
+            if line is None:
+                raise RuntimeError(f"router exited with {self.proc.wait()}: {''.join(self.stderr)[-2000:]}")
+            if line.startswith(READY_PREFIX):
+                info = json.loads(line[len(READY_PREFIX):])
+                break
+        self.url, self.model = info["url"], info["model"]
+        wait_for(lambda: httpx.get(f"{self.url}/health").status_code == 200, 60, "the router to be healthy")
+
+    def _drain_stderr(self):
+        for line in self.proc.stderr:
+            self.stderr.append(line)
+
+    def metrics(self) -> dict[tuple, float]:
+        text = httpx.get(f"{self.url}/metrics").text
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(text) for s in family.samples}
+
+    def engine_gauge(self, state: str) -> float:
+        return self.metrics()[("faasmoe_router_engine_sequences", (("state", state),))]
+
+    def counter(self, name: str) -> float:
+        return self.metrics()[(name, ())]
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def __enter__(self) -> RouterProcess:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def wait_for(predicate, timeout_s: float, what: str):
+    """Poll ``predicate`` until truthy; fail after ``timeout_s`` (a condition, never a sleep ordering a test)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            value = predicate()
+        except (httpx.HTTPError, KeyError):
+            value = None
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.01)
