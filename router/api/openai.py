@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ from faasmoe.router.api.schemas import ChatCompletionRequest, CompletionRequest
 from faasmoe.router.engine.engine import Engine
 from faasmoe.router.engine.sampling import Choice, SamplingParams
 from faasmoe.router.engine.sequence import FinishEvent, Request, TokenEvent
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -54,6 +57,8 @@ class _Call:
         self.created = int(time.time())
 
     def _token_text(self, token_id: int) -> str:
+        if self.api.tokenizer is None:               # a store without a tokenizer: name the id
+            return f"token_id:{token_id}"
         return self.api.tokenizer.decode([token_id])
 
     # -- rendering (completions and chat differ only here) -----------------------------------------------
@@ -116,6 +121,16 @@ class _Call:
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     async def _chunks(self) -> AsyncIterator[str]:
+        try:
+            async for piece in self._pieces():
+                yield piece
+        except Exception as exc:  # noqa: BLE001 - the headers are sent: report in-band, free the sequence
+            self.engine.cancel(self.seq)
+            log.exception("stream %s failed", self.id)
+            yield _sse(status_of(exc)[1])
+            yield _sse("[DONE]")
+
+    async def _pieces(self) -> AsyncIterator[str]:
         usage_field = {} if not self.include_usage else {"usage": None}
         if self.kind == "chat.completion":
             first = self._envelope([{"index": 0, "delta": {"role": "assistant", "content": ""},
@@ -164,23 +179,29 @@ def _params(body, logprobs: int | None) -> SamplingParams:
 async def completions(api: ApiContext, body: CompletionRequest, http: HttpRequest, tenant: str = "default") -> Response:
     _check_model(api, body.model)
     if isinstance(body.prompt, str):
+        if api.tokenizer is None:
+            raise BadRequest("this model has no tokenizer: send the prompt as token ids", "prompt")
         prompt_ids = tuple(api.tokenizer(body.prompt)["input_ids"])
     else:
         prompt_ids = tuple(body.prompt)
-    request = Request(prompt_ids, body.max_tokens, _params(body, body.logprobs), tuple(body.stop), tenant)
+    request = Request(prompt_ids, body.max_tokens, _params(body, body.logprobs), tuple(body.stop), tenant,
+                      ignore_eos=body.ignore_eos)
     return await _respond(api, "text_completion", request, body, body.logprobs is not None, http)
 
 
 async def chat_completions(api: ApiContext, body: ChatCompletionRequest, http: HttpRequest,
                            tenant: str = "default") -> Response:
     _check_model(api, body.model)
+    if api.tokenizer is None:
+        raise BadRequest("this model has no tokenizer, so it cannot chat: use /v1/completions with token ids",
+                         "messages")
     prompt_ids = tuple(render_chat(api.tokenizer, [(m.role, m.text) for m in body.messages]))
     context = api.engine().runner.max_positions
     max_tokens = body.token_limit if body.token_limit is not None else context - len(prompt_ids)
     if max_tokens < 1:
         raise BadRequest(f"the messages take {len(prompt_ids)} tokens, the whole context of {context}", "messages")
     top = (body.top_logprobs or 0) if body.logprobs else None
-    request = Request(prompt_ids, max_tokens, _params(body, top), tuple(body.stop), tenant)
+    request = Request(prompt_ids, max_tokens, _params(body, top), tuple(body.stop), tenant, ignore_eos=body.ignore_eos)
     return await _respond(api, "chat.completion", request, body, body.logprobs, http)
 
 

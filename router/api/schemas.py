@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 
 class StreamOptions(BaseModel):
@@ -28,6 +28,7 @@ class _Common(BaseModel):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
+    ignore_eos: bool = False      # extension (as vLLM's): generate max_tokens even past end-of-sequence
 
     @field_validator("stop")
     @classmethod
@@ -86,26 +87,15 @@ class CompletionRequest(_Common):
             raise ValueError("the prompt is empty")
         return v
 
-    @field_validator("echo")
+    @field_validator("echo", "suffix", "best_of")
     @classmethod
-    def _echo(cls, v):
-        if v:
-            raise ValueError("echo is not supported")
+    def _unsupported(cls, v, info: ValidationInfo):
+        if v not in _HONOURED[info.field_name]:
+            raise ValueError(f"{info.field_name}={v!r} is not supported")
         return v
 
-    @field_validator("suffix")
-    @classmethod
-    def _suffix(cls, v):
-        if v:
-            raise ValueError("suffix is not supported")
-        return v
 
-    @field_validator("best_of")
-    @classmethod
-    def _best_of(cls, v):
-        if v not in (None, 1):
-            raise ValueError("only best_of=1 is supported")
-        return v
+_HONOURED = {"echo": (False,), "suffix": (None, ""), "best_of": (None, 1)}    # the values this server serves
 
 
 class TextPart(BaseModel):

@@ -50,6 +50,8 @@ class _Readiness:
     def health(self) -> tuple[bool, str]:
         if self.serving is None:
             return False, "starting: loading the model"
+        if not self.serving.engine.alive:
+            return False, "the engine has stopped"
         if not self.session.placed_once.is_set():
             return False, "starting: placing the expert functions on the nodes"
         if not self.session.placement_holds():

@@ -47,8 +47,13 @@ def engine_config(args):
                         prefill_chunk=args.prefill_chunk)
     except ValueError as exc:
         raise ConfigError(f"{exc}: check --max-batch, --max-step-tokens and --prefill-chunk") from None
-    if args.max_waiting < 0 or args.step_timeout_s <= 0:
-        raise ConfigError("--max-waiting must be >= 0 and --step-timeout-s > 0")
+    if args.max_waiting < 1 or args.step_timeout_s <= 0:
+        raise ConfigError("--max-waiting must be >= 1 and --step-timeout-s > 0")
+    if args.torch_threads is not None:
+        if args.torch_threads < 1:
+            raise ConfigError("--torch-threads must be at least 1")
+        import torch
+        torch.set_num_threads(args.torch_threads)
     return EngineConfig(limits=limits, max_waiting=args.max_waiting, step_timeout_s=args.step_timeout_s)
 
 

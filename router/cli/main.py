@@ -73,9 +73,11 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                    help="prompt tokens one sequence prefills per step at most: long prompts are prefilled over "
                         "several steps while running decodes keep stepping (default 256)")
     p.add_argument("--max-waiting", type=int, default=256,
-                   help="requests queued beyond the batch; more get 503 with Retry-After (default 256)")
+                   help="requests queued beyond the batch (>= 1); more get 503 with Retry-After (default 256)")
     p.add_argument("--step-timeout-s", type=float, default=30.0,
                    help="deadline of one step across the mesh, recovery included (default 30)")
+    p.add_argument("--torch-threads", type=int, default=None,
+                   help="intra-op threads of the router's dense part (default: torch's, one per core)")
 
 
 def build_parser() -> argparse.ArgumentParser:

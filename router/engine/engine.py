@@ -111,6 +111,10 @@ class Engine:
         self._wake.set()
         return seq
 
+    @property
+    def alive(self) -> bool:
+        return self._task is not None and not self._task.done()
+
     def cancel(self, seq: Sequence) -> None:
         """The caller went away: the sequence leaves the batch at the next step boundary."""
         if not seq.finished:
@@ -155,7 +159,11 @@ class Engine:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            await self.step()
+            try:
+                await self.step()
+            except Exception as exc:  # noqa: BLE001 - a bug outside the forward fails the batch, not the engine
+                log.exception("engine step %d failed", self._step_no)
+                self._fail(list(self.running), StepFailed(f"internal error in step: {type(exc).__name__}: {exc}"))
             await asyncio.sleep(0)          # let handlers and streams run between steps
 
     def _drop_cancelled(self) -> None:

@@ -27,6 +27,7 @@ class Request:
     tenant: str = "default"
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     keep_logits: bool = False                   # diagnostics: return every sampled step's logits
+    ignore_eos: bool = False                    # run to max_tokens even past end-of-sequence (benchmarks)
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,7 @@ class Sequence:
         offset = self.text.emitted
         delta = self.text.push(choice.token_id)
         self.events.put_nowait(TokenEvent(choice.token_id, delta, choice, offset))
-        if choice.token_id in self.eos_ids or self.text.stopped:
+        if (choice.token_id in self.eos_ids and not self.request.ignore_eos) or self.text.stopped:
             return "stop"
         if len(self.output_ids) >= self.request.max_tokens:
             return "length"
