@@ -322,6 +322,11 @@ class Runtime:
     # ---- calls
     async def invoke(self, calls: Sequence[Call], hidden: np.ndarray) -> list[tuple[pb.CallResult, np.ndarray]]:
         """Run every call of one Invoke on ``hidden`` [N, H]; all calls are validated before any runs."""
+        missing = sorted({call.function_id for call in calls if call.function_id not in self.deployed})
+        if missing:
+            raise FunctionNotFound(f"functions {', '.join(missing)} are not deployed on node {self.node_id}; deploy "
+                                   "them there or send their rows to a node that has them", node=self.node_id,
+                                   missing=tuple(missing))
         fns = [self._validate(call, hidden) for call in calls]
         x = hidden if hidden.dtype == np.float32 else hidden.astype(np.float32)
         if len(calls) == 1 or self._all_inline(fns, calls):

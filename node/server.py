@@ -182,7 +182,8 @@ class NodeServer:
                 except Exception as exc:  # noqa: BLE001 - answered in-band, the stream lives on
                     err = _error_of(exc, self.node_id, "InvokeStream request")
                     reply = frames.encode_error_reply(_request_id_of(frame), self.node_id, code_number(err),
-                                                      grpc_details(err), time.perf_counter() - t0)
+                                                      grpc_details(err), time.perf_counter() - t0,
+                                                      getattr(err, "missing", ()))
                 await context.write(reply)
         finally:
             closing.cancel()

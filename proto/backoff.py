@@ -8,6 +8,7 @@ not retry together.
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from typing import Iterator
@@ -27,7 +28,9 @@ class Backoff:
     def delay_s(self, attempt: int, draw: float | None = None) -> float:
         """Seconds to wait before retry number ``attempt`` (0-based). ``draw`` in [0, 1) replaces the random
         draw (tests)."""
-        base = min(self.max_s, self.first_s * self.factor ** max(attempt, 0))
+        base = self.max_s
+        if self.factor == 1 or attempt < math.log(self.max_s / self.first_s) / math.log(self.factor):
+            base = min(self.max_s, self.first_s * self.factor ** max(attempt, 0))
         if not self.jitter:
             return base
         u = random.random() if draw is None else draw

@@ -61,6 +61,10 @@ class InvalidRequest(MeshError):
 class FunctionNotFound(MeshError):
     grpc_code = grpc.StatusCode.NOT_FOUND
 
+    def __init__(self, message: str, node: str | None = None, missing: tuple[str, ...] = ()):
+        super().__init__(message, node)
+        self.missing = tuple(missing)       # the function ids the node does not hold, when known
+
 
 class IntegrityError(MeshError):
     grpc_code = grpc.StatusCode.DATA_LOSS

@@ -173,10 +173,11 @@ def encode_reply(request_id: str, node_id: str, results: Sequence[tuple[pb.CallR
     return encode(header, arrays)
 
 
-def encode_error_reply(request_id: str, node_id: str, code: int, details: str, node_s: float) -> bytes:
+def encode_error_reply(request_id: str, node_id: str, code: int, details: str, node_s: float,
+                       missing_functions: Sequence[str] = ()) -> bytes:
     """An InvokeStream reply saying the request failed (no payloads)."""
     header = pb.InvokeReply(request_id=request_id, node_id=node_id, node_s=node_s,
-                            error=pb.CallError(code=code, details=details))
+                            error=pb.CallError(code=code, details=details, missing_functions=missing_functions))
     return encode(header, [])
 
 

@@ -128,7 +128,7 @@ def test_logprobs_on_completions(mesh_and_model, client):
         assert len(top) == 3 and chosen <= 0
         assert chosen == pytest.approx(max(top.values()))          # greedy picks the most likely token
     assert "".join(lp.tokens) == out.choices[0].text
-    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+    assert lp.text_offset == [len("".join(lp.tokens[:i])) for i in range(6)]
 
 
 def test_seeded_sampling_is_reproducible_under_load(client):
@@ -198,9 +198,11 @@ def test_a_client_that_disconnects_frees_its_sequence(mesh_and_model, server):
     wait_for(lambda: server.engine_gauge("running") == 0, 10, "the stream's sequence to leave the batch")
     assert server.counter("faasmoe_router_engine_completion_tokens_total") - before < 150
     # a plain (not streamed) request whose client gives up
+    before = server.counter("faasmoe_router_engine_completion_tokens_total")
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{server.url}/v1/completions", json={**body, "stream": False}, timeout=0.2)
     wait_for(lambda: server.engine_gauge("running") == 0, 10, "the plain request's sequence to leave the batch")
+    assert server.counter("faasmoe_router_engine_completion_tokens_total") - before < 150
 
 
 def test_forty_interleaved_concurrent_requests_each_get_their_own_answer(mesh_and_model, server):
@@ -225,20 +227,21 @@ def test_forty_interleaved_concurrent_requests_each_get_their_own_answer(mesh_an
 
 
 def test_a_full_server_answers_503_with_retry_after(mesh_and_model):
+    """One running and one waiting request fill this server; of four sent at once (each runs 150 steps), the
+    ones that find it full are refused at once with Retry-After, the others are served."""
     mesh, tiny = mesh_and_model
-    with RouterProcess(tiny.store, mesh.addresses, "--max-batch", "1", "--max-waiting", "1") as small:
+    with RouterProcess(tiny.store, mesh.addresses, "--max-batch", "1", "--max-waiting", "1",
+                       "--router-id", "small-router") as small:
         body = {"model": "store", "prompt": _long_prompt(tiny, 150), "max_tokens": 150, "temperature": 0}
-        with httpx.stream("POST", f"{small.url}/v1/completions", json={**body, "stream": True}) as running:
-            next(line for line in running.iter_lines() if line.startswith("data:"))   # it runs: the batch is full
 
-            async def two_more():
-                async with httpx.AsyncClient(timeout=60) as http:
-                    return await asyncio.gather(*(http.post(f"{small.url}/v1/completions", json=body)
-                                                  for _ in range(2)))
+        async def four_at_once():
+            async with httpx.AsyncClient(timeout=60) as http:
+                return await asyncio.gather(*(http.post(f"{small.url}/v1/completions", json=body)
+                                              for _ in range(4)))
 
-            replies = asyncio.run(two_more())     # one waits for the batch, the other finds the queue full
-        assert sorted(r.status_code for r in replies) == [200, 503]
-        refused = next(r for r in replies if r.status_code == 503)
-        assert refused.status_code == 503
+        replies = asyncio.run(four_at_once())
+    codes = sorted(r.status_code for r in replies)
+    assert set(codes) == {200, 503} and codes.count(503) >= 2, codes       # capacity 2: at least 2 refused
+    for refused in (r for r in replies if r.status_code == 503):
         assert int(refused.headers["Retry-After"]) >= 1
         assert refused.json()["error"]["code"] == "server_full"

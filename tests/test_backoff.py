@@ -11,6 +11,9 @@ from faasmoe.proto.backoff import Backoff
     (Backoff(0.5, 30.0), 5, None, 16.0),
     (Backoff(0.5, 30.0), 6, None, 30.0),             # capped
     (Backoff(0.5, 30.0), 60, None, 30.0),            # no overflow far out
+    (Backoff(0.5, 30.0), 100_000, None, 30.0),        # days of retries at the cap
+    (Backoff(0.005, 0.2, factor=2.5), 10_000, None, 0.2),
+    (Backoff(1.0, 1.0, factor=1.0), 10_000, None, 1.0),
     (Backoff(0.005, 0.2, factor=2.5), 2, None, 0.03125),
     (Backoff(1.0, 8.0, jitter=0.5), 0, 0.0, 1.0),     # no jitter drawn: full delay
     (Backoff(1.0, 8.0, jitter=0.5), 0, 0.999999, 0.5000005),

@@ -19,6 +19,7 @@ from faasmoe.router.mesh.transport import Transport
 from node_fixtures import make_function
 
 HIDDEN = 256
+WIDE = 2048          # 8 KiB per row: 128 rows fill a node's 1 MiB message limit
 
 
 @pytest.fixture
@@ -57,11 +58,11 @@ class RecordingControl:
             await asyncio.to_thread(_deploy, self.fn, node, self.tmp_path)
 
 
-def _step(fn, placement, rows: int, control=None, top_k=2):
+def _step(fn, placement, rows: int, control=None, top_k=2, hidden_size=HIDDEN):
     layers = {0: LayerFunctions({fn.function_id: tuple(fn.expert_ids)})}
     router = Router()
     router.publish(placement)
-    hidden = np.random.default_rng(0).standard_normal((rows, HIDDEN), dtype=np.float32)
+    hidden = np.random.default_rng(0).standard_normal((rows, hidden_size), dtype=np.float32)
     index = np.tile(np.array(fn.expert_ids[:top_k]), (rows, 1))
 
     async def run():
@@ -117,3 +118,15 @@ def test_a_frame_over_the_node_limit_is_split_not_a_dead_node(nodes, tmp_path):
     rows = 2000                                 # ~2 MiB of hidden rows: over the node's 1 MiB limit
     stats = _step(fn, {fn.function_id: (a.address,)}, rows=rows, control=control)
     assert stats.retries >= 1 and stats.rpcs >= 3 and control.failed == []
+
+
+def test_oversized_frames_sharing_a_stream_are_split_until_requests_and_replies_fit(nodes, tmp_path):
+    """257 wide rows: the first split (128 + 128 + 1 on one stream) is still too large and takes the 1-row frame
+    down with it; the next splits size by the largest failed frame until requests and replies (2 outputs per row)
+    fit the node's 1 MiB limit."""
+    fn = make_function(seed=25, n_experts=2, hidden=WIDE, inter=32)
+    a, _ = nodes
+    _deploy(fn, a.address, tmp_path)
+    control = RecordingControl(fn, tmp_path)
+    stats = _step(fn, {fn.function_id: (a.address,)}, rows=257, control=control, hidden_size=WIDE)
+    assert stats.retries >= 2 and control.failed == [] and control.missing == []

@@ -45,7 +45,7 @@ CONFIGS = [
     ("norm-off-G1", dict(norm_topk_prob=False, num_experts=8, top_k=2), 1),
     ("norm-on-G4-divisor", dict(norm_topk_prob=True, num_experts=8, top_k=2), 4),
     ("norm-on-Gall", dict(norm_topk_prob=True, num_experts=8, top_k=2), 8),
-    ("norm-off-G3-uneven-top4-fused", dict(norm_topk_prob=False, num_experts=12, top_k=4, layout="fused",
+    ("norm-off-G5-uneven-top4-fused", dict(norm_topk_prob=False, num_experts=12, top_k=4, layout="fused",
                                            num_layers=3, mlp_only_layers=(1,)), 5),
 ]
 

@@ -6,6 +6,10 @@ transformers' greedy answer; only the killed node is ever marked dead."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
@@ -15,6 +19,7 @@ from faasmoe.router.control.local_mesh import LocalMesh
 from faasmoe.router.control.session import RouterSession
 from faasmoe.router.engine.engine import EngineConfig
 from faasmoe.router.engine.scheduler import Limits
+from faasmoe.router.mesh.client import NodeClient
 from serving_fixtures import tiny_model
 
 STREAMS, MAX_NEW = 16, 80
@@ -80,3 +85,42 @@ def test_16_streams_survive_a_move_and_a_kill(tmp_path):
             assert texts == expected                                # identical tokens
             assert session.dead == {victim.address}                 # the move marked nobody dead
             assert all(victim.address not in n for n in session.placement.values())
+        # a router that stops lets go of its leases: the nodes hold nothing for it any more
+        for node in mesh.nodes:
+            if node is not victim:
+                status = NodeClient(node.address).status()
+                assert not [f.function_id for f in status.functions if session.router_id in f.owners]
+
+
+def test_a_hung_node_is_routed_around_long_before_the_step_deadline(tmp_path):
+    """SIGSTOP: the node keeps its connections but never answers. Its health checks fail within ~2 s; the
+    calls in flight to it fail then, its functions go to the survivors, and the requests finish exactly."""
+    tiny = tiny_model(tmp_path)
+    prompts = _prompts(tiny)[:4]
+    expected = [tiny.text(r.token_ids) for r in tiny.greedy(prompts, MAX_NEW)]
+    config = EngineConfig(limits=Limits(max_running=16, max_step_tokens=64, prefill_chunk=8), step_timeout_s=60)
+    with LocalMesh(3, tmp_path / "nodes", memory_budget_mb=64) as mesh:
+        session = RouterSession(tiny.store)
+        with ServerThread(session, mesh.addresses, config, ServeOptions(port=0)) as server:
+            client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+            victim = mesh.nodes[0]
+            started = time.monotonic()
+
+            def one(i):
+                chunks = client.completions.create(model="store", prompt=prompts[i], max_tokens=MAX_NEW,
+                                                   temperature=0, stream=True)
+                text = ""
+                for k, chunk in enumerate(chunks):
+                    text += chunk.choices[0].text
+                    if i == 0 and k == 5:
+                        os.kill(victim.process.pid, signal.SIGSTOP)        # hung mid-stream
+                return text
+
+            try:
+                with ThreadPoolExecutor(4) as pool:
+                    texts = list(pool.map(one, range(4)))
+            finally:
+                os.kill(victim.process.pid, signal.SIGCONT)
+            assert texts == expected
+            assert time.monotonic() - started < 20                 # not the 60 s step deadline
+            assert victim.address in session.dead

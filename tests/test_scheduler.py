@@ -20,6 +20,13 @@ CASES = [
     ("waiting order is kept", [], [(7, 1), (5, 1), (6, 1)], L, [(7, 1), (5, 1), (6, 1)], [7, 5, 6]),
     ("decodes run even when prefills use the budget", [(1, 0), (2, 9)], [],
      Limits(max_running=2, max_step_tokens=2, prefill_chunk=8), [(1, 1), (2, 1)], []),
+    ("a newcomer joins while the KV cache has room", [(1, 0, 60)], [(2, 5, 40)],
+     Limits(max_running=4, max_step_tokens=16, prefill_chunk=8, cache_tokens=100), [(1, 1), (2, 5)], [2]),
+    ("a newcomer that does not fit the KV cache waits, and so do the ones behind it", [(1, 0, 60)],
+     [(2, 5, 50), (3, 1, 10)], Limits(max_running=4, max_step_tokens=16, prefill_chunk=8, cache_tokens=100),
+     [(1, 1)], []),
+    ("two newcomers fill the cache exactly", [], [(2, 5, 50), (3, 1, 50), (4, 1, 1)],
+     Limits(max_running=4, max_step_tokens=16, prefill_chunk=8, cache_tokens=100), [(2, 5), (3, 1)], [2, 3]),
 ]
 
 

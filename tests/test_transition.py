@@ -17,6 +17,8 @@ CASES = [
      [("f", "a")], [("f", "c")], [], {"f": ("b",)}),
     ("a copy held by another router only needs a lease", {"f": []}, {}, {"f": ["a"]},
      [], [("f", "a")], [], {}),
+    ("a staying copy is routed while a dropped one goes, even if it was not routed before",
+     {"f": ["a"]}, {"f": ["a", "b"]}, {"f": ["b"]}, [("f", "a")], [], [], {"f": ("b",)}),
     ("a function no longer in the plan is released after", {"f": ["a"], "g": ["a"]}, {"f": ["a"], "g": ["a"]},
      {"f": ["a"]}, [], [], [("g", "a")], {"f": ("a",), "g": ("a",)}),
 ]

@@ -11,6 +11,7 @@ Errors come in OpenAI's JSON shape (:mod:`faasmoe.router.api.errors`).
 
 from __future__ import annotations
 
+import logging
 from typing import Callable
 
 from fastapi import FastAPI
@@ -18,12 +19,16 @@ from fastapi import Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry, make_asgi_app
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Route
 
 from faasmoe.proto.errors import FaasmoeError
 from faasmoe.router.api import openai
-from faasmoe.router.api.errors import error_response, validation_response
+from faasmoe.router.api.errors import error_body, error_response, validation_response
 from faasmoe.router.api.schemas import ChatCompletionRequest, CompletionRequest
+
+
+log = logging.getLogger(__name__)
 
 
 class _AsgiEndpoint:
@@ -47,6 +52,17 @@ def create_app(api: openai.ApiContext, health: Callable[[], tuple[bool, str]],
 
     @app.exception_handler(FaasmoeError)
     async def _refused(request: HttpRequest, exc: FaasmoeError):
+        return error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: HttpRequest, exc: StarletteHTTPException):
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return JSONResponse(error_body(f"{request.method} {request.url.path}: {exc.detail}", kind),
+                            status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _bug(request: HttpRequest, exc: Exception):
+        log.exception("%s %s failed", request.method, request.url.path)
         return error_response(exc)
 
     @app.get("/v1/models")

@@ -38,7 +38,7 @@ def error_response(exc: BaseException) -> JSONResponse:
 def validation_response(errors: list[dict]) -> JSONResponse:
     """A malformed body: 400 naming the first offending field."""
     first = errors[0] if errors else {"loc": (), "msg": "invalid request body"}
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    loc = [str(p) for p in first.get("loc", ()) if p != "body" and not isinstance(p, int)]
     param = ".".join(loc) or None
     message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
     return JSONResponse(error_body(message, "invalid_request_error", param), status_code=400)

@@ -124,18 +124,18 @@ class _Call:
         try:
             async for piece in self._pieces():
                 yield piece
-        except Exception as exc:  # noqa: BLE001 - the headers are sent: report in-band, free the sequence
-            self.engine.cancel(self.seq)
+        except Exception as exc:  # noqa: BLE001 - the headers are sent: report in-band
             log.exception("stream %s failed", self.id)
             yield _sse(status_of(exc)[1])
             yield _sse("[DONE]")
+        finally:
+            self.engine.cancel(self.seq)         # however the stream ended, the sequence leaves the batch
 
     async def _pieces(self) -> AsyncIterator[str]:
-        usage_field = {} if not self.include_usage else {"usage": None}
         if self.kind == "chat.completion":
             first = self._envelope([{"index": 0, "delta": {"role": "assistant", "content": ""},
                                      "finish_reason": None, "logprobs": None}], None, True)
-            yield _sse(first | usage_field if self.include_usage else _drop_usage(first))
+            yield _sse(first if self.include_usage else _drop_usage(first))
         async for event in self.engine.events(self.seq):
             if isinstance(event, TokenEvent):
                 if event.text or self.logprobs:
@@ -143,8 +143,7 @@ class _Call:
                     yield _sse(chunk if self.include_usage else _drop_usage(chunk))
                 continue
             if event.error is not None:
-                _, body, _ = status_of(event.error)
-                yield _sse(body)
+                yield _sse(status_of(event.error)[1])
                 yield _sse("[DONE]")
                 return
             chunk = self._envelope([self._choice(event.text, [], event.reason, True)], None, True)
@@ -172,12 +171,18 @@ def _check_model(api: ApiContext, model: str) -> None:
         raise UnknownModel(f"The model `{model}` does not exist; this server serves `{api.model_name}`")
 
 
+def _check_text_features(api: ApiContext, body) -> None:
+    if api.tokenizer is None and body.stop:
+        raise BadRequest("this model has no tokenizer, so stop strings cannot be matched", "stop")
+
+
 def _params(body, logprobs: int | None) -> SamplingParams:
     return SamplingParams(temperature=body.temperature, top_p=body.top_p, seed=body.seed, logprobs=logprobs)
 
 
 async def completions(api: ApiContext, body: CompletionRequest, http: HttpRequest, tenant: str = "default") -> Response:
     _check_model(api, body.model)
+    _check_text_features(api, body)
     if isinstance(body.prompt, str):
         if api.tokenizer is None:
             raise BadRequest("this model has no tokenizer: send the prompt as token ids", "prompt")

@@ -102,7 +102,10 @@ class RouterServer:
             serving = readiness.serving = await start_serving(session, self.config)
             metrics.watch(serving.mesh, serving.engine)
             if options.warm:
-                await asyncio.to_thread(session.placed_once.wait)
+                while not session.placed_once.is_set():        # a stop while waiting ends the wait
+                    if self._stop_requested:
+                        return
+                    await asyncio.sleep(0.1)
                 await asyncio.to_thread(session.warm)
             name = options.model_name or session.store.name
             api = ApiContext(readiness.engine, name, serving.tokenizer, int(time.time()))
@@ -116,9 +119,16 @@ class RouterServer:
                 if task.done():
                     with contextlib.suppress(SystemExit):
                         await task
-                    raise ConfigError(f"cannot listen on {options.host}:{options.port}: pick another --port "
-                                      "(0 = any free port) or --host")
+                    if self._stop_requested:
+                        return
+                    raise ConfigError(f"the HTTP server did not start on {options.host}:{options.port} (the port "
+                                      "is in use or the address is not local): pick another --port (0 = any free "
+                                      "port) or --host")
                 await asyncio.sleep(0.02)
+            if self._stop_requested:
+                server.should_exit = True
+                await task
+                return
             port = server.servers[0].sockets[0].getsockname()[1]
             host = options.host if ":" not in options.host else f"[{options.host}]"
             self.url = f"http://{host}:{port}"
@@ -129,7 +139,12 @@ class RouterServer:
         finally:
             if readiness.serving is not None:
                 await readiness.serving.close()
-            self.controller.stop()
+            await asyncio.to_thread(self.controller.stop)
+            try:
+                released = await asyncio.to_thread(session.release)
+                log.info("released %d function leases", released)
+            except Exception:  # noqa: BLE001 - a stop must finish; the nodes keep what they could not hear
+                log.exception("releasing the leases failed")
             self.directory.stop()
             if telemetry is not None:
                 telemetry.stop()

@@ -15,12 +15,18 @@ from faasmoe.router.control.placement_format import format_plan, plan_to_dict
 MIB = 1 << 20
 
 
-@contextmanager
-def node_addresses(args):
-    """Yield the addresses of the nodes to use (static ``--nodes`` and/or ``--discover``)."""
+def static_nodes(args) -> list[str]:
+    """The ``--nodes`` addresses; ConfigError when there are none and no ``--discover`` either."""
     static = [parse_address(a) for a in args.nodes.split(",") if a.strip()] if args.nodes else []
     if not static and not args.discover:
         raise ConfigError("no nodes: give --nodes HOST:PORT[,...] or --discover")
+    return static
+
+
+@contextmanager
+def node_addresses(args):
+    """Yield the addresses of the nodes to use (static ``--nodes`` and/or ``--discover``)."""
+    static = static_nodes(args)
     if not args.discover:
         yield static, None
         return
@@ -54,7 +60,10 @@ def engine_config(args):
             raise ConfigError("--torch-threads must be at least 1")
         import torch
         torch.set_num_threads(args.torch_threads)
-    return EngineConfig(limits=limits, max_waiting=args.max_waiting, step_timeout_s=args.step_timeout_s)
+    if args.kv_cache_mb <= 0:
+        raise ConfigError("--kv-cache-mb must be > 0")
+    return EngineConfig(limits=limits, max_waiting=args.max_waiting, step_timeout_s=args.step_timeout_s,
+                        kv_cache_bytes=int(args.kv_cache_mb * 2**20))
 
 
 def place(args) -> int:
@@ -157,9 +166,7 @@ def serve(args) -> int:
 
     from faasmoe.router.api.server import RouterServer, ServeOptions
 
-    static = [parse_address(a) for a in args.nodes.split(",") if a.strip()] if args.nodes else []
-    if not static and not args.discover:
-        raise ConfigError("no nodes: give --nodes HOST:PORT[,...] or --discover")
+    static = static_nodes(args)
     if not 0 <= args.port < 65536:
         raise ConfigError(f"--port {args.port} is not a port number (0 = any free port)")
     config = engine_config(args)

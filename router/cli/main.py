@@ -18,6 +18,9 @@ ENV_PREFIX = "FAASMOE_ROUTER_"
 
 
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
+ROUTER_ID_HELP = ("this router's owner id on the nodes: a node keeps a function while any owner holds a lease on it "
+                  "(default: HOSTNAME/MODEL_ID, shared by this host's runs for the store; give routers that run at "
+                  "the same time their own)")
 
 
 def _from_env(action: argparse.Action, name: str, text: str):
@@ -76,6 +79,9 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                    help="requests queued beyond the batch (>= 1); more get 503 with Retry-After (default 256)")
     p.add_argument("--step-timeout-s", type=float, default=30.0,
                    help="deadline of one step across the mesh, recovery included (default 30)")
+    p.add_argument("--kv-cache-mb", type=float, default=4096,
+                   help="KV cache all running sequences may reserve together; a request reserves prompt + max_tokens "
+                        "when it joins the batch and waits while that does not fit (default 4096)")
     p.add_argument("--torch-threads", type=int, default=None,
                    help="intra-op threads of the router's dense part (default: torch's, one per core)")
 
@@ -95,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     add_engine_arguments(gen)
     gen.add_argument("--no-replicas", action="store_true", help="place one copy of each function only")
+    gen.add_argument("--router-id", default=None, help=ROUTER_ID_HELP)
     gen.add_argument("--warm", action="store_true",
                      help="load the placed functions on their nodes before generating (no cold starts; each node "
                           "loads the hottest functions that fit its memory budget)")
@@ -103,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_mesh_arguments(place)
     place.add_argument("--dry-run", action="store_true", help="show the plan, change nothing")
     place.add_argument("--no-replicas", action="store_true", help="place one copy of each function only")
+    place.add_argument("--router-id", default=None, help=ROUTER_ID_HELP)
 
     serve = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API and keep it placed on "
                                          "the live mesh (long-running)")
@@ -112,8 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model-name", default=None,
                        help="the model id clients ask for (default: the store directory's name)")
     add_engine_arguments(serve)
-    serve.add_argument("--router-id", default=None,
-                       help="this router's owner id on the nodes (default: a fresh random id)")
+    serve.add_argument("--router-id", default=None, help=ROUTER_ID_HELP)
     serve.add_argument("--no-replicas", action="store_true", help="place one copy of each function only")
     serve.add_argument("--warm", action="store_true", help="load the placed functions before serving")
     serve.add_argument("--mqtt", default=None, help="MQTT broker URL to read node telemetry from")

@@ -48,6 +48,8 @@ class PlacementController:
     def _on_event(self, event: DirectoryEvent) -> None:
         if event.kind == "up":
             self.session.revive(event.node.address)
+        if event.kind in ("down", "removed"):
+            self.session.node_down(event.node.address)
         if event.kind in ("up", "down", "added", "removed"):
             self._changed.set()
 
@@ -88,6 +90,10 @@ class PlacementController:
         except FaasmoeError as exc:
             self.last_error = str(exc)
             log.error("re-placement failed: %s", exc)
+            return False
+        except Exception as exc:  # noqa: BLE001 - the controller outlives any round; the next one retries
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            log.exception("re-placement round failed unexpectedly; retrying with backoff")
             return False
         self.last_error = None
         self.last_replace_s = time.perf_counter() - start

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import threading
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +45,7 @@ class RouterSession:
                  placement_options: pl.PlacementOptions | None = None):
         self.store = Path(store)
         self.manifest: Manifest = load_manifest(self.store)
-        self.router_id = router_id or f"router-{uuid.uuid4().hex[:12]}"
+        self.router_id = router_id or default_router_id(self.manifest)
         self.status_timeout_s = status_timeout_s
         self.placement_options = placement_options or pl.PlacementOptions()
         self.clients: dict[str, NodeClient] = {}
@@ -61,6 +61,7 @@ class RouterSession:
         self.unreachable: dict[str, str] = {}     # address -> why, from the last survey
         self.on_mark_down: Callable[[str], None] | None = None     # set by callers that keep a NodeDirectory
         self.placed_once = threading.Event()      # every function has been routed at least once
+        self.down_listeners: list[Callable[[str], None]] = []     # called (any thread) when a node goes down
 
     # -- nodes -----------------------------------------------------------------------------------------
     def client(self, address: str) -> NodeClient:
@@ -205,6 +206,20 @@ class RouterSession:
         with self._lock:
             return all(any(n not in self.dead for n in self.placement.get(fid, ())) for fid in self._by_id)
 
+    def is_routed_around(self, address: str) -> bool:
+        """``address`` is known dead and no function is routed to it any more."""
+        with self._lock:
+            return address in self.dead and all(address not in n for n in self.placement.values())
+
+    def node_down(self, address: str) -> None:
+        """Health checks say ``address`` is down: tell the listeners (the engine fails its in-flight calls, which
+        then recover at once instead of waiting for the step deadline)."""
+        for listener in list(self.down_listeners):
+            try:
+                listener(address)
+            except Exception:  # noqa: BLE001 - a listener must not stop the others
+                log.exception("node-down listener failed")
+
     def live_nodes(self) -> list[str]:
         with self._lock:
             return sorted(set(self.clients) - self.dead)
@@ -239,6 +254,16 @@ class RouterSession:
         except (PlacementError, MeshError) as exc:
             raise NodeUnavailable(f"redeploying missing functions failed: {exc}") from None
 
+    def release(self) -> int:
+        """Let go of every lease this router holds (a clean stop): nodes drop the copies no other router
+        holds. Returns the number of leases released."""
+        with self._place_lock:
+            with self._lock:
+                pairs = [(fid, n) for fid, nodes in self.placement.items() for n in nodes if n not in self.dead]
+            self._route({})
+            self._release(pairs)
+            return len(pairs)
+
     def close(self) -> None:
         for client in self.clients.values():
             client.close()
@@ -246,16 +271,32 @@ class RouterSession:
 
 class SessionControl:
     """The engine's way into the session (:class:`~faasmoe.router.mesh.dispatch.MeshControl`): recoveries
-    run in a worker thread, so the event loop keeps serving while nodes are re-placed."""
+    run in a worker thread, so the event loop keeps serving while nodes are re-placed. Concurrent requests for
+    the same recovery share one (a step that gives up on its deadline leaves it running for the next)."""
 
     def __init__(self, session: RouterSession):
         self.session = session
+        self._running: dict[tuple, asyncio.Future] = {}
+
+    def _once(self, key: tuple, work, *args) -> asyncio.Future:
+        future = self._running.get(key)
+        if future is None or future.done():
+            future = self._running[key] = asyncio.ensure_future(asyncio.to_thread(work, *args))
+        return asyncio.shield(future)
 
     async def node_failed(self, node: str, error: MeshError) -> None:
-        await asyncio.to_thread(self.session.recover, node, error)
+        if self.session.is_routed_around(node):          # already re-placed without it
+            return
+        await self._once(("dead", node), self.session.recover, node, error)
 
     async def functions_missing(self, pairs: set[tuple[str, str]]) -> None:
-        await asyncio.to_thread(self.session.repair, pairs)
+        await self._once(("missing",), self.session.repair, pairs)
+
+
+def default_router_id(manifest: Manifest) -> str:
+    """One owner per host and model: repeated runs of the router for a store take the same leases instead of
+    piling up new ones. Routers that run at the same time on one host for one store need their own --router-id."""
+    return f"{socket.gethostname()}/{manifest.model_id}"
 
 
 def header_of(entry: FunctionEntry, model_id: str, owner: str = "") -> pb.FunctionHeader:

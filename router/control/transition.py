@@ -6,7 +6,8 @@
 live nodes); ``plan``: where the functions should be. The steps of a transition, in order:
 
 1. stop routing to the copies in ``drop``, then release them: replicas whose function keeps another copy that
-   stays (the new copies may need their room, e.g. recovery onto full survivors);
+   stays (the new copies may need their room, e.g. recovery onto full survivors); meanwhile the staying copies
+   are routed to, whether or not they were before;
 2. take the leases in ``deploy`` (a node that already holds the content from another router only adds a lease);
 3. route by the plan: the new copies serve before any old one goes;
 4. release the leases in ``release``: old copies of functions that moved.
@@ -37,14 +38,18 @@ class Transition:
 
 def transition(routed: Mapping[str, Sequence[str]], leased: Mapping[str, Sequence[str]],
                plan: Mapping[str, Sequence[str]]) -> Transition:
-    deploy, drop, release = [], [], []
+    deploy, drop, release, staying = [], [], [], {}
     for fid in sorted(set(plan) | set(leased)):
         want, have = set(plan.get(fid, ())), set(leased.get(fid, ()))
         deploy += [(fid, n) for n in sorted(want - have)]
         gone = [(fid, n) for n in sorted(have - want)]
         (drop if want & have else release).extend(gone)
+        staying[fid] = want & have
     dropped = set(drop)
-    during = {fid: tuple(n for n in nodes if (fid, n) not in dropped) for fid, nodes in routed.items()}
+    during = {}
+    for fid in sorted(set(routed) | {f for f, nodes in staying.items() if nodes}):
+        kept = [n for n in routed.get(fid, ()) if (fid, n) not in dropped]
+        during[fid] = tuple(kept + sorted(set(staying.get(fid, ())) - set(kept)))
     return Transition(tuple(drop), tuple(deploy), tuple(release),
                       {fid: nodes for fid, nodes in during.items() if nodes},
                       {fid: tuple(sorted(nodes)) for fid, nodes in plan.items()})

@@ -14,6 +14,7 @@ Everything here runs on the engine's loop; its counters are only touched there.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ class EngineConfig:
     limits: Limits = Limits()
     max_waiting: int = 256         # requests queued beyond the batch; more are refused (Overloaded)
     step_timeout_s: float = 30.0   # one step across the mesh, recovery included
+    kv_cache_bytes: int = 4 << 30  # KV cache all running sequences may reserve together
 
 
 @dataclass
@@ -53,6 +55,8 @@ class Engine:
     def __init__(self, runner: ModelRunner, tokenizer, *, mesh=None, config: EngineConfig = EngineConfig(),
                  eos_ids: frozenset[int] = frozenset()):
         self.runner, self.tokenizer, self.mesh, self.config = runner, tokenizer, mesh, config
+        self.cache_tokens = max(1, config.kv_cache_bytes // runner.kv_bytes_per_token)
+        self.limits = dataclasses.replace(config.limits, cache_tokens=self.cache_tokens)
         self.eos_ids = eos_ids
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
@@ -62,6 +66,7 @@ class Engine:
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._step_no = 0
+        self._in_step: list[Sequence] = []
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -96,12 +101,19 @@ class Engine:
             raise BadRequest(f"this model's context is {limit} tokens; the prompt has {n} and max_tokens asks for "
                              f"{request.max_tokens} more ({n + request.max_tokens}): shorten the prompt or lower "
                              "max_tokens", "max_tokens")
+        if n + request.max_tokens > self.cache_tokens:
+            need_mib = (n + request.max_tokens) * self.runner.kv_bytes_per_token / 2**20
+            raise BadRequest(f"prompt + max_tokens ({n + request.max_tokens} tokens) need {need_mib:.0f} MiB of KV cache, "
+                             f"more than the server's {self.config.kv_cache_bytes / 2**20:.0f} MiB (--kv-cache-mb): "
+                             "lower max_tokens", "max_tokens")
         vocab = self.runner.config.vocab_size
         if any(not 0 <= t < vocab for t in request.prompt_ids):
             raise BadRequest(f"prompt token ids must be in [0, {vocab})", "prompt")
 
     def submit(self, request: Request) -> Sequence:
         self.check(request)
+        if self._task is not None and self._task.done():
+            raise StepFailed("the engine has stopped; restart the server")
         if len(self.waiting) >= self.config.max_waiting:
             raise Overloaded(f"the server is full ({len(self.running)} running, {len(self.waiting)} waiting); retry "
                              "shortly", retry_after_s=max(1.0, self._drain_estimate_s()))
@@ -161,9 +173,10 @@ class Engine:
                 continue
             try:
                 await self.step()
-            except Exception as exc:  # noqa: BLE001 - a bug outside the forward fails the batch, not the engine
+            except Exception as exc:  # noqa: BLE001 - a bug outside the forward fails its step, not the engine
                 log.exception("engine step %d failed", self._step_no)
-                self._fail(list(self.running), StepFailed(f"internal error in step: {type(exc).__name__}: {exc}"))
+                self.stats.failed_steps += 1
+                self._fail(self._in_step, StepFailed(f"internal error in step: {type(exc).__name__}: {exc}"))
             await asyncio.sleep(0)          # let handlers and streams run between steps
 
     def _drop_cancelled(self) -> None:
@@ -173,10 +186,11 @@ class Engine:
                 seq.finish("cancelled")
 
     async def step(self) -> None:
+        self._in_step = []
         if self.order_waiting is not None:
             self.waiting = self.order_waiting(self.waiting)
-        plan = plan_step([SeqView(s.id, s.prompt_left) for s in self.running],
-                         [SeqView(s.id, s.prompt_left) for s in self.waiting], self.config.limits)
+        plan = plan_step([SeqView(s.id, s.prompt_left, s.reserve) for s in self.running],
+                         [SeqView(s.id, s.prompt_left, s.reserve) for s in self.waiting], self.limits)
         if not plan.runs:
             return
         by_id = {s.id: s for s in [*self.running, *self.waiting]}
@@ -186,6 +200,7 @@ class Engine:
             seq.cache = self.runner.new_cache(len(seq.request.prompt_ids) + seq.request.max_tokens)
             self.running.append(seq)
         runs = [(by_id[i], n) for i, n in plan.runs]
+        self._in_step = [seq for seq, _ in runs]
         segments, samplers = [], []
         for seq, n in runs:
             tokens, want = seq.feed(n)
@@ -201,18 +216,25 @@ class Engine:
         try:
             logits = await self.runner.forward(segments, ctx)
         except FaasmoeError as exc:
-            self._fail([seq for seq, _ in runs], StepFailed(f"the mesh failed this request's step: {exc}"))
+            self.stats.failed_steps += 1
+            self._fail(self._in_step, StepFailed(f"the mesh failed this request's step: {exc}"))
             return
         except Exception as exc:  # noqa: BLE001 - a bug fails the step's requests, never the engine
             log.exception("step %d failed", self._step_no)
-            self._fail([seq for seq, _ in runs], StepFailed(f"internal error in step: {type(exc).__name__}: {exc}"))
+            self.stats.failed_steps += 1
+            self._fail(self._in_step, StepFailed(f"internal error in step: {type(exc).__name__}: {exc}"))
             return
         elapsed_s = time.perf_counter() - t0
         self._account(runs, decode_only, rpcs_before, elapsed_s)
         for seq, n in runs:
             seq.advance(n)
         for seq, row in zip(samplers, logits):
-            reason = seq.take(sample(row, seq.request.params, seq.generator), row)
+            try:
+                reason = seq.take(sample(row, seq.request.params, seq.generator), row)
+            except Exception as exc:  # noqa: BLE001 - one request's sampling fails that request only
+                log.exception("sampling failed for request %s", seq.request.request_id)
+                self._fail([seq], StepFailed(f"sampling failed: {type(exc).__name__}: {exc}"))
+                continue
             self.stats.completion_tokens += 1
             if reason is not None:
                 self.running.remove(seq)
@@ -230,9 +252,9 @@ class Engine:
             self.on_step(elapsed_s, sum(n for _, n in runs))
 
     def _fail(self, seqs: list[Sequence], error: FaasmoeError) -> None:
-        log.warning("step %d failed for %d requests: %s", self._step_no, len(seqs), error)
-        self.stats.failed_steps += 1
+        log.warning("step %d: %d requests failed: %s", self._step_no, len(seqs), error)
         for seq in seqs:
-            if seq in self.running:
-                self.running.remove(seq)
+            for group in (self.running, self.waiting):
+                if seq in group:
+                    group.remove(seq)
             seq.finish("error", error)

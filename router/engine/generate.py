@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
+from faasmoe.proto.errors import ConfigError
 from faasmoe.router.engine.engine import Engine
 from faasmoe.router.engine.sampling import SamplingParams
 from faasmoe.router.engine.sequence import FinishEvent, Request
@@ -42,6 +43,9 @@ async def generate_one(engine: Engine, prompt_ids: Sequence[int], max_new_tokens
 async def generate(engine: Engine, tokenizer, prompts: Sequence[str], max_new_tokens: int,
                    temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> list[Generation]:
     """Greedy when ``temperature`` is 0. With a seed, prompt i samples with seed + i."""
+    if tokenizer is None:
+        raise ConfigError("this store has no tokenizer, so text prompts cannot be encoded; use the HTTP API with "
+                          "token ids")
     jobs = []
     for i, prompt in enumerate(prompts):
         params = SamplingParams(temperature, top_p, None if seed is None else seed + i)

@@ -11,16 +11,19 @@ from dataclasses import dataclass
 import torch
 
 
+MIN_TEMPERATURE = 1e-5       # below this, dividing the logits overflows: it is greedy decoding
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    temperature: float = 0.0        # 0 = greedy
+    temperature: float = 0.0        # 0 (or < 1e-5) = greedy
     top_p: float = 1.0              # (0, 1]
     seed: int | None = None         # same seed, same prompt, same parameters: same tokens
     logprobs: int | None = None     # report the chosen token's log-probability and this many alternatives
 
     @property
     def greedy(self) -> bool:
-        return self.temperature <= 0.0
+        return self.temperature < MIN_TEMPERATURE
 
     def generator(self) -> torch.Generator | None:
         if self.greedy:

@@ -6,7 +6,9 @@
 2. Running sequences still prefilling feed their next prompt chunk (at most ``prefill_chunk`` tokens), in order,
    while the step's token budget (``max_step_tokens``) lasts.
 3. Waiting sequences join in the order given (arrival, or a fairness order decided elsewhere) while there is
-   room in the batch (``max_running``) and budget left; each feeds its first chunk.
+   room in the batch (``max_running``), step budget left and room in the KV cache: a sequence reserves its
+   whole length (prompt + max tokens) when it joins, and the running ones together stay within
+   ``cache_tokens``. One that does not fit waits; the ones behind it wait too (no overtaking by size).
 
 Long prompts are so prefilled over several steps while the running decodes keep stepping. The plan is plain
 data (sequence ids and token counts); nothing here touches a tensor.
@@ -22,6 +24,7 @@ from typing import Sequence
 class SeqView:
     seq_id: int
     prompt_left: int         # prompt tokens not yet in the cache; 0 = decoding
+    reserve: int = 0         # KV cache tokens the sequence holds at most (prompt + max tokens)
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,7 @@ class Limits:
     max_running: int = 32        # sequences in the batch at once
     max_step_tokens: int = 512   # tokens fed per step, all sequences together
     prefill_chunk: int = 256     # prompt tokens one sequence feeds per step at most
+    cache_tokens: int = 1 << 62  # KV cache tokens all running sequences may reserve together
 
     def __post_init__(self):
         if min(self.max_running, self.max_step_tokens, self.prefill_chunk) < 1:
@@ -58,9 +62,11 @@ def plan_step(running: Sequence[SeqView], waiting: Sequence[SeqView], limits: Li
             budget -= n
     admitted = []
     room = limits.max_running - len(running)
+    cache_left = limits.cache_tokens - sum(s.reserve for s in running)
     for s in waiting:
-        if room <= 0 or budget <= 0:
+        if room <= 0 or budget <= 0 or s.reserve > cache_left:
             break
+        cache_left -= s.reserve
         n = min(s.prompt_left, limits.prefill_chunk, budget)
         runs.append((s.seq_id, n))
         admitted.append(s.seq_id)

@@ -78,6 +78,11 @@ class Sequence:
         self.first_token_s: float | None = None
 
     @property
+    def reserve(self) -> int:
+        """KV cache tokens this sequence may hold: its whole length."""
+        return len(self.request.prompt_ids) + self.request.max_tokens
+
+    @property
     def prompt_left(self) -> int:
         return len(self.request.prompt_ids) - self.fed
 
@@ -99,9 +104,8 @@ class Sequence:
         self.output_ids.append(choice.token_id)
         if logits is not None and self.request.keep_logits:
             self.logits.append(logits.clone())
-        offset = self.text.emitted
         delta = self.text.push(choice.token_id)
-        self.events.put_nowait(TokenEvent(choice.token_id, delta, choice, offset))
+        self.events.put_nowait(TokenEvent(choice.token_id, delta, choice, self.text.offsets[-1]))
         if (choice.token_id in self.eos_ids and not self.request.ignore_eos) or self.text.stopped:
             return "stop"
         if len(self.output_ids) >= self.request.max_tokens:

@@ -61,8 +61,18 @@ class Serving:
     engine: Engine
 
     async def close(self) -> None:
+        if self._on_down in self.session.down_listeners:
+            self.session.down_listeners.remove(self._on_down)
         await self.engine.stop()
         await self.transport.close()
+
+    def __post_init__(self):
+        loop = asyncio.get_running_loop()
+
+        def on_down(address: str) -> None:      # from the directory's thread
+            loop.call_soon_threadsafe(self.transport.fail_node, address, "its health checks say it is down")
+        self._on_down = on_down
+        self.session.down_listeners.append(on_down)
 
 
 async def start_serving(session: RouterSession, config: EngineConfig = EngineConfig(),

@@ -17,7 +17,7 @@ class TextStream:
         self.ids: list[int] = []
         self.text = ""                  # decoded so far (complete characters)
         self.emitted = 0                # characters of ``text`` handed out
-        self.offsets: list[int] = []    # after each token: len(text) once it was decoded (text_offset)
+        self.offsets: list[int] = []    # per token: where its text starts in the completion (text_offset)
         self._prefix, self._read = 0, 0
         self.stopped = False
 
@@ -25,12 +25,12 @@ class TextStream:
         """Add a token; return the text that may be shown now ('' while held back). Sets ``stopped`` when a stop
         string completed (the text then ends right before it)."""
         self.ids.append(token_id)
+        self.offsets.append(len(self.text))
         prefix_text = self._decode(self.ids[self._prefix:self._read])
         new_text = self._decode(self.ids[self._prefix:])
         if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
             self.text += new_text[len(prefix_text):]
             self._prefix, self._read = self._read, len(self.ids)
-        self.offsets.append(len(self.text))
         if self.stop:
             cut = self._find_stop()
             if cut is not None:
@@ -46,6 +46,9 @@ class TextStream:
             done = self._decode(self.ids[self._prefix:self._read])
             if len(tail) > len(done):      # bytes of an incomplete character at the very end
                 self.text += tail[len(done):]
+                cut = self._find_stop() if self.stop else None
+                if cut is not None:
+                    self.text, self.stopped = self.text[:cut], True
         return self._release(len(self.text))
 
     def _release(self, upto: int) -> str:

@@ -16,7 +16,7 @@ from faasmoe.proto import methods
 from faasmoe.proto.errors import MeshError, from_grpc
 from faasmoe.proto.frames import DEFAULT_MAX_MESSAGE_BYTES
 
-DEPLOY_CHUNK_BYTES = 1 << 20
+DEPLOY_CHUNK_BYTES = 1 << 19      # well under the smallest message limit a node accepts (1 MiB)
 
 
 def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:

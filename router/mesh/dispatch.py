@@ -101,6 +101,7 @@ class ExpertMesh:
         self.on_reply = None              # (ctx, layer, node, batch, header) -> None: accounting hook
         self._where = {layer: {e: fid for e, (fid, _) in lf.where.items()} for layer, lf in self.layers.items()}
         self._turn = 0
+        self.max_rows_learned = 1 << 30   # rows per frame that a node's message limit turned out to allow
 
     def context(self, request_id: str, tenant_id: str = "default", timeout_s: float | None = None) -> StepContext:
         """A step's context: one routing snapshot, one deadline."""
@@ -111,8 +112,9 @@ class ExpertMesh:
     async def submit(self, layer: int, hidden: np.ndarray, top_k_index: np.ndarray, ctx: StepContext) -> PendingLayer:
         """Send the layer's frames; their writes are under way when this returns."""
         hidden = np.ascontiguousarray(hidden, dtype=np.float32)
-        per_row = hidden.shape[1] * 4 + 8 * top_k_index.shape[1] + 64
-        max_rows = max(1, int(0.9 * self.transport.max_message_bytes) // per_row)
+        # a reply carries up to top_k outputs per row sent: size frames by the larger direction
+        per_row = hidden.shape[1] * 4 * max(1, top_k_index.shape[1]) + 64
+        max_rows = min(self.max_rows_learned, max(1, int(0.9 * self.transport.max_message_bytes) // per_row))
         p = PendingLayer(layer, hidden, top_k_index, ctx, time.perf_counter(), max_rows)
         self._send(p)
         await asyncio.sleep(0)       # run the write tasks up to the hand-off to gRPC's core
@@ -197,7 +199,10 @@ class ExpertMesh:
                 continue
             header, outputs = frames.decode_reply(s.reply.result())
             if header.HasField("error"):
-                failures.append((s.node, from_code_number(header.error.code, header.error.details, s.node), s.batch))
+                err = from_code_number(header.error.code, header.error.details, s.node)
+                if isinstance(err, FunctionNotFound):
+                    err.missing = tuple(header.error.missing_functions)
+                failures.append((s.node, err, s.batch))
                 continue
             self._take(p, s, header, outputs)
             slowest_s = max(slowest_s, header.node_s)
@@ -224,17 +229,15 @@ class ExpertMesh:
 
     async def _handle(self, p: PendingLayer, failures) -> None:
         """Decide how to retry the failed frames (see the module docstring)."""
-        pause, dead, missing, need_repair = False, {}, set(), None
+        pause, dead, missing, need_repair, too_large = False, {}, set(), None, []
         for node, err, batch in failures:
             if isinstance(err, Backpressure):
                 pause = True
             elif isinstance(err, FrameTooLarge):
-                rows = len(batch.token_rows)
-                if rows <= 1:
-                    raise err
-                p.max_rows = min(p.max_rows, max(1, rows // 2))
+                too_large.append((len(batch.token_rows), err))
             elif isinstance(err, FunctionNotFound):
-                missing |= {(call.function_id, node) for call in batch.calls}
+                fids = err.missing or tuple(call.function_id for call in batch.calls)
+                missing |= {(fid, node) for fid in fids}
                 need_repair = need_repair or err
             elif isinstance(err, NodeUnavailable) and node is None:    # no copy left of a needed function
                 need_repair = need_repair or err
@@ -242,6 +245,12 @@ class ExpertMesh:
                 dead[node] = err
             else:
                 raise err
+        if too_large:                     # one oversized frame fails its whole stream: size by the largest
+            rows, err = max(too_large, key=lambda r: r[0])
+            if rows <= 1:
+                raise err
+            p.max_rows = min(p.max_rows, max(1, rows // 2))
+            self.max_rows_learned = p.max_rows
         self._check_deadline(p)
         for node, err in dead.items():
             if self.control is None:
@@ -251,9 +260,10 @@ class ExpertMesh:
         if dead:
             p.ctx.routing = self.router.table
         if need_repair is not None:
-            p.missing |= missing
             if self.router.table.version != p.ctx.routing.version:   # placement moved on: use the new table
-                p.ctx.routing = self.router.table
+                p.ctx.routing, p.missing = self.router.table, set()
+            else:
+                p.missing |= missing
             if not self._all_routable(p):
                 if self.control is None or p.repairs >= MAX_REPAIRS:
                     raise need_repair

@@ -72,10 +72,10 @@ class NodeStream:
             async with self._write_lock:          # gRPC takes one write at a time; the lock keeps them in order
                 if self._broken is None:
                     await self._call.write(frame)
-        except (grpc.RpcError, asyncio.InvalidStateError, grpc.aio.UsageError) as exc:
-            self.fail(_stream_error(exc, self.node))
         except asyncio.CancelledError:
             self.fail(NodeUnavailable("invoke stream closed", node=self.node))
+        except Exception as exc:  # noqa: BLE001 - a write that failed leaves its reply unmatched: end the stream
+            self.fail(_stream_error(exc, self.node))
 
     async def _read_replies(self) -> None:
         try:
@@ -131,16 +131,11 @@ class Transport:
             stream = self._streams[address] = NodeStream(channel, address)
         return stream
 
-    async def request(self, address: str, frame: bytes, timeout_s: float) -> bytes:
-        """One frame's reply; raises the node's MeshError (a missed deadline drops the stream)."""
-        stream = self.stream(address)
-        future = stream.send(frame)
-        try:
-            return await asyncio.wait_for(future, max(timeout_s, 0.001))
-        except asyncio.TimeoutError:
-            error = NodeUnavailable(f"missed the deadline (no reply within {timeout_s:.3g} s)", node=address)
-            stream.fail(error)
-            raise error from None
+    def fail_node(self, address: str, why: str) -> None:
+        """Fail what is in flight to ``address`` now (its health checks say it is down)."""
+        stream = self._streams.get(address)
+        if stream is not None and not stream.broken:
+            stream.fail(NodeUnavailable(why, node=address))
 
     async def forget(self, address: str) -> None:
         """Close the stream and channel of a node that left."""

@@ -48,7 +48,8 @@ def build_mesh_model(store: str | Path, manifest: Manifest,
     """transformers' model of ``store`` with only its dense weights: each MoE layer's routed experts are a
     weightless :class:`RemoteExperts` (they run on the mesh)."""
     store = Path(store)
-    config = AutoConfig.from_pretrained(str(store))
+    # the runner relies on SDPA's semantics (no mask = causal prefill, boolean masks); transformers' default
+    config = AutoConfig.from_pretrained(str(store), attn_implementation="sdpa")
     if config.model_type != "qwen2_moe":
         raise CheckpointError(f"{store / 'config.json'}: model_type {config.model_type!r} is not qwen2_moe")
     with torch.device("meta"):

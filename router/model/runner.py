@@ -43,6 +43,9 @@ class ModelRunner:
         if any(t != "full_attention" for t in getattr(config, "layer_types", None) or ()):
             raise CheckpointError("sliding-window attention layers are not supported by the engine "
                                   "(use_sliding_window must be false)")
+        if config._attn_implementation != "sdpa":
+            raise CheckpointError(f"the engine runs attention with SDPA, not {config._attn_implementation!r}: "
+                                  "load the model with attn_implementation='sdpa'")
         self.config, self.experts = config, experts
         self.embed = model.model.embed_tokens
         self.layers = list(model.model.layers)
@@ -52,6 +55,8 @@ class ModelRunner:
         self.head_dim, self.kv_heads = attn.head_dim, config.num_key_value_heads
         self.dtype = self.embed.weight.dtype
         self.max_positions = config.max_position_embeddings
+        self.kv_bytes_per_token = (len(self.layers) * 2 * self.kv_heads * self.head_dim
+                                   * torch.tensor([], dtype=self.dtype).element_size())
         self.moe_layers = [i for i, layer in enumerate(self.layers) if isinstance(layer.mlp, qm.Qwen2MoeSparseMoeBlock)]
 
     def new_cache(self, max_len: int) -> SequenceCache:
