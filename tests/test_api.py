@@ -162,14 +162,26 @@ def test_seeded_sampling_is_reproducible_under_load(client):
     ({"model": "store", "prompt": "x", "logprobs": 9}, 400, "logprobs"),
     ({"model": "nope", "prompt": "x"}, 404, "model"),
     ({"model": "store", "messages": []}, 400, "messages"),
+    ({"model": "store", "prompt": "x", "seed": 2 ** 64}, 400, "seed"),
+    ({"model": "store", "messages": [{"role": "user", "content": "hi"}],
+      "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
+    ({"model": "store", "prompt": "x", "echo": True}, 400, "echo"),
 ], ids=["missing-prompt", "bad-type", "n", "temperature", "too-many-stops", "context", "logprobs", "model",
-        "empty-messages"])
+        "empty-messages", "seed", "tools", "echo"])
 def test_errors_come_in_openai_shape_with_their_status(server, body, status, param):
     path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
     reply = httpx.post(f"{server.url}{path}", json=body)
     assert reply.status_code == status, reply.text
     error = reply.json()["error"]
     assert error["param"] == param and error["message"] and error["type"]
+
+
+def test_a_vanishing_temperature_is_greedy_and_unknown_paths_answer_in_openai_shape(server, client):
+    greedy = client.completions.create(model="store", prompt=PROMPT, max_tokens=8, temperature=0)
+    tiny_t = client.completions.create(model="store", prompt=PROMPT, max_tokens=8, temperature=1e-40)
+    assert tiny_t.choices[0].text == greedy.choices[0].text
+    reply = httpx.get(f"{server.url}/v1/nothing-here")
+    assert reply.status_code == 404 and reply.json()["error"]["type"] == "not_found_error"
 
 
 def test_malformed_json_and_the_official_client_errors(server, client):
