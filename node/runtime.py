@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import math
 import time
@@ -34,8 +33,9 @@ import psutil
 
 from faasmoe.node import eviction
 from faasmoe.node.config import NodeConfig, default_threads
+from faasmoe.node.fair_slots import FairSlots
 from faasmoe.node.metrics import HeatWindow, Listeners
-from faasmoe.node.sessions import create_session, is_tiny, run_session
+from faasmoe.node.sessions import create_session, is_tiny, run_session, trim_malloc
 from faasmoe.node.store import ContentStore, FunctionInfo, check_function_id
 from faasmoe.proto import faasmoe_pb2 as pb
 from faasmoe.proto.frames import Call
@@ -44,14 +44,6 @@ from faasmoe.proto.errors import Backpressure, FunctionNotFound, InvalidRequest,
 
 log = logging.getLogger(__name__)
 MIB = 1024 * 1024
-def trim_malloc() -> None:
-    """Hand freed heap pages back to the OS after a release (glibc; a no-op elsewhere)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 @dataclass
 class FunctionStats:
     invocations: int = 0
@@ -64,6 +56,7 @@ class FunctionStats:
     last_used_s: float = field(default_factory=time.monotonic)  # monotonic; last call end, load or deploy
     rss_delta_bytes: int = 0              # RSS change measured around the last load
     heat: HeatWindow = field(default_factory=HeatWindow)   # rows per expert, sliding window
+    rows_by_caller: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -99,7 +92,7 @@ class Runtime:
         self._draining: dict[str, Function] = {}       # undeployed, still running calls
         self._pending_deploy_bytes = 0
         self.queue_depth = 0                             # calls waiting for a load or a run slot
-        self._slots = asyncio.Semaphore(self.run_slots)
+        self._slots = FairSlots(self.run_slots)        # a fair queue per caller when all slots are busy
         self._own_pool = run_executor is None
         self._run_pool = run_executor or ThreadPoolExecutor(self.run_slots, "faasmoe-run")
         self._load_pool = ThreadPoolExecutor(1, "faasmoe-load")
@@ -320,7 +313,8 @@ class Runtime:
         return [fid for fid in function_ids if fid in self.deployed and self.deployed[fid].session], missing
 
     # ---- calls
-    async def invoke(self, calls: Sequence[Call], hidden: np.ndarray) -> list[tuple[pb.CallResult, np.ndarray]]:
+    async def invoke(self, calls: Sequence[Call], hidden: np.ndarray,
+                     caller: str = "") -> list[tuple[pb.CallResult, np.ndarray]]:
         """Run every call of one Invoke on ``hidden`` [N, H]; all calls are validated before any runs."""
         missing = sorted({call.function_id for call in calls if call.function_id not in self.deployed})
         if missing:
@@ -331,8 +325,8 @@ class Runtime:
         x = hidden if hidden.dtype == np.float32 else hidden.astype(np.float32)
         if len(calls) == 1 or self._all_inline(fns, calls):
             # nothing here waits (warm, tiny, a free slot): one after the other, without a task per call
-            return [await self._call(fn, c, x, hidden.dtype) for fn, c in zip(fns, calls)]
-        return list(await asyncio.gather(*(self._call(fn, c, x, hidden.dtype) for fn, c in zip(fns, calls))))
+            return [await self._call(fn, c, x, hidden.dtype, caller) for fn, c in zip(fns, calls)]
+        return list(await asyncio.gather(*(self._call(fn, c, x, hidden.dtype, caller) for fn, c in zip(fns, calls))))
 
     def _all_inline(self, fns: Sequence[Function], calls: Sequence[Call]) -> bool:
         return (self._own_pool and not self._slots.locked()
@@ -349,7 +343,7 @@ class Runtime:
                                  f"size {fn.info.hidden_size}")
         return fn
 
-    async def _call(self, fn: Function, call: Call, x: np.ndarray, out_dtype) -> tuple[pb.CallResult,
+    async def _call(self, fn: Function, call: Call, x: np.ndarray, out_dtype, caller: str = "") -> tuple[pb.CallResult,
                                                                                                   np.ndarray]:
         result = pb.CallResult(function_id=call.function_id)
         if not len(call.rows):
@@ -367,11 +361,11 @@ class Runtime:
                 try:
                     if fn.session is None:
                         result.cold_start, result.load_s = True, await self._load_once(fn, by_call=True)
-                    await self._slots.acquire()
+                    await self._slots.acquire(caller)
                 finally:
                     self.queue_depth -= 1
             else:
-                await self._slots.acquire()
+                await self._slots.acquire(caller)
             try:
                 t0 = time.perf_counter()
                 if self._own_pool and is_tiny(call, fn.info):
@@ -390,6 +384,7 @@ class Runtime:
             finally:
                 self._slots.release()
             st.invocations, st.rows = st.invocations + 1, st.rows + len(call.rows)
+            st.rows_by_caller[caller] = st.rows_by_caller.get(caller, 0) + len(call.rows)
             st.compute_s += result.compute_s
             st.heat.add(call.expert_row_counts, time.monotonic())
         finally:

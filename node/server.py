@@ -191,7 +191,7 @@ class NodeServer:
     async def _run_frame(self, frame: bytes) -> bytes:
         t0 = time.perf_counter()
         header, hidden, calls = frames.decode_request(frame)
-        results = await self.runtime.invoke(calls, hidden)
+        results = await self.runtime.invoke(calls, hidden, header.caller)
         reply = frames.encode_reply(header.request_id, self.node_id, results, time.perf_counter() - t0)
         if self.invoke_listeners:
             elapsed_s = time.perf_counter() - t0
@@ -251,5 +251,5 @@ class NodeServer:
                 size_bytes=info.size_bytes, loaded=fn.session is not None, idle_s=max(0.0, now - st.last_used_s),
                 invocations=st.invocations, in_flight=st.in_flight, resident_bytes=fn.resident_bytes,
                 model_id=info.model_id, expert_calls_window=st.heat.totals(len(info.expert_ids), now),
-                owners=sorted(fn.owners))
+                owners=sorted(fn.owners), rows=st.rows, compute_s=st.compute_s, rows_by_caller=st.rows_by_caller)
         return reply

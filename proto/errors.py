@@ -15,6 +15,8 @@
     │   └── NodeInternalError    anything else the node reports                 INTERNAL
     └── ServingError             the router's serving engine refused or failed a request
         ├── BadRequest           a request that cannot be served as asked         HTTP 400
+        ├── Unauthorized         no key, a wrong key, or not the admin key         HTTP 401
+        ├── RateLimited          over a tenant's limit: retry after the limit allows  HTTP 429 + Retry-After
         ├── UnknownModel         a model this server does not serve               HTTP 404
         ├── Overloaded           the admission queue is full: retry later         HTTP 503 + Retry-After
         └── StepFailed           the mesh failed the step the request was in      HTTP 503
@@ -144,6 +146,18 @@ class BadRequest(ServingError):
     def __init__(self, message: str, param: str | None = None):
         super().__init__(message)
         self.param = param              # the offending request field, when there is one
+
+
+class Unauthorized(ServingError):
+    grpc_code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class RateLimited(ServingError):
+    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, message: str, retry_after_s: float):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class UnknownModel(ServingError):

@@ -79,9 +79,10 @@ class FunctionCall(_message.Message):
     def __init__(self, function_id: _Optional[str] = ..., row_count: _Optional[int] = ..., expert_count: _Optional[int] = ...) -> None: ...
 
 class InvokeRequest(_message.Message):
-    __slots__ = ("request_id", "tenant_id", "layer", "hidden", "calls", "rows", "counts")
+    __slots__ = ("request_id", "tenant_id", "caller", "layer", "hidden", "calls", "rows", "counts")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    CALLER_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     CALLS_FIELD_NUMBER: _ClassVar[int]
@@ -89,12 +90,13 @@ class InvokeRequest(_message.Message):
     COUNTS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     tenant_id: str
+    caller: str
     layer: int
     hidden: TensorSpec
     calls: _containers.RepeatedCompositeFieldContainer[FunctionCall]
     rows: TensorSpec
     counts: TensorSpec
-    def __init__(self, request_id: _Optional[str] = ..., tenant_id: _Optional[str] = ..., layer: _Optional[int] = ..., hidden: _Optional[_Union[TensorSpec, _Mapping]] = ..., calls: _Optional[_Iterable[_Union[FunctionCall, _Mapping]]] = ..., rows: _Optional[_Union[TensorSpec, _Mapping]] = ..., counts: _Optional[_Union[TensorSpec, _Mapping]] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., tenant_id: _Optional[str] = ..., caller: _Optional[str] = ..., layer: _Optional[int] = ..., hidden: _Optional[_Union[TensorSpec, _Mapping]] = ..., calls: _Optional[_Iterable[_Union[FunctionCall, _Mapping]]] = ..., rows: _Optional[_Union[TensorSpec, _Mapping]] = ..., counts: _Optional[_Union[TensorSpec, _Mapping]] = ...) -> None: ...
 
 class CallResult(_message.Message):
     __slots__ = ("function_id", "output", "compute_s", "cold_start", "load_s")
@@ -155,7 +157,14 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class FunctionStatus(_message.Message):
-    __slots__ = ("function_id", "layer", "expert_ids", "size_bytes", "loaded", "idle_s", "invocations", "in_flight", "resident_bytes", "model_id", "expert_calls_window", "owners")
+    __slots__ = ("function_id", "layer", "expert_ids", "size_bytes", "loaded", "idle_s", "invocations", "in_flight", "resident_bytes", "model_id", "expert_calls_window", "owners", "rows", "compute_s", "rows_by_caller")
+    class RowsByCallerEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     FUNCTION_ID_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
     EXPERT_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -168,6 +177,9 @@ class FunctionStatus(_message.Message):
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     EXPERT_CALLS_WINDOW_FIELD_NUMBER: _ClassVar[int]
     OWNERS_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
+    ROWS_BY_CALLER_FIELD_NUMBER: _ClassVar[int]
     function_id: str
     layer: int
     expert_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -180,7 +192,10 @@ class FunctionStatus(_message.Message):
     model_id: str
     expert_calls_window: _containers.RepeatedScalarFieldContainer[int]
     owners: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, function_id: _Optional[str] = ..., layer: _Optional[int] = ..., expert_ids: _Optional[_Iterable[int]] = ..., size_bytes: _Optional[int] = ..., loaded: _Optional[bool] = ..., idle_s: _Optional[float] = ..., invocations: _Optional[int] = ..., in_flight: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., model_id: _Optional[str] = ..., expert_calls_window: _Optional[_Iterable[int]] = ..., owners: _Optional[_Iterable[str]] = ...) -> None: ...
+    rows: int
+    compute_s: float
+    rows_by_caller: _containers.ScalarMap[str, int]
+    def __init__(self, function_id: _Optional[str] = ..., layer: _Optional[int] = ..., expert_ids: _Optional[_Iterable[int]] = ..., size_bytes: _Optional[int] = ..., loaded: _Optional[bool] = ..., idle_s: _Optional[float] = ..., invocations: _Optional[int] = ..., in_flight: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., model_id: _Optional[str] = ..., expert_calls_window: _Optional[_Iterable[int]] = ..., owners: _Optional[_Iterable[str]] = ..., rows: _Optional[int] = ..., compute_s: _Optional[float] = ..., rows_by_caller: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class StatusReply(_message.Message):
     __slots__ = ("node_id", "version", "profile", "memory_budget_bytes", "deployed_bytes", "loaded_bytes", "disk_budget_bytes", "disk_used_bytes", "threads", "rss_bytes", "keep_alive_s", "functions", "queue_depth", "capacity_bytes", "heat_window_s")

@@ -115,9 +115,10 @@ _I32 = np.dtype("<i4")
 
 
 def encode_request(request_id: str, tenant_id: str, layer: int, hidden: np.ndarray,
-                   calls: Sequence[Call]) -> bytes:
+                   calls: Sequence[Call], caller: str = "") -> bytes:
     """Payloads: hidden [N, H], then every call's rows and every call's per-expert counts as int32."""
-    header = pb.InvokeRequest(request_id=request_id, tenant_id=tenant_id, layer=layer, hidden=spec_of(hidden))
+    header = pb.InvokeRequest(request_id=request_id, tenant_id=tenant_id, layer=layer, hidden=spec_of(hidden),
+                              caller=caller)
     rows = [np.asarray(c.rows, dtype=_I32) for c in calls]
     counts = [np.asarray(c.expert_row_counts, dtype=_I32) for c in calls]
     for call, r, n in zip(calls, rows, counts):

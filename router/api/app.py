@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI, Header, Query
 from fastapi import Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -22,10 +22,11 @@ from prometheus_client import CollectorRegistry, make_asgi_app
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Route
 
-from faasmoe.proto.errors import FaasmoeError
+from faasmoe.proto.errors import FaasmoeError, StepFailed
 from faasmoe.router.api import openai
 from faasmoe.router.api.errors import error_body, error_response, validation_response
 from faasmoe.router.api.schemas import ChatCompletionRequest, CompletionRequest
+from faasmoe.router.tenancy.config import Tenant
 
 
 log = logging.getLogger(__name__)
@@ -70,13 +71,26 @@ def create_app(api: openai.ApiContext, health: Callable[[], tuple[bool, str]],
         return {"object": "list", "data": [{"id": api.model_name, "object": "model", "created": api.created,
                                             "owned_by": "faasmoe"}]}
 
+    def tenant(authorization: str | None = Header(None)) -> Tenant:
+        return api.registry.authenticate(authorization)
+
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: HttpRequest):
-        return await openai.completions(api, body, request)
+    async def completions(body: CompletionRequest, request: HttpRequest, who: Tenant = Depends(tenant)):
+        return await openai.completions(api, body, request, who)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: HttpRequest):
-        return await openai.chat_completions(api, body, request)
+    async def chat_completions(body: ChatCompletionRequest, request: HttpRequest, who: Tenant = Depends(tenant)):
+        return await openai.chat_completions(api, body, request, who)
+
+    @app.get("/v1/usage")
+    async def usage(window_s: float | None = Query(None, gt=0), tenant_name: str | None = Query(None, alias="tenant"),
+                    authorization: str | None = Header(None)):
+        api.registry.authenticate_admin(authorization)
+        ledger = api.ledger
+        if ledger is None:
+            raise StepFailed("the server keeps no ledger")
+        return {"object": "usage", "window_s": window_s, "tenants": ledger.window(window_s, tenant_name),
+                "unattributed_memory_gb_s": round(ledger.unattributed_memory_byte_s / 1e9, 6)}
 
     @app.get("/health")
     async def healthz():

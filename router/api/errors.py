@@ -7,7 +7,8 @@ import math
 
 from fastapi.responses import JSONResponse
 
-from faasmoe.proto.errors import BadRequest, FaasmoeError, Overloaded, StepFailed, UnknownModel
+from faasmoe.proto.errors import (BadRequest, FaasmoeError, Overloaded, RateLimited, StepFailed, Unauthorized,
+                                  UnknownModel)
 
 
 def error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict:
@@ -18,6 +19,12 @@ def status_of(exc: BaseException) -> tuple[int, dict, dict[str, str]]:
     """(HTTP status, OpenAI error body, extra headers) for ``exc``."""
     if isinstance(exc, BadRequest):
         return 400, error_body(str(exc), "invalid_request_error", exc.param), {}
+    if isinstance(exc, Unauthorized):
+        return 401, error_body(str(exc), "invalid_request_error", None, "invalid_api_key"), {
+            "WWW-Authenticate": "Bearer"}
+    if isinstance(exc, RateLimited):
+        retry_s = str(max(1, math.ceil(exc.retry_after_s)))
+        return 429, error_body(str(exc), "rate_limit_exceeded", None, "rate_limit_exceeded"), {"Retry-After": retry_s}
     if isinstance(exc, UnknownModel):
         return 404, error_body(str(exc), "invalid_request_error", "model", "model_not_found"), {}
     if isinstance(exc, Overloaded):

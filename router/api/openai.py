@@ -12,19 +12,21 @@ import json
 import logging
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
 from fastapi import Request as HttpRequest
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from faasmoe.proto.errors import BadRequest, UnknownModel
+from faasmoe.proto.errors import BadRequest, RateLimited, UnknownModel
 from faasmoe.router.api.chat import render_chat
 from faasmoe.router.api.errors import error_response, status_of
 from faasmoe.router.api.schemas import ChatCompletionRequest, CompletionRequest
 from faasmoe.router.engine.engine import Engine
 from faasmoe.router.engine.sampling import Choice, SamplingParams
 from faasmoe.router.engine.sequence import FinishEvent, Request, TokenEvent
+from faasmoe.router.tenancy.config import Tenant
+from faasmoe.router.tenancy.registry import TenantRegistry
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,8 @@ class ApiContext:
     model_name: str
     tokenizer: object
     created: int = 0
+    registry: TenantRegistry = field(default_factory=lambda: TenantRegistry(None))
+    ledger: object = None             # the usage ledger (GET /v1/usage)
 
 
 def _usage(finish: FinishEvent) -> dict:
@@ -49,10 +53,18 @@ def _sse(payload: dict | str) -> str:
 class _Call:
     """One API call: its sequence, how its pieces are rendered, and the response (plain or stream)."""
 
-    def __init__(self, api: ApiContext, kind: str, engine_request: Request, include_usage: bool, logprobs: bool):
+    def __init__(self, api: ApiContext, kind: str, engine_request: Request, include_usage: bool, logprobs: bool,
+                 tenant: Tenant):
         self.api, self.kind, self.include_usage, self.logprobs = api, kind, include_usage, logprobs
         self.engine = api.engine()
-        self.seq = self.engine.submit(engine_request)
+        self.engine.check(engine_request)
+        _admit(self.engine, tenant, engine_request)
+        try:
+            self.seq = self.engine.submit(engine_request)
+        except Exception:
+            if self.engine.accounting is not None:           # give back what the limit took for it
+                self.engine.accounting.refund(tenant, len(engine_request.prompt_ids) + engine_request.max_tokens)
+            raise
         self.id = ("cmpl-" if kind == "text_completion" else "chatcmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
 
@@ -180,7 +192,19 @@ def _params(body, logprobs: int | None) -> SamplingParams:
     return SamplingParams(temperature=body.temperature, top_p=body.top_p, seed=body.seed, logprobs=logprobs)
 
 
-async def completions(api: ApiContext, body: CompletionRequest, http: HttpRequest, tenant: str = "default") -> Response:
+def _admit(engine: Engine, tenant: Tenant, request: Request) -> None:
+    """The tenant's limits (400 when the request can never pass them, 429 with Retry-After when not now)."""
+    if engine.accounting is None:
+        return
+    decision = engine.accounting.admit(tenant, engine.in_flight(tenant.name),
+                                       len(request.prompt_ids) + request.max_tokens, engine.expected_wait_s(tenant.name))
+    if decision.status == 400:
+        raise BadRequest(decision.reason, "max_tokens")
+    if decision.status == 429:
+        raise RateLimited(decision.reason, decision.retry_after_s)
+
+
+async def completions(api: ApiContext, body: CompletionRequest, http: HttpRequest, tenant: Tenant) -> Response:
     _check_model(api, body.model)
     _check_text_features(api, body)
     if isinstance(body.prompt, str):
@@ -189,13 +213,13 @@ async def completions(api: ApiContext, body: CompletionRequest, http: HttpReques
         prompt_ids = tuple(api.tokenizer(body.prompt)["input_ids"])
     else:
         prompt_ids = tuple(body.prompt)
-    request = Request(prompt_ids, body.max_tokens, _params(body, body.logprobs), tuple(body.stop), tenant,
+    request = Request(prompt_ids, body.max_tokens, _params(body, body.logprobs), tuple(body.stop), tenant.name,
                       ignore_eos=body.ignore_eos)
-    return await _respond(api, "text_completion", request, body, body.logprobs is not None, http)
+    return await _respond(api, "text_completion", request, body, body.logprobs is not None, http, tenant)
 
 
 async def chat_completions(api: ApiContext, body: ChatCompletionRequest, http: HttpRequest,
-                           tenant: str = "default") -> Response:
+                           tenant: Tenant) -> Response:
     _check_model(api, body.model)
     if api.tokenizer is None:
         raise BadRequest("this model has no tokenizer, so it cannot chat: use /v1/completions with token ids",
@@ -206,12 +230,15 @@ async def chat_completions(api: ApiContext, body: ChatCompletionRequest, http: H
     if max_tokens < 1:
         raise BadRequest(f"the messages take {len(prompt_ids)} tokens, the whole context of {context}", "messages")
     top = (body.top_logprobs or 0) if body.logprobs else None
-    request = Request(prompt_ids, max_tokens, _params(body, top), tuple(body.stop), tenant, ignore_eos=body.ignore_eos)
-    return await _respond(api, "chat.completion", request, body, body.logprobs, http)
+    if tenant.max_tokens_per_request and body.token_limit is None:      # "the rest of the context", within limits
+        max_tokens = max(1, min(max_tokens, tenant.max_tokens_per_request - len(prompt_ids)))
+    request = Request(prompt_ids, max_tokens, _params(body, top), tuple(body.stop), tenant.name,
+                      ignore_eos=body.ignore_eos)
+    return await _respond(api, "chat.completion", request, body, body.logprobs, http, tenant)
 
 
 async def _respond(api: ApiContext, kind: str, request: Request, body, logprobs: bool,
-                   http: HttpRequest) -> Response:
+                   http: HttpRequest, tenant: Tenant) -> Response:
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    call = _Call(api, kind, request, include_usage, logprobs)
+    call = _Call(api, kind, request, include_usage, logprobs, tenant)
     return call.stream() if body.stream else await call.respond(http)

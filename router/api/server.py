@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
+import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -27,6 +29,10 @@ from faasmoe.router.control.session import RouterSession
 from faasmoe.router.engine.engine import EngineConfig
 from faasmoe.router.engine.serving import Serving, start_serving
 from faasmoe.router.observe.metrics import RouterMetrics
+from faasmoe.router.tenancy.accounting import Accounting
+from faasmoe.router.tenancy.ledger import Ledger, LedgerCollector
+from faasmoe.router.tenancy.memory import MemoryPoller
+from faasmoe.router.tenancy.registry import TenantRegistry
 
 log = logging.getLogger(__name__)
 READY_PREFIX = "FAASMOE_ROUTER_READY "
@@ -40,6 +46,17 @@ class ServeOptions:
     warm: bool = False
     settle_s: float = 1.0
     mqtt_url: str | None = None
+    tenants_file: str | None = None     # None: open, loopback only, everyone is tenant "default"
+    private_tenant: str | None = None   # serve this tenant only (private mode)
+    usage_log: str | None = None        # JSON lines of finished requests and memory attributions
+    usage_poll_s: float = 5.0           # how often the nodes' loaded memory is read and attributed
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 class _Readiness:
@@ -73,6 +90,12 @@ class RouterServer:
             session, directory, config, options, announce)
         self.readiness = _Readiness(session)
         self.url: str | None = None
+        self.registry = TenantRegistry(options.tenants_file, options.private_tenant)
+        if self.registry.open and not is_loopback(options.host):
+            raise ConfigError(f"refusing to serve {options.host} without --tenants: anyone on the network could use "
+                              "it; give --tenants FILE (faasmoe-router tenants add) or --host 127.0.0.1")
+        self.ledger = Ledger(options.usage_log)
+        self.accounting = Accounting(self.ledger, self.registry.weight)
         self.controller: PlacementController | None = None
         self._server: uvicorn.Server | None = None
         self._stop_requested = False
@@ -95,12 +118,21 @@ class RouterServer:
         readiness = self.readiness
         metrics = RouterMetrics(lambda: readiness.serving.mesh.stats if readiness.serving else None, telemetry,
                                 engine=lambda: readiness.serving.engine if readiness.serving else None)
+        metrics.registry.register(LedgerCollector(self.ledger))
+        loop = asyncio.get_running_loop()
+        watcher = asyncio.ensure_future(self.registry.watch())
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):   # not the main thread: no SIGHUP
+            loop.add_signal_handler(signal.SIGHUP, self.registry.reload)
+        poller = MemoryPoller(session, session.router_id, self.accounting.take_rows, self.ledger.memory,
+                              options.usage_poll_s)
         self.directory.start()
         self.controller = PlacementController(session, self.directory, settle_s=options.settle_s)
         self.controller.start()
         try:
-            serving = readiness.serving = await start_serving(session, self.config)
+            serving = readiness.serving = await start_serving(session, self.config, accounting=self.accounting)
+            serving.engine.tenant_of = self.registry.tenant
             metrics.watch(serving.mesh, serving.engine)
+            poller.start()
             if options.warm:
                 while not session.placed_once.is_set():        # a stop while waiting ends the wait
                     if self._stop_requested:
@@ -108,7 +140,7 @@ class RouterServer:
                     await asyncio.sleep(0.1)
                 await asyncio.to_thread(session.warm)
             name = options.model_name or session.store.name
-            api = ApiContext(readiness.engine, name, serving.tokenizer, int(time.time()))
+            api = ApiContext(readiness.engine, name, serving.tokenizer, int(time.time()), self.registry, self.ledger)
             app = create_app(api, readiness.health, metrics.registry)
             self._server = server = uvicorn.Server(uvicorn.Config(
                 app, host=options.host, port=options.port, log_level="warning", lifespan="off",
@@ -135,8 +167,19 @@ class RouterServer:
             self.announce(READY_PREFIX + json.dumps({"url": self.url, "model": name, "router_id": session.router_id}))
             self.announce(f"faasmoe-router serving {name} ({len(session.manifest.functions)} expert functions) at "
                           f"{self.url}/v1")
+            if self.registry.open:
+                self.announce("no --tenants file: open to every local client as tenant 'default', on loopback only")
+            else:
+                self.announce(f"tenants from {self.registry.path}: {len(self.registry.config.tenants)}"
+                              + (f"; private router of tenant {options.private_tenant!r}" if options.private_tenant
+                                 else ""))
             await task
         finally:
+            watcher.cancel()
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.remove_signal_handler(signal.SIGHUP)
+            if poller._thread.is_alive():
+                await asyncio.to_thread(poller.stop)
             if readiness.serving is not None:
                 await readiness.serving.close()
             await asyncio.to_thread(self.controller.stop)

@@ -40,9 +40,13 @@ def node_addresses(args):
 
 
 def _session(args):
-    from faasmoe.router.control.session import RouterSession
+    from faasmoe.router.control.session import RouterSession, default_router_id
+    from faasmoe.router.store.manifest import load_manifest
     options = pl.PlacementOptions(replicate=not getattr(args, "no_replicas", False))
-    return RouterSession(args.store, router_id=getattr(args, "router_id", None), placement_options=options)
+    router_id = getattr(args, "router_id", None)
+    if router_id is None and getattr(args, "tenant", None):            # a private router: its own leases
+        router_id = f"{default_router_id(load_manifest(args.store))}/{args.tenant}"
+    return RouterSession(args.store, router_id=router_id, placement_options=options)
 
 
 def engine_config(args):
@@ -172,8 +176,13 @@ def serve(args) -> int:
     config = engine_config(args)
     session = _session(args)
     directory = NodeDirectory(static=static, mdns_interfaces=(args.mdns_interface or []) if args.discover else None)
+    if args.tenant and not args.tenants:
+        raise ConfigError("--tenant NAME (private mode) needs --tenants FILE")
+    if args.usage_poll_s <= 0:
+        raise ConfigError("--usage-poll-s must be > 0")
     options = ServeOptions(host=args.host, port=args.port, model_name=args.model_name, warm=args.warm,
-                           settle_s=args.settle_s, mqtt_url=args.mqtt)
+                           settle_s=args.settle_s, mqtt_url=args.mqtt, tenants_file=args.tenants,
+                           private_tenant=args.tenant, usage_log=args.usage_log, usage_poll_s=args.usage_poll_s)
     server = RouterServer(session, directory, config, options, announce=lambda line: print(line, flush=True))
     for sig in (signal.SIGINT, signal.SIGTERM):      # uvicorn shuts down on them, then re-raises them here
         signal.signal(sig, lambda *_: server.stop())

@@ -121,11 +121,25 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the model id clients ask for (default: the store directory's name)")
     add_engine_arguments(serve)
     serve.add_argument("--router-id", default=None, help=ROUTER_ID_HELP)
+    serve.add_argument("--tenants", default=None, metavar="FILE",
+                       help="tenants file (keys, limits, weights; 'faasmoe-router tenants'); reloaded on SIGHUP or "
+                            "when it changes. Without it the server is open to local clients only, as tenant 'default'")
+    serve.add_argument("--tenant", default=None, metavar="NAME",
+                       help="private mode: serve this tenant of --tenants only (one router per tenant, sharing the "
+                            "nodes' functions)")
+    serve.add_argument("--usage-log", default=None, metavar="FILE",
+                       help="append JSON lines of finished requests and memory attributions (for billing; the file "
+                            "can be rotated at any time)")
+    serve.add_argument("--usage-poll-s", type=float, default=5.0,
+                       help="how often the nodes' loaded memory is read and attributed to tenants (default 5)")
     serve.add_argument("--no-replicas", action="store_true", help="place one copy of each function only")
     serve.add_argument("--warm", action="store_true", help="load the placed functions before serving")
     serve.add_argument("--mqtt", default=None, help="MQTT broker URL to read node telemetry from")
     serve.add_argument("--settle-s", type=float, default=1.0,
                        help="wait this long after a mesh change before re-placing (default 1)")
+
+    from faasmoe.router.cli import tenants as tenants_cli
+    tenants_cli.add_arguments(sub)
 
     status = sub.add_parser("status", help="nodes, profiles, budgets, functions held and loaded, health")
     add_mesh_arguments(status, store=False)
@@ -149,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     args = parser.parse_args(argv)
+    if args.command == "tenants":
+        from faasmoe.router.cli import tenants as tenants_cli
+        return run_command(tenants_cli.run, args)
     from faasmoe.router.cli import commands
     return run_command(getattr(commands, args.command), args)
 

@@ -27,6 +27,7 @@ from faasmoe.router.engine.sampling import sample
 from faasmoe.router.engine.scheduler import Limits, SeqView, plan_step
 from faasmoe.router.engine.sequence import FinishEvent, Request, Result, Sequence, TokenEvent
 from faasmoe.router.model.runner import ModelRunner, Segment
+from faasmoe.router.tenancy.accounting import row_owners
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ class EngineStats:
 
 class Engine:
     def __init__(self, runner: ModelRunner, tokenizer, *, mesh=None, config: EngineConfig = EngineConfig(),
-                 eos_ids: frozenset[int] = frozenset()):
+                 eos_ids: frozenset[int] = frozenset(), accounting=None):
         self.runner, self.tokenizer, self.mesh, self.config = runner, tokenizer, mesh, config
         self.cache_tokens = max(1, config.kv_cache_bytes // runner.kv_bytes_per_token)
         self.limits = dataclasses.replace(config.limits, cache_tokens=self.cache_tokens)
@@ -62,7 +63,10 @@ class Engine:
         self.running: list[Sequence] = []
         self.stats = EngineStats()
         self.on_step: Callable[[float, int], None] | None = None     # (seconds, tokens): metrics hook
-        self.order_waiting: Callable[[list[Sequence]], list[Sequence]] | None = None   # fairness hook
+        self.accounting = accounting       # tenancy: fairness order, ledger (None: arrival order, no ledger)
+        self.tenant_of: Callable[[str], object] = lambda name: None    # the tenants' limits (for refunds)
+        if accounting is not None and mesh is not None:
+            mesh.on_reply = accounting.on_reply
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._step_no = 0
@@ -78,7 +82,7 @@ class Engine:
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
         for seq in [*self.running, *self.waiting]:
-            seq.finish("error", StepFailed("the server is shutting down"))
+            self._finish(seq, "error", StepFailed("the server is shutting down"))
         self.running, self.waiting = [], []
 
     async def __aenter__(self) -> Engine:
@@ -118,6 +122,8 @@ class Engine:
             raise Overloaded(f"the server is full ({len(self.running)} running, {len(self.waiting)} waiting); retry "
                              "shortly", retry_after_s=max(1.0, self._drain_estimate_s()))
         seq = Sequence(request, self.tokenizer, self.eos_ids)
+        if self.accounting is not None:
+            self.accounting.arrived(request.tenant, {s.request.tenant for s in [*self.running, *self.waiting]})
         self.waiting.append(seq)
         self.stats.requests += 1
         self._wake.set()
@@ -183,12 +189,12 @@ class Engine:
         for group in (self.running, self.waiting):
             for seq in [s for s in group if s.cancelled]:
                 group.remove(seq)
-                seq.finish("cancelled")
+                self._finish(seq, "cancelled")
 
     async def step(self) -> None:
         self._in_step = []
-        if self.order_waiting is not None:
-            self.waiting = self.order_waiting(self.waiting)
+        if self.accounting is not None and len({s.request.tenant for s in self.waiting}) > 1:
+            self.waiting = self.accounting.order(self.waiting)
         plan = plan_step([SeqView(s.id, s.prompt_left, s.reserve) for s in self.running],
                          [SeqView(s.id, s.prompt_left, s.reserve) for s in self.waiting], self.limits)
         if not plan.runs:
@@ -210,8 +216,13 @@ class Engine:
         decode_only = all(seq.prompt_left == 0 for seq, _ in runs)
         rpcs_before = self.mesh.stats.rpcs if self.mesh is not None else 0
         self._step_no += 1
-        ctx = (self.mesh.context(f"step-{self._step_no}", timeout_s=self.config.step_timeout_s)
-               if self.mesh is not None else None)
+        ctx = None
+        if self.mesh is not None:
+            tenants = {seq.request.tenant for seq, _ in runs}
+            ctx = self.mesh.context(f"step-{self._step_no}", next(iter(tenants)) if len(tenants) == 1 else "",
+                                    self.config.step_timeout_s)
+            if self.accounting is not None:
+                ctx.owners, ctx.row_owner = self._in_step, row_owners([len(s.token_ids) for s in segments])
         t0 = time.perf_counter()
         try:
             logits = await self.runner.forward(segments, ctx)
@@ -226,6 +237,8 @@ class Engine:
             return
         elapsed_s = time.perf_counter() - t0
         self._account(runs, decode_only, rpcs_before, elapsed_s)
+        if self.accounting is not None:
+            self.accounting.charge([(seq, n, seq.prompt_left > 0) for seq, n in runs])
         for seq, n in runs:
             seq.advance(n)
         for seq, row in zip(samplers, logits):
@@ -238,7 +251,7 @@ class Engine:
             self.stats.completion_tokens += 1
             if reason is not None:
                 self.running.remove(seq)
-                seq.finish(reason)
+                self._finish(seq, reason)
 
     def _account(self, runs, decode_only: bool, rpcs_before: int, elapsed_s: float) -> None:
         st = self.stats
@@ -251,10 +264,26 @@ class Engine:
         if self.on_step is not None:
             self.on_step(elapsed_s, sum(n for _, n in runs))
 
+    def _finish(self, seq: Sequence, reason: str, error: FaasmoeError | None = None) -> None:
+        if seq.finished:
+            return
+        seq.finish(reason, error)
+        if self.accounting is not None:
+            self.accounting.finished(seq, reason, self.tenant_of(seq.request.tenant))
+
+    def in_flight(self, tenant: str) -> int:
+        return sum(s.request.tenant == tenant for s in [*self.running, *self.waiting])
+
+    def expected_wait_s(self, tenant: str) -> float:
+        """A guess at when one of ``tenant``'s requests ends: the fewest tokens it has left × the mean step."""
+        left = [s.request.max_tokens - len(s.output_ids) for s in self.running if s.request.tenant == tenant]
+        mean_step_s = self.stats.step_s / self.stats.steps if self.stats.steps else 0.05
+        return (min(left) if left else 16) * mean_step_s
+
     def _fail(self, seqs: list[Sequence], error: FaasmoeError) -> None:
         log.warning("step %d: %d requests failed: %s", self._step_no, len(seqs), error)
         for seq in seqs:
             for group in (self.running, self.waiting):
                 if seq in group:
                     group.remove(seq)
-            seq.finish("error", error)
+            self._finish(seq, "error", error)

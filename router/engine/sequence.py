@@ -60,6 +60,26 @@ class Result:
     logits: torch.Tensor | None = None
 
 
+@dataclass
+class RequestUsage:
+    """What a request cost on the nodes (attributed from the replies)."""
+
+    expert_rows: int = 0
+    expert_calls: int = 0
+    expert_compute_s: float = 0.0
+    cold_starts: int = 0
+
+    def add(self, share) -> None:
+        self.expert_rows += share.rows
+        self.expert_calls += share.calls
+        self.expert_compute_s += share.compute_s
+        self.cold_starts += share.cold_starts
+
+    def as_record(self) -> dict:
+        return {"expert_rows": self.expert_rows, "expert_calls": self.expert_calls,
+                "expert_compute_s": round(self.expert_compute_s, 6), "cold_starts": self.cold_starts}
+
+
 class Sequence:
     def __init__(self, request: Request, tokenizer, eos_ids: frozenset[int]):
         self.id = next(_ids)
@@ -76,6 +96,7 @@ class Sequence:
         self.finished = False
         self.arrival_s = time.perf_counter()
         self.first_token_s: float | None = None
+        self.usage = RequestUsage()
 
     @property
     def reserve(self) -> int:

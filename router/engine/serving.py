@@ -76,21 +76,22 @@ class Serving:
 
 
 async def start_serving(session: RouterSession, config: EngineConfig = EngineConfig(),
-                        dtype: torch.dtype = torch.float32) -> Serving:
+                        dtype: torch.dtype = torch.float32, accounting=None) -> Serving:
     model = await asyncio.to_thread(build_mesh_model, session.store, session.manifest, dtype)
     tokenizer = await asyncio.to_thread(load_tokenizer, session.store)
     transport = Transport()
     mesh = ExpertMesh(session.layers, transport, session.router, control=SessionControl(session),
                       step_timeout_s=config.step_timeout_s)
+    mesh.caller = session.router_id
     engine = Engine(ModelRunner(model, MeshExperts(mesh)), tokenizer, mesh=mesh, config=config,
-                    eos_ids=eos_ids_of(session.store, model.config, tokenizer))
+                    eos_ids=eos_ids_of(session.store, model.config, tokenizer), accounting=accounting)
     await engine.start()
     return Serving(session, tokenizer, model, transport, mesh, engine)
 
 
 @contextlib.asynccontextmanager
 async def local_serving(store, addresses, config: EngineConfig = EngineConfig(), *, router_id: str | None = None,
-                        warm: bool = False):
+                        warm: bool = False, accounting=None):
     """Place ``store`` on the nodes at ``addresses`` and serve it on the running loop (tests, benchmarks, the
     demo): ``async with local_serving(store, mesh.addresses) as serving: ...``."""
     session = RouterSession(store, router_id=router_id)
@@ -98,7 +99,7 @@ async def local_serving(store, addresses, config: EngineConfig = EngineConfig(),
         await asyncio.to_thread(session.place_and_deploy, list(addresses))
         if warm:
             await asyncio.to_thread(session.warm)
-        serving = await start_serving(session, config)
+        serving = await start_serving(session, config, accounting=accounting)
         try:
             yield serving
         finally:

@@ -52,7 +52,9 @@ class StepContext:
     request_id: str
     deadline_s: float
     routing: RoutingTable
-    tenant_id: str = "default"
+    tenant_id: str = ""                  # set when the step carries one tenant's rows only
+    owners: list | None = None           # who the step's rows belong to (accounting): owners[row_owner[row]]
+    row_owner: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -98,12 +100,13 @@ class ExpertMesh:
         self.compact_max_rows = compact_max_rows
         self.stats = MeshStats()          # updated on the loop only
         self.on_layer_done = None         # (layer, seconds) -> None: metrics hook
-        self.on_reply = None              # (ctx, layer, node, batch, header) -> None: accounting hook
+        self.on_reply = None              # (ctx, layer, node, batch, header, row offset) -> None: accounting hook
+        self.caller = ""                  # this router's id on the nodes (their fair queues are per caller)
         self._where = {layer: {e: fid for e, (fid, _) in lf.where.items()} for layer, lf in self.layers.items()}
         self._turn = 0
         self.max_rows_learned = 1 << 30   # rows per frame that a node's message limit turned out to allow
 
-    def context(self, request_id: str, tenant_id: str = "default", timeout_s: float | None = None) -> StepContext:
+    def context(self, request_id: str, tenant_id: str = "", timeout_s: float | None = None) -> StepContext:
         """A step's context: one routing snapshot, one deadline."""
         timeout_s = self.step_timeout_s if timeout_s is None else timeout_s
         return StepContext(request_id, time.perf_counter() + timeout_s, self.router.table, tenant_id)
@@ -135,7 +138,7 @@ class ExpertMesh:
                 node_of = self._route(p, top_k if mask is None else top_k[mask.any(axis=1)])
                 for batch in plan_layer(top_k, self.layers[p.layer], node_of, p.layer, mask):
                     frame = frames.encode_request(p.ctx.request_id, p.ctx.tenant_id, p.layer,
-                                                  p.hidden[lo + batch.token_rows], batch.calls)
+                                                  p.hidden[lo + batch.token_rows], batch.calls, self.caller)
                     p.sent.append(_Sent(batch.node_id, batch, lo, self.transport.stream(batch.node_id).send(frame)))
                     self.stats.count_frame(batch.node_id, len(batch.token_rows), len(batch.calls))
         except NodeUnavailable as exc:        # a needed function has no reachable copy: collect() repairs
@@ -225,7 +228,7 @@ class ExpertMesh:
             p.results.setdefault(seg.expert_id, []).append(ExpertResult(tokens, seg.slots, out))
             p.pending[tokens, seg.slots] = False
         if self.on_reply is not None:
-            self.on_reply(p.ctx, p.layer, s.node, s.batch, header)
+            self.on_reply(p.ctx, p.layer, s.node, s.batch, header, s.offset)
 
     async def _handle(self, p: PendingLayer, failures) -> None:
         """Decide how to retry the failed frames (see the module docstring)."""

@@ -1,0 +1,1 @@
+"""tenancy: keys, limits, fair shares, accounting"""

@@ -1,0 +1,154 @@
+"""The usage ledger: what every tenant used, in time buckets, under a lock (the engine's loop writes it, the
+HTTP handlers and Prometheus read it, the memory poller adds to it from a thread).
+
+Per tenant: requests, prompt and completion tokens, expert rows and calls per layer, expert compute seconds
+measured on the nodes (attributed pro rata by rows), node memory-seconds of the loaded functions they used
+(attributed by rows, see :mod:`faasmoe.router.tenancy.memory`) and the cold starts their requests waited on.
+Finished requests and memory attributions are also appended as JSON lines to a usage log, for billing; the log
+file is opened for each write, so it can be rotated (renamed) at any time.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from prometheus_client.core import CounterMetricFamily
+
+BUCKET_S = 10.0
+RETAIN_S = 24 * 3600.0
+
+
+@dataclass
+class Usage:
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    expert_rows: int = 0
+    expert_calls: int = 0
+    expert_compute_s: float = 0.0
+    memory_byte_s: float = 0.0
+    cold_starts: int = 0
+    rows_by_layer: dict[int, int] = field(default_factory=dict)
+    calls_by_layer: dict[int, int] = field(default_factory=dict)
+
+    def add(self, other: Usage) -> None:
+        for name in ("requests", "prompt_tokens", "completion_tokens", "expert_rows", "expert_calls",
+                     "expert_compute_s", "memory_byte_s", "cold_starts"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for mine, theirs in ((self.rows_by_layer, other.rows_by_layer), (self.calls_by_layer, other.calls_by_layer)):
+            for layer, n in theirs.items():
+                mine[layer] = mine.get(layer, 0) + n
+
+    def as_dict(self) -> dict:
+        out = asdict(self)
+        out["memory_gb_s"] = round(out.pop("memory_byte_s") / 1e9, 6)
+        out["expert_compute_s"] = round(out["expert_compute_s"], 6)
+        out["rows_by_layer"] = {str(k): v for k, v in sorted(self.rows_by_layer.items())}
+        out["calls_by_layer"] = {str(k): v for k, v in sorted(self.calls_by_layer.items())}
+        return out
+
+
+class Ledger:
+    def __init__(self, usage_log: str | Path | None = None, clock=time.time):
+        self.usage_log = Path(usage_log) if usage_log else None
+        self.clock = clock
+        self._buckets: dict[int, dict[str, Usage]] = {}
+        self._totals: dict[str, Usage] = {}
+        self.unattributed_memory_byte_s = 0.0     # loaded functions nobody used in the interval (keep-alive)
+        self._lock = threading.Lock()
+        self._log_lock = threading.Lock()
+
+    def _record(self, tenant: str, usage: Usage) -> None:
+        now = self.clock()
+        key = int(now // BUCKET_S)
+        with self._lock:
+            self._buckets.setdefault(key, {}).setdefault(tenant, Usage()).add(usage)
+            self._totals.setdefault(tenant, Usage()).add(usage)
+            oldest = int((now - RETAIN_S) // BUCKET_S)
+            for stale in [k for k in self._buckets if k < oldest]:
+                del self._buckets[stale]
+
+    # -- writers ----------------------------------------------------------------------------------------
+    def request_started(self, tenant: str) -> None:
+        self._record(tenant, Usage(requests=1))
+
+    def tokens(self, tenant: str, prompt: int = 0, completion: int = 0) -> None:
+        self._record(tenant, Usage(prompt_tokens=prompt, completion_tokens=completion))
+
+    def experts(self, tenant: str, layer: int, rows: int, calls: int, compute_s: float, cold_starts: int) -> None:
+        self._record(tenant, Usage(expert_rows=rows, expert_calls=calls, expert_compute_s=compute_s,
+                                   cold_starts=cold_starts, rows_by_layer={layer: rows}, calls_by_layer={layer: calls}))
+
+    def memory(self, by_tenant: dict[str, float], unattributed_byte_s: float, interval_s: float) -> None:
+        for tenant, byte_s in by_tenant.items():
+            self._record(tenant, Usage(memory_byte_s=byte_s))
+        with self._lock:
+            self.unattributed_memory_byte_s += unattributed_byte_s
+        if by_tenant:
+            self.log([{"type": "memory", "tenant": t, "interval_s": round(interval_s, 3),
+                       "memory_gb_s": round(b / 1e9, 9)} for t, b in sorted(by_tenant.items())])
+
+    def log(self, records: list[dict]) -> None:
+        """Append records to the usage log (opened per write: rotating the file is safe)."""
+        if self.usage_log is None or not records:
+            return
+        stamp = self.clock()
+        text = "".join(json.dumps({"ts": round(stamp, 3), **r}, sort_keys=True) + "\n" for r in records)
+        with self._log_lock, open(self.usage_log, "a") as fh:
+            fh.write(text)
+
+    # -- readers ----------------------------------------------------------------------------------------
+    def totals(self) -> dict[str, Usage]:
+        with self._lock:
+            out = {}
+            for tenant, usage in self._totals.items():
+                copy = Usage()
+                copy.add(usage)
+                out[tenant] = copy
+            return out
+
+    def window(self, seconds: float | None = None, tenant: str | None = None) -> dict[str, dict]:
+        """Usage per tenant over the last ``seconds`` (whole buckets of 10 s; None = since start)."""
+        if seconds is None:
+            usage = self.totals()
+        else:
+            since = int((self.clock() - seconds) // BUCKET_S)
+            usage = {}
+            with self._lock:
+                for key, by_tenant in self._buckets.items():
+                    if key >= since:
+                        for name, u in by_tenant.items():
+                            usage.setdefault(name, Usage()).add(u)
+        return {name: u.as_dict() for name, u in sorted(usage.items()) if tenant is None or name == tenant}
+
+
+class LedgerCollector:
+    """Prometheus families with a ``tenant`` label, read at scrape time."""
+
+    def __init__(self, ledger: Ledger):
+        self.ledger = ledger
+
+    def collect(self):
+        totals = self.ledger.totals()
+        specs = (("requests", "requests admitted"), ("prompt_tokens", "prompt tokens"),
+                 ("completion_tokens", "completion tokens"), ("expert_rows", "token rows computed by experts"),
+                 ("expert_calls", "expert function calls with the tenant's rows"),
+                 ("expert_compute_seconds", "node ONNX seconds attributed (pro rata by rows)"),
+                 ("memory_byte_seconds", "node memory-seconds of loaded functions attributed (by rows)"),
+                 ("cold_starts", "cold starts the tenant's requests waited on"))
+        for name, text in specs:
+            family = CounterMetricFamily(f"faasmoe_tenant_{name}", text, labels=["tenant"])
+            attr = {"expert_compute_seconds": "expert_compute_s", "memory_byte_seconds": "memory_byte_s"}.get(name, name)
+            for tenant, usage in sorted(totals.items()):
+                family.add_metric([tenant], getattr(usage, attr))
+            yield family
+        rows = CounterMetricFamily("faasmoe_tenant_expert_rows_by_layer", "expert token rows per layer",
+                                   labels=["tenant", "layer"])
+        for tenant, usage in sorted(totals.items()):
+            for layer, n in sorted(usage.rows_by_layer.items()):
+                rows.add_metric([tenant, str(layer)], n)
+        yield rows
