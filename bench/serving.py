@@ -56,11 +56,12 @@ def pct(values, q):
 
 
 # ------------------------------------------------------------------------------------------------ mesh phase
-async def _request(http, url, ids, max_tokens):
+async def _request(http, url, ids, max_tokens, key: str | None = None):
     body = {"model": "bench", "prompt": ids, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "ignore_eos": True, "logprobs": 0, "stream_options": {"include_usage": True}}
     t0, marks, text, usage, ids = time.perf_counter(), [], [], None, []
-    async with http.stream("POST", f"{url}/v1/completions", json=body) as response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    async with http.stream("POST", f"{url}/v1/completions", json=body, headers=headers) as response:
         if response.status_code != 200:
             raise RuntimeError(f"HTTP {response.status_code}: {await response.aread()}")
         async for line in response.aiter_lines():
