@@ -200,11 +200,12 @@ def main() -> int:
           f"{'TPOT p50/p99 ms':>17} {'routers':>7} {'router MiB':>10} {'router core·s':>13}")
     for n, modes in result["by_tenants"].items():
         for mode, r in modes.items():
-            t = r["tenants"].values()
+            t = list(r["tenants"].values())
             tps = [x["tokens_per_s"] for x in t]
-            print(f"{n:>7} {mode:>8} {r['total_tokens_per_s']:>8} {f'{min(tps)}..{max(tps)}':>28} "
-                  f"{f'{max(x['ttft_ms_p50'] for x in t)}/{max(x['ttft_ms_p99'] for x in t)}':>18} "
-                  f"{f'{max(x['tpot_ms_p50'] for x in t)}/{max(x['tpot_ms_p99'] for x in t)}':>17} "
+            ttft = f"{max(x['ttft_ms_p50'] for x in t)}/{max(x['ttft_ms_p99'] for x in t)}"
+            tpot = f"{max(x['tpot_ms_p50'] for x in t)}/{max(x['tpot_ms_p99'] for x in t)}"
+            spread = f"{min(tps)}..{max(tps)}"
+            print(f"{n:>7} {mode:>8} {r['total_tokens_per_s']:>8} {spread:>28} {ttft:>18} {tpot:>17} "
                   f"{r['routers']:>7} {r['router_peak_rss_mib']:>10} {r['router_core_s']:>13}")
     nb = result["neighbour"]
     print(f"light tenant TTFT p50/p99 alone {nb['light_ttft_ms_p50_alone']}/{nb['light_ttft_ms_p99_alone']} ms, "
