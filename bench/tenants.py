@@ -40,7 +40,14 @@ def start_router(store, addresses, tenants_file, *extra) -> tuple[subprocess.Pop
     if not line.startswith("FAASMOE_ROUTER_READY "):
         sys.exit(f"error: a router did not start: {line!r}")
     threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
-    return proc, json.loads(line.split(" ", 1)[1])["url"]
+    url = json.loads(line.split(" ", 1)[1])["url"]
+    import httpx
+    deadline = time.monotonic() + 120
+    while httpx.get(f"{url}/health").status_code != 200:          # placed and routed
+        if time.monotonic() > deadline:
+            sys.exit("error: a router never became healthy")
+        time.sleep(0.05)
+    return proc, url
 
 
 class Sampler:

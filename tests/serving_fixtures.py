@@ -54,6 +54,7 @@ class RouterProcess:
     """``faasmoe-router serve`` on 127.0.0.1 port 0 over static nodes; stopped with SIGTERM on exit."""
 
     def __init__(self, store: Path, addresses, *extra: str, ready_timeout_s: float = 120.0):
+        self.addresses = list(addresses)
         env = {k: v for k, v in os.environ.items() if not k.startswith("FAASMOE_")}
         self.proc = subprocess.Popen([sys.executable, "-m", "faasmoe.router", "serve", "--store", str(store),
                                       "--nodes", ",".join(addresses), "--port", "0", *extra],

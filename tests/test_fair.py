@@ -14,16 +14,19 @@ def test_charge(counters, tenant, weight, prefill, decode, expected):
     assert charge(counters, tenant, weight, prefill, decode)[tenant] == pytest.approx(expected)
 
 
-@pytest.mark.parametrize("counters, tenant, busy, expected", [
-    ({}, "a", [], 0.0),                                     # first ever
-    ({"a": 3.0, "b": 50.0}, "a", ["b"], 50.0),              # came back after idling: lifted, no banked credit
-    ({"a": 80.0, "b": 50.0}, "a", ["b"], 80.0),             # never lowered
-    ({"a": 3.0, "b": 50.0, "c": 20.0}, "a", ["b", "c"], 20.0),   # to the lowest busy counter
-    ({"a": 3.0, "b": 50.0}, "a", ["a", "b"], 3.0),          # still busy: unchanged
-    ({"a": 3.0}, "a", [], 3.0),                             # nobody busy: nothing to lift to
+@pytest.mark.parametrize("counters, tenant, waiting, last, expected", [
+    ({}, "a", [], None, 0.0),                                       # first ever
+    ({"a": 3.0, "b": 50.0}, "a", ["b"], "b", 50.0),                 # came back after idling: no banked credit
+    ({"a": 80.0, "b": 50.0}, "a", ["b"], "b", 80.0),                # never lowered
+    ({"a": 3.0, "b": 50.0, "c": 20.0}, "a", ["b", "c"], "b", 20.0),  # to the lowest waiting counter
+    ({"a": 3.0, "b": 50.0}, "a", ["a", "b"], "b", 3.0),             # already waiting: unchanged
+    # nobody waits: to the counter of the tenant that joined last, not the stale one it had
+    ({"a": 1000.0, "b": 10.0}, "b", [], "a", 1000.0),
+    # a tenant with requests running but none waiting is no reference: c (100) does not pull b below a's 10000
+    ({"a": 10000.0, "b": 0.0, "c": 100.0}, "b", ["a"], "a", 10000.0),
 ])
-def test_on_arrival(counters, tenant, busy, expected):
-    assert on_arrival(counters, tenant, busy)[tenant] == expected
+def test_on_arrival(counters, tenant, waiting, last, expected):
+    assert on_arrival(counters, tenant, waiting, last)[tenant] == expected
 
 
 @pytest.mark.parametrize("waiting, counters, weights, expected", [

@@ -35,3 +35,13 @@ def test_no_forbidden_imports(folder):
             if any(name == bad or name.startswith(bad + ".") for bad in FORBIDDEN[folder]):
                 offenders.append(f"{path.relative_to(REPO)} imports {name}")
     assert not offenders, "; ".join(offenders)
+
+
+def test_every_package_is_in_the_wheel():
+    """pyproject lists the packages explicitly: a sub-package missing there is missing from every wheel."""
+    import tomllib
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    roots = {"node": "faasmoe.node", "router": "faasmoe.router", "proto": "faasmoe.proto"}
+    found = {roots[init.relative_to(REPO).parts[0]] + "".join("." + p for p in init.parent.relative_to(REPO).parts[1:])
+             for root in roots for init in (REPO / root).rglob("__init__.py") if "__pycache__" not in init.parts}
+    assert found <= listed, f"missing from pyproject's packages: {sorted(found - listed)}"

@@ -18,6 +18,7 @@ FREE = Tenant("free", "1" * 64)
     (T, Bucket(100.0, 0.0), 0, 200, 10.0, 200, 0.0, 0.0),              # 10 s later it fits exactly
     (T, Bucket(0.0, 0.0), 0, 50, 1000.0, 200, 0.0, 550.0),              # refill caps at a minute's worth
     (Tenant("u", "2" * 64, tokens_per_minute=100), None, 0, 101, 0.0, 400, 0.0, None),   # never fits a minute
+    (Tenant("v", "3" * 64, max_concurrent=1, tokens_per_minute=100), None, 5, 101, 0.0, 400, 0.0, None),  # 400 first
 ])
 def test_admit(tenant, bucket, in_flight, cost, now, status, retry, level_after):
     decision, after = admit(tenant, bucket, in_flight, cost, now)

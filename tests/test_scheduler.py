@@ -35,7 +35,31 @@ def test_plan_step(name, running, waiting, limits, runs, admitted):
     plan = plan_step([SeqView(*r) for r in running], [SeqView(*w) for w in waiting], limits)
     assert list(plan.runs) == runs
     assert list(plan.admitted) == admitted
-    assert plan.tokens <= limits.max_step_tokens
+    assert plan.tokens <= limits.max_step_tokens and not plan.urgent
+
+
+R = Limits(max_running=4, max_step_tokens=32, prefill_chunk=8, reserved_slots=1)
+URGENT_CASES = [
+    # name, running, waiting (id, prompt_left, reserve, urgent), last_urgent, runs, admitted, urgent step
+    ("an urgent newcomer prefills alone; decodes wait one step", [(1, 0), (2, 0)], [(3, 5, 0, True)], False,
+     [(3, 5)], [3], True),
+    ("never two urgent steps in a row", [(1, 0), (2, 0)], [(3, 5, 0, True)], True,
+     [(1, 1), (2, 1), (3, 5)], [3], False),
+    ("the reserved place is not for the flooding tenant", [(1, 0), (2, 0), (3, 0)], [(4, 2), (5, 2)], False,
+     [(1, 1), (2, 1), (3, 1)], [], False),
+    ("... but an urgent one takes it", [(1, 0), (2, 0), (3, 0)], [(4, 2), (5, 2, 0, True)], False,
+     [(5, 2)], [5], True),
+    ("a full batch: the urgent one waits for a place", [(1, 0), (2, 0), (3, 0), (4, 0)], [(5, 2, 0, True)], False,
+     [(1, 1), (2, 1), (3, 1), (4, 1)], [], False),
+    ("no urgent ones: an ordinary step", [(1, 0)], [(2, 3), (3, 3)], False, [(1, 1), (2, 3), (3, 3)], [2, 3], False),
+]
+
+
+@pytest.mark.parametrize("name, running, waiting, last, runs, admitted, urgent", URGENT_CASES,
+                         ids=[c[0] for c in URGENT_CASES])
+def test_urgent_newcomers(name, running, waiting, last, runs, admitted, urgent):
+    plan = plan_step([SeqView(*r) for r in running], [SeqView(*w) for w in waiting], R, last_urgent=last)
+    assert (list(plan.runs), list(plan.admitted), plan.urgent) == (runs, admitted, urgent)
 
 
 @pytest.mark.parametrize("kw", [dict(max_running=0), dict(max_step_tokens=4, max_running=8), dict(prefill_chunk=0)])

@@ -75,7 +75,8 @@ def test_keys(setup):
     with pytest.raises(openai.AuthenticationError):
         client(server, "fmk-wrong").completions.create(model="store", prompt="hi", max_tokens=3)
     # a malformed body from someone without a key is a 401, not a 400
-    assert httpx.post(f"{server.url}/v1/completions", content=b"{bad").status_code == 401
+    assert httpx.post(f"{server.url}/v1/completions", content=b"{bad",
+                      headers={"Content-Type": "application/json"}).status_code == 401
 
 
 def test_limits(setup):
@@ -120,7 +121,6 @@ def test_reload_on_change_and_on_sighup_keeps_running_requests_and_the_last_good
                  "the new tenant's key to work")
         good = path.read_text()
         path.write_text(good + "\n[tenants.broken\n")                 # malformed: refused, the last good stays
-        server.proc.send_signal(signal.SIGHUP)
         wait_for(lambda: any("not reloaded" in line for line in server.stderr), 10, "the refusal to be logged")
         refusal = next(line for line in server.stderr if "not reloaded" in line)
         assert "tenants.toml" in refusal and refusal.count("\n") == 1
@@ -128,6 +128,25 @@ def test_reload_on_change_and_on_sighup_keeps_running_requests_and_the_last_good
         path.write_text(good)
         rest = [line for line in lines if line.startswith("data:")]
         assert rest[-1] == "data: [DONE]" and not any('"error"' in line for line in rest)   # never dropped
+
+
+def test_sighup_reloads_at_once(setup, tmp_path):
+    server, tiny, _, keys, _, root = setup
+    path = tmp_path / "hup.toml"
+    first = add(path, "first")
+    with RouterProcess(tiny.store, server.addresses, "--tenants", str(path), "--tenants-poll-s", "3600",
+                       "--router-id", "hup-test") as other:
+        second = add(path, "second")                            # not polled for an hour: only SIGHUP reloads
+        before = httpx.post(f"{other.url}/v1/completions", json={"model": "store", "prompt": "x", "max_tokens": 2},
+                            headers={"Authorization": f"Bearer {second}"})
+        assert before.status_code == 401
+        other.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: httpx.post(f"{other.url}/v1/completions", json={"model": "store", "prompt": "x",
+                                                                          "max_tokens": 2},
+                                    headers={"Authorization": f"Bearer {second}"}).status_code == 200, 10,
+                 "SIGHUP to load the new tenant")
+        assert other.proc.poll() is None                        # SIGHUP reloads, it does not stop the server
+        assert client(other, first).completions.create(model="store", prompt="x", max_tokens=2).usage
 
 
 def test_usage_for_the_admin_prometheus_and_the_rotatable_log(setup):
@@ -142,7 +161,8 @@ def test_usage_for_the_admin_prometheus_and_the_rotatable_log(setup):
     assert alice["expert_compute_s"] > 0 and set(alice["rows_by_layer"]) == {"0", "1", "2", "3"}
     wait_for(lambda: httpx.get(f"{server.url}/v1/usage", headers={"Authorization": f"Bearer {keys['admin']}"}).json()
              ["tenants"]["alice"]["memory_gb_s"] > 0, 10, "memory-seconds to be attributed")
-    metrics = httpx.get(f"{server.url}/metrics").text
+    assert httpx.get(f"{server.url}/metrics").status_code == 401            # it names every tenant: admin only
+    metrics = httpx.get(f"{server.url}/metrics", headers={"Authorization": f"Bearer {keys['admin']}"}).text
     assert 'faasmoe_tenant_completion_tokens_total{tenant="alice"}' in metrics
     records = [json.loads(line) for line in log.read_text().splitlines()]
     mine = [r for r in records if r["type"] == "request" and r["tenant"] == "alice"]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
-from fastapi import Depends, FastAPI, Header, Query
+from fastapi import FastAPI, Header, Query
 from fastapi import Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -22,11 +22,12 @@ from prometheus_client import CollectorRegistry, make_asgi_app
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Route
 
-from faasmoe.proto.errors import FaasmoeError, StepFailed
+from faasmoe.proto.errors import FaasmoeError, StepFailed, Unauthorized
 from faasmoe.router.api import openai
 from faasmoe.router.api.errors import error_body, error_response, validation_response
 from faasmoe.router.api.schemas import ChatCompletionRequest, CompletionRequest
-from faasmoe.router.tenancy.config import Tenant
+from faasmoe.router.tenancy.ledger import RETAIN_S
+from faasmoe.router.tenancy.registry import TenantRegistry
 
 
 log = logging.getLogger(__name__)
@@ -34,13 +35,45 @@ log = logging.getLogger(__name__)
 
 class _AsgiEndpoint:
     """Starlette treats a non-function endpoint as a plain ASGI app (so /metrics is served at /metrics
-    exactly, not redirected to /metrics/ as a mount would be)."""
+    exactly, not redirected to /metrics/ as a mount would be). With tenants it needs the admin key: the
+    metrics name every tenant and what it used."""
 
-    def __init__(self, app):
-        self.app = app
+    def __init__(self, app, registry: TenantRegistry):
+        self.app, self.registry = app, registry
 
     async def __call__(self, scope, receive, send):
+        try:
+            self.registry.authenticate_admin(_authorization(scope))
+        except Unauthorized as exc:
+            await error_response(exc)(scope, receive, send)
+            return
         await self.app(scope, receive, send)
+
+
+class _Authenticate:
+    """Who is calling, decided from the headers before the body is read (a stranger's malformed body is a
+    401, not a 400). The tenant goes to ``scope["state"]["tenant"]``."""
+
+    PATHS = ("/v1/completions", "/v1/chat/completions")
+
+    def __init__(self, app, registry: TenantRegistry):
+        self.app, self.registry = app, registry
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] in self.PATHS:
+            try:
+                scope.setdefault("state", {})["tenant"] = self.registry.authenticate(_authorization(scope))
+            except Unauthorized as exc:
+                await error_response(exc)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _authorization(scope) -> str | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"authorization":
+            return value.decode("latin-1")
+    return None
 
 
 def create_app(api: openai.ApiContext, health: Callable[[], tuple[bool, str]],
@@ -71,19 +104,17 @@ def create_app(api: openai.ApiContext, health: Callable[[], tuple[bool, str]],
         return {"object": "list", "data": [{"id": api.model_name, "object": "model", "created": api.created,
                                             "owned_by": "faasmoe"}]}
 
-    def tenant(authorization: str | None = Header(None)) -> Tenant:
-        return api.registry.authenticate(authorization)
-
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: HttpRequest, who: Tenant = Depends(tenant)):
-        return await openai.completions(api, body, request, who)
+    async def completions(body: CompletionRequest, request: HttpRequest):
+        return await openai.completions(api, body, request, request.state.tenant)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: HttpRequest, who: Tenant = Depends(tenant)):
-        return await openai.chat_completions(api, body, request, who)
+    async def chat_completions(body: ChatCompletionRequest, request: HttpRequest):
+        return await openai.chat_completions(api, body, request, request.state.tenant)
 
     @app.get("/v1/usage")
-    async def usage(window_s: float | None = Query(None, gt=0), tenant_name: str | None = Query(None, alias="tenant"),
+    async def usage(window_s: float | None = Query(None, gt=0, le=RETAIN_S),
+                    tenant_name: str | None = Query(None, alias="tenant"),
                     authorization: str | None = Header(None)):
         api.registry.authenticate_admin(authorization)
         ledger = api.ledger
@@ -98,5 +129,6 @@ def create_app(api: openai.ApiContext, health: Callable[[], tuple[bool, str]],
         return JSONResponse({"status": "ok" if ok else "unavailable", "reason": reason},
                             status_code=200 if ok else 503)
 
-    app.router.routes.append(Route("/metrics", endpoint=_AsgiEndpoint(make_asgi_app(registry))))
+    app.router.routes.append(Route("/metrics", endpoint=_AsgiEndpoint(make_asgi_app(registry), api.registry)))
+    app.add_middleware(_Authenticate, registry=api.registry)
     return app

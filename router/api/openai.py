@@ -230,8 +230,10 @@ async def chat_completions(api: ApiContext, body: ChatCompletionRequest, http: H
     if max_tokens < 1:
         raise BadRequest(f"the messages take {len(prompt_ids)} tokens, the whole context of {context}", "messages")
     top = (body.top_logprobs or 0) if body.logprobs else None
-    if tenant.max_tokens_per_request and body.token_limit is None:      # "the rest of the context", within limits
-        max_tokens = max(1, min(max_tokens, tenant.max_tokens_per_request - len(prompt_ids)))
+    if body.token_limit is None:                     # "the rest of the context", within the tenant's limits
+        for limit in (tenant.max_tokens_per_request, tenant.tokens_per_minute):
+            if limit:
+                max_tokens = max(1, min(max_tokens, limit - len(prompt_ids)))
     request = Request(prompt_ids, max_tokens, _params(body, top), tuple(body.stop), tenant.name,
                       ignore_eos=body.ignore_eos)
     return await _respond(api, "chat.completion", request, body, body.logprobs, http, tenant)

@@ -50,6 +50,7 @@ class ServeOptions:
     private_tenant: str | None = None   # serve this tenant only (private mode)
     usage_log: str | None = None        # JSON lines of finished requests and memory attributions
     usage_poll_s: float = 5.0           # how often the nodes' loaded memory is read and attributed
+    tenants_poll_s: float = 1.0         # how often the tenants file is checked for changes
 
 
 def is_loopback(host: str) -> bool:
@@ -94,6 +95,13 @@ class RouterServer:
         if self.registry.open and not is_loopback(options.host):
             raise ConfigError(f"refusing to serve {options.host} without --tenants: anyone on the network could use "
                               "it; give --tenants FILE (faasmoe-router tenants add) or --host 127.0.0.1")
+        if options.usage_log:
+            try:
+                with open(options.usage_log, "a"):
+                    pass
+            except OSError as exc:
+                raise ConfigError(f"cannot write the usage log {options.usage_log} ({exc.strerror}): pick a "
+                                  "writable --usage-log") from None
         self.ledger = Ledger(options.usage_log)
         self.accounting = Accounting(self.ledger, self.registry.weight)
         self.controller: PlacementController | None = None
@@ -120,7 +128,7 @@ class RouterServer:
                                 engine=lambda: readiness.serving.engine if readiness.serving else None)
         metrics.registry.register(LedgerCollector(self.ledger))
         loop = asyncio.get_running_loop()
-        watcher = asyncio.ensure_future(self.registry.watch())
+        watcher = asyncio.ensure_future(self.registry.watch(options.tenants_poll_s))
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):   # not the main thread: no SIGHUP
             loop.add_signal_handler(signal.SIGHUP, self.registry.reload)
         poller = MemoryPoller(session, session.router_id, self.accounting.take_rows, self.ledger.memory,
@@ -180,6 +188,7 @@ class RouterServer:
                 loop.remove_signal_handler(signal.SIGHUP)
             if poller._thread.is_alive():
                 await asyncio.to_thread(poller.stop)
+            await asyncio.to_thread(self.ledger.flush)
             if readiness.serving is not None:
                 await readiness.serving.close()
             await asyncio.to_thread(self.controller.stop)

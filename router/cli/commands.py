@@ -50,13 +50,16 @@ def _session(args):
 
 
 def engine_config(args):
+    if args.reserved_slots < 0:
+        raise ConfigError("--reserved-slots must be >= 0")
     from faasmoe.router.engine.engine import EngineConfig
     from faasmoe.router.engine.scheduler import Limits
     try:
         limits = Limits(max_running=args.max_batch, max_step_tokens=args.max_step_tokens,
-                        prefill_chunk=args.prefill_chunk)
+                        prefill_chunk=args.prefill_chunk,
+                        reserved_slots=min(args.reserved_slots, max(0, args.max_batch - 1)))
     except ValueError as exc:
-        raise ConfigError(f"{exc}: check --max-batch, --max-step-tokens and --prefill-chunk") from None
+        raise ConfigError(f"{exc}: check --max-batch, --max-step-tokens, --prefill-chunk and --reserved-slots") from None
     if args.max_waiting < 1 or args.step_timeout_s <= 0:
         raise ConfigError("--max-waiting must be >= 1 and --step-timeout-s > 0")
     if args.torch_threads is not None:
@@ -178,11 +181,12 @@ def serve(args) -> int:
     directory = NodeDirectory(static=static, mdns_interfaces=(args.mdns_interface or []) if args.discover else None)
     if args.tenant and not args.tenants:
         raise ConfigError("--tenant NAME (private mode) needs --tenants FILE")
-    if args.usage_poll_s <= 0:
-        raise ConfigError("--usage-poll-s must be > 0")
+    if args.usage_poll_s <= 0 or args.tenants_poll_s <= 0:
+        raise ConfigError("--usage-poll-s and --tenants-poll-s must be > 0")
     options = ServeOptions(host=args.host, port=args.port, model_name=args.model_name, warm=args.warm,
                            settle_s=args.settle_s, mqtt_url=args.mqtt, tenants_file=args.tenants,
-                           private_tenant=args.tenant, usage_log=args.usage_log, usage_poll_s=args.usage_poll_s)
+                           private_tenant=args.tenant, usage_log=args.usage_log, usage_poll_s=args.usage_poll_s,
+                           tenants_poll_s=args.tenants_poll_s)
     server = RouterServer(session, directory, config, options, announce=lambda line: print(line, flush=True))
     for sig in (signal.SIGINT, signal.SIGTERM):      # uvicorn shuts down on them, then re-raises them here
         signal.signal(sig, lambda *_: server.stop())

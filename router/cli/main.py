@@ -79,6 +79,9 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                    help="requests queued beyond the batch (>= 1); more get 503 with Retry-After (default 256)")
     p.add_argument("--step-timeout-s", type=float, default=30.0,
                    help="deadline of one step across the mesh, recovery included (default 30)")
+    p.add_argument("--reserved-slots", type=int, default=1,
+                   help="with tenants: batch places kept for a tenant with nothing running, so a flooding tenant "
+                        "cannot fill the batch to the brim (default 1)")
     p.add_argument("--kv-cache-mb", type=float, default=4096,
                    help="KV cache all running sequences may reserve together; a request reserves prompt + max_tokens "
                         "when it joins the batch and waits while that does not fit (default 4096)")
@@ -124,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tenants", default=None, metavar="FILE",
                        help="tenants file (keys, limits, weights; 'faasmoe-router tenants'); reloaded on SIGHUP or "
                             "when it changes. Without it the server is open to local clients only, as tenant 'default'")
+    serve.add_argument("--tenants-poll-s", type=float, default=1.0,
+                       help="how often the tenants file is checked for changes (default 1; SIGHUP reloads at once)")
     serve.add_argument("--tenant", default=None, metavar="NAME",
                        help="private mode: serve this tenant of --tenants only (one router per tenant, sharing the "
                             "nodes' functions)")

@@ -4,7 +4,9 @@ printed once and only its sha256 is stored."""
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
+import math
 from pathlib import Path
 
 from faasmoe.proto.errors import ConfigError
@@ -41,6 +43,15 @@ def _load(path: Path, create: bool) -> TenantsConfig:
 
 def run(args) -> int:
     path = Path(args.file)
+    if args.action == "list":
+        return _run(args, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "w") as lock:     # one writer at a time: no lost update
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _run(args, path)
+
+
+def _run(args, path: Path) -> int:
     config = _load(path, create=args.action in ("add", "admin-key"))
     if args.action == "list":
         rows = [dataclasses.asdict(t) | {"key_sha256": t.key_sha256[:12] + "…"} for t in config.tenants.values()]
@@ -69,7 +80,8 @@ def run(args) -> int:
         raise ConfigError(f"tenant name {args.name!r}: 1-64 letters, digits, '.', '_' or '-'")
     if args.name in config.tenants:
         raise ConfigError(f"{path}: tenant {args.name!r} exists; remove it first to give it a new key")
-    if args.weight <= 0 or min(args.max_concurrent, args.tokens_per_minute, args.max_tokens_per_request) < 0:
+    if not (0 < args.weight < math.inf) or min(args.max_concurrent, args.tokens_per_minute,
+                                                 args.max_tokens_per_request) < 0:
         raise ConfigError("--weight must be > 0 and the limits >= 0 (0 = no limit)")
     tenant = Tenant(args.name, hash_key(key), args.weight, args.max_concurrent, args.tokens_per_minute,
                     args.max_tokens_per_request)

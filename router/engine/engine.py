@@ -57,7 +57,9 @@ class Engine:
                  eos_ids: frozenset[int] = frozenset(), accounting=None):
         self.runner, self.tokenizer, self.mesh, self.config = runner, tokenizer, mesh, config
         self.cache_tokens = max(1, config.kv_cache_bytes // runner.kv_bytes_per_token)
-        self.limits = dataclasses.replace(config.limits, cache_tokens=self.cache_tokens)
+        self.limits = dataclasses.replace(config.limits, cache_tokens=self.cache_tokens,
+                                          reserved_slots=config.limits.reserved_slots if accounting else 0)
+        self._last_urgent = False
         self.eos_ids = eos_ids
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
@@ -123,7 +125,7 @@ class Engine:
                              "shortly", retry_after_s=max(1.0, self._drain_estimate_s()))
         seq = Sequence(request, self.tokenizer, self.eos_ids)
         if self.accounting is not None:
-            self.accounting.arrived(request.tenant, {s.request.tenant for s in [*self.running, *self.waiting]})
+            self.accounting.arrived(request.tenant, {s.request.tenant for s in self.waiting})
         self.waiting.append(seq)
         self.stats.requests += 1
         self._wake.set()
@@ -195,11 +197,16 @@ class Engine:
         self._in_step = []
         if self.accounting is not None and len({s.request.tenant for s in self.waiting}) > 1:
             self.waiting = self.accounting.order(self.waiting)
+        urgent = self._urgent()
         plan = plan_step([SeqView(s.id, s.prompt_left, s.reserve) for s in self.running],
-                         [SeqView(s.id, s.prompt_left, s.reserve) for s in self.waiting], self.limits)
+                         [SeqView(s.id, s.prompt_left, s.reserve, s.id in urgent) for s in self.waiting],
+                         self.limits, self._last_urgent)
+        self._last_urgent = plan.urgent
         if not plan.runs:
             return
         by_id = {s.id: s for s in [*self.running, *self.waiting]}
+        if self.accounting is not None and plan.admitted:
+            self.accounting.admitted(by_id[i].request.tenant for i in plan.admitted)
         for seq_id in plan.admitted:
             seq = by_id[seq_id]
             self.waiting.remove(seq)
@@ -269,7 +276,22 @@ class Engine:
             return
         seq.finish(reason, error)
         if self.accounting is not None:
-            self.accounting.finished(seq, reason, self.tenant_of(seq.request.tenant))
+            try:
+                self.accounting.finished(seq, reason, self.tenant_of(seq.request.tenant))
+            except Exception:  # noqa: BLE001 - accounting never takes a request or the engine down
+                log.exception("accounting of request %s failed", seq.request.request_id)
+
+    def _urgent(self) -> set[int]:
+        """The first waiting request of each tenant that has nothing running while others run: it should not
+        wait behind them (one per tenant: once it runs, the tenant's others wait their turn as usual)."""
+        if self.accounting is None or not self.running:
+            return set()
+        running = {s.request.tenant for s in self.running}
+        first: dict[str, int] = {}
+        for s in self.waiting:
+            if s.request.tenant not in running:
+                first.setdefault(s.request.tenant, s.id)
+        return set(first.values())
 
     def in_flight(self, tenant: str) -> int:
         return sum(s.request.tenant == tenant for s in [*self.running, *self.waiting])

@@ -69,11 +69,11 @@ class RequestUsage:
     expert_compute_s: float = 0.0
     cold_starts: int = 0
 
-    def add(self, share) -> None:
-        self.expert_rows += share.rows
-        self.expert_calls += share.calls
-        self.expert_compute_s += share.compute_s
-        self.cold_starts += share.cold_starts
+    def add(self, rows: int, calls: int, compute_s: float, cold_starts: int) -> None:
+        self.expert_rows += rows
+        self.expert_calls += calls
+        self.expert_compute_s += compute_s
+        self.cold_starts += cold_starts
 
     def as_record(self) -> dict:
         return {"expert_rows": self.expert_rows, "expert_calls": self.expert_calls,

@@ -23,6 +23,7 @@ class Accounting:
         self.ledger = ledger
         self.weight_of = weight_of
         self.counters: dict[str, float] = {}          # weighted service received (fairness)
+        self.last_admitted: str | None = None
         self.buckets: dict[str, Bucket | None] = {}    # tokens-per-minute state
         self._rows: dict[tuple[str, str], int] = {}    # (function, tenant) -> rows since the last memory poll
         self._rows_lock = threading.Lock()
@@ -38,17 +39,22 @@ class Accounting:
         """A request the limits admitted did not start after all."""
         self.buckets[tenant.name] = refund(self.buckets.get(tenant.name), tenant, tokens, time.monotonic())
 
-    def arrived(self, tenant: str, busy: set[str]) -> None:
-        self.counters = fair.on_arrival(self.counters, tenant, busy)
+    def arrived(self, tenant: str, waiting: set[str]) -> None:
+        self.counters = fair.on_arrival(self.counters, tenant, waiting, self.last_admitted)
         self.ledger.request_started(tenant)
+
+    def admitted(self, tenants) -> None:
+        """Sequences of these tenants joined the batch (in this order)."""
+        for tenant in tenants:
+            self.last_admitted = tenant
 
     def finished(self, seq, reason: str, tenant: Tenant | None) -> None:
         req = seq.request
         prompt_fed = seq.fed if reason in ("error", "cancelled") else len(req.prompt_ids)
         self.ledger.tokens(req.tenant, prompt_fed, len(seq.output_ids))
-        if tenant is not None:
-            self.buckets[req.tenant] = refund(self.buckets.get(req.tenant), tenant,
-                                              req.max_tokens - len(seq.output_ids), time.monotonic())
+        if tenant is not None:                       # what it reserved and did not use: unfed prompt, ungenerated tokens
+            unused = len(req.prompt_ids) - prompt_fed + req.max_tokens - len(seq.output_ids)
+            self.buckets[req.tenant] = refund(self.buckets.get(req.tenant), tenant, unused, time.monotonic())
         self.ledger.log([{"type": "request", "tenant": req.tenant, "request_id": req.request_id,
                           "finish_reason": reason, "prompt_tokens": prompt_fed,
                           "completion_tokens": len(seq.output_ids), **seq.usage.as_record()}])
@@ -77,14 +83,14 @@ class Accounting:
         per_tenant: dict[str, list] = {}
         for owner, share in shares.items():
             seq = ctx.owners[owner]
-            seq.usage.add(share)
-            acc = per_tenant.setdefault(seq.request.tenant, [0, 0, 0.0, 0])
+            seq.usage.add(share.rows, len(share.calls), share.compute_s, share.cold_starts(header.results))
+            acc = per_tenant.setdefault(seq.request.tenant, [0, set(), 0.0])
             acc[0] += share.rows
-            acc[1] += share.calls
+            acc[1] |= share.calls
             acc[2] += share.compute_s
-            acc[3] += share.cold_starts
-        for tenant, (rows, calls, compute_s, cold) in per_tenant.items():
-            self.ledger.experts(tenant, layer, rows, calls, compute_s, cold)
+        for tenant, (rows, calls, compute_s) in per_tenant.items():       # a call counts once per tenant
+            cold = sum(bool(header.results[c].cold_start) for c in calls)
+            self.ledger.experts(tenant, layer, rows, len(calls), compute_s, cold)
         with self._rows_lock:
             for (fid, owner), n in by_function.items():
                 key = (fid, ctx.owners[owner].request.tenant)

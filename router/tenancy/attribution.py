@@ -8,7 +8,7 @@ cold start (they all waited on it).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -18,32 +18,34 @@ import numpy as np
 class Share:
     rows: int = 0
     compute_s: float = 0.0
-    calls: int = 0                 # function calls that computed some of the owner's rows
-    cold_starts: int = 0           # of those, calls that waited on a load
+    calls: set[int] = field(default_factory=set)       # indices of the frame's calls that computed its rows
+
+    def cold_starts(self, results) -> int:
+        return sum(bool(results[c].cold_start) for c in self.calls)
 
 
 def attribute(segments, results: Sequence, row_owner: np.ndarray, offset: int,
               function_of_call: Sequence[str]) -> tuple[dict[int, Share], dict[tuple[str, int], int]]:
     """``segments``: the frame's (call index, step rows) pieces; ``results``: the node's per-call results
     (``compute_s``, ``cold_start``); ``row_owner[row]``: the owner (an index) of each step row; ``offset``:
-    where the frame's rows start among the step's. Returns the shares per owner and rows per (function, owner)."""
-    rows_of_call: dict[int, dict[int, int]] = {}
-    for call_index, tokens in segments:
-        owners = row_owner[np.asarray(tokens) + offset]
-        counts = rows_of_call.setdefault(call_index, {})
-        for owner, n in zip(*np.unique(owners, return_counts=True)):
-            counts[int(owner)] = counts.get(int(owner), 0) + int(n)
+    where the frame's rows start among the step's. Returns the shares per owner and rows per (function, owner).
+    Several owners that share a call (one tenant's requests, say) share its one cold start: count a group's
+    distinct calls by the union of its owners' ``calls``."""
+    if not segments:
+        return {}, {}
+    calls = np.concatenate([np.full(len(tokens), ci, dtype=np.int64) for ci, tokens in segments])
+    owners = row_owner[np.concatenate([np.asarray(tokens, dtype=np.int64) for _, tokens in segments]) + offset]
+    width = int(owners.max()) + 1
+    pairs, counts = np.unique(calls * width + owners, return_counts=True)
+    call_rows = np.bincount(calls, minlength=len(results))
     shares: dict[int, Share] = {}
     by_function: dict[tuple[str, int], int] = {}
-    for call_index, counts in rows_of_call.items():
-        result = results[call_index]
-        total = sum(counts.values())
-        for owner, n in counts.items():
-            share = shares.setdefault(owner, Share())
-            share.rows += n
-            share.compute_s += result.compute_s * n / total
-            share.calls += 1
-            share.cold_starts += bool(result.cold_start)
-            key = (function_of_call[call_index], owner)
-            by_function[key] = by_function.get(key, 0) + n
+    for key, n in zip(pairs.tolist(), counts.tolist()):
+        call_index, owner = divmod(key, width)
+        share = shares.setdefault(owner, Share())
+        share.rows += n
+        share.compute_s += results[call_index].compute_s * n / int(call_rows[call_index])
+        share.calls.add(call_index)
+        fn_key = (function_of_call[call_index], owner)
+        by_function[fn_key] = by_function.get(fn_key, 0) + n
     return shares, by_function

@@ -26,8 +26,6 @@ import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import tomli_w
-
 from faasmoe.proto.errors import ConfigError
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -119,8 +117,11 @@ def load_tenants(path: str | Path) -> TenantsConfig:
 
 
 def save_tenants(path: str | Path, config: TenantsConfig) -> None:
-    """Write atomically (a reader never sees half a file)."""
+    """Write atomically (a reader never sees half a file), keeping the file's mode (new files: 0644, since only
+    hashes are stored and a server may run as another user)."""
+    import tomli_w
     path = Path(path)
+    mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
     doc: dict = {}
     if config.admin_key_sha256:
         doc["admin_key_sha256"] = config.admin_key_sha256
@@ -130,7 +131,9 @@ def save_tenants(path: str | Path, config: TenantsConfig) -> None:
     try:
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
-        os.chmod(tmp, 0o600)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -6,8 +6,9 @@
 - waiting requests join the batch tenant by tenant, always from the tenant whose counter, with the prompts
   already picked in this round charged ahead, is lowest (:func:`fair_order`); a tenant's own requests keep
   their arrival order;
-- a tenant that was idle (nothing running or waiting) and comes back starts at the lowest counter of the
-  tenants that are busy, never below it: idling banks no credit (:func:`on_arrival`).
+- a tenant that was not queued and gets a request is lifted to the lowest counter of the tenants with requests
+  waiting, or, when nobody waits, to the counter of the tenant that joined last; never lowered. Idling banks no
+  credit, and a tenant that only has requests running is no reference for it (:func:`on_arrival`).
 
 A tenant that floods the server therefore gets its weighted share of the joins and no more.
 """
@@ -27,17 +28,21 @@ def charge(counters: Mapping[str, float], tenant: str, weight: float, prefill_to
     return out
 
 
-def on_arrival(counters: Mapping[str, float], tenant: str, busy: Iterable[str]) -> dict[str, float]:
-    """``tenant`` submits a request; ``busy`` are the tenants with requests running or waiting before it."""
-    busy = set(busy)
+def on_arrival(counters: Mapping[str, float], tenant: str, waiting: Iterable[str],
+               last_admitted: str | None) -> dict[str, float]:
+    """``tenant`` submits a request; ``waiting``: the tenants with requests waiting before it; ``last_admitted``:
+    the tenant whose request joined the batch last."""
+    waiting = set(waiting)
     out = dict(counters)
-    if tenant in busy:
+    if tenant in waiting:
         return out
-    others = [out.get(t, 0.0) for t in busy]
-    if others:
-        out[tenant] = max(out.get(tenant, 0.0), min(others))
+    if waiting:
+        level = min(out.get(t, 0.0) for t in waiting)
+    elif last_admitted is not None:
+        level = out.get(last_admitted, 0.0)
     else:
-        out.setdefault(tenant, 0.0)
+        level = 0.0
+    out[tenant] = max(out.get(tenant, 0.0), level)
     return out
 
 

@@ -4,13 +4,16 @@ HTTP handlers and Prometheus read it, the memory poller adds to it from a thread
 Per tenant: requests, prompt and completion tokens, expert rows and calls per layer, expert compute seconds
 measured on the nodes (attributed pro rata by rows), node memory-seconds of the loaded functions they used
 (attributed by rows, see :mod:`faasmoe.router.tenancy.memory`) and the cold starts their requests waited on.
-Finished requests and memory attributions are also appended as JSON lines to a usage log, for billing; the log
-file is opened for each write, so it can be rotated (renamed) at any time.
+Finished requests and memory attributions are also appended as JSON lines to a usage log, for billing, by a
+writer thread (the engine's loop never waits on the disk); the log file is opened for each batch of lines, so it
+can be rotated (renamed) at any time. A write that fails is logged and counted, never raised.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import queue
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -18,6 +21,7 @@ from pathlib import Path
 
 from prometheus_client.core import CounterMetricFamily
 
+log = logging.getLogger(__name__)
 BUCKET_S = 10.0
 RETAIN_S = 24 * 3600.0
 
@@ -59,8 +63,13 @@ class Ledger:
         self._buckets: dict[int, dict[str, Usage]] = {}
         self._totals: dict[str, Usage] = {}
         self.unattributed_memory_byte_s = 0.0     # loaded functions nobody used in the interval (keep-alive)
+        self.log_failures = 0                     # usage-log writes that failed
         self._lock = threading.Lock()
-        self._log_lock = threading.Lock()
+        self._lines: queue.Queue = queue.Queue()
+        self._writer: threading.Thread | None = None
+        if self.usage_log is not None:
+            self._writer = threading.Thread(target=self._write_lines, name="faasmoe-usage-log", daemon=True)
+            self._writer.start()
 
     def _record(self, tenant: str, usage: Usage) -> None:
         now = self.clock()
@@ -93,13 +102,36 @@ class Ledger:
                        "memory_gb_s": round(b / 1e9, 9)} for t, b in sorted(by_tenant.items())])
 
     def log(self, records: list[dict]) -> None:
-        """Append records to the usage log (opened per write: rotating the file is safe)."""
+        """Queue records for the usage log (never blocks, never raises)."""
         if self.usage_log is None or not records:
             return
         stamp = self.clock()
-        text = "".join(json.dumps({"ts": round(stamp, 3), **r}, sort_keys=True) + "\n" for r in records)
-        with self._log_lock, open(self.usage_log, "a") as fh:
-            fh.write(text)
+        self._lines.put("".join(json.dumps({"ts": round(stamp, 3), **r}, sort_keys=True) + "\n" for r in records))
+
+    def flush(self, timeout_s: float = 10.0) -> None:
+        """Wait until the queued lines are written (tests, shutdown)."""
+        if self._writer is not None:
+            done = threading.Event()
+            self._lines.put(done)
+            done.wait(timeout_s)
+
+    def _write_lines(self) -> None:
+        while True:
+            item = self._lines.get()
+            batch = [item]
+            while not self._lines.empty():
+                batch.append(self._lines.get_nowait())
+            text = "".join(b for b in batch if isinstance(b, str))
+            if text:
+                try:
+                    with open(self.usage_log, "a") as fh:     # opened per batch: the file may be rotated
+                        fh.write(text)
+                except OSError as exc:
+                    self.log_failures += 1
+                    log.error("usage log %s: %s (%d failed writes so far)", self.usage_log, exc, self.log_failures)
+            for b in batch:
+                if isinstance(b, threading.Event):
+                    b.set()
 
     # -- readers ----------------------------------------------------------------------------------------
     def totals(self) -> dict[str, Usage]:

@@ -16,6 +16,9 @@ from dataclasses import dataclass
 from faasmoe.router.tenancy.config import Tenant
 
 
+MAX_RETRY_S = 60.0     # a concurrency Retry-After is a guess (when a running request ends): never longer
+
+
 @dataclass(frozen=True)
 class Bucket:
     level: float          # tokens available
@@ -43,14 +46,14 @@ def admit(tenant: Tenant, bucket: Bucket | None, in_flight: int, cost_tokens: in
     if tenant.max_tokens_per_request and cost_tokens > tenant.max_tokens_per_request:
         return Decision(400, f"prompt + max_tokens is {cost_tokens} tokens; tenant {tenant.name!r} may ask for at "
                              f"most {tenant.max_tokens_per_request} per request"), bucket
-    if tenant.max_concurrent and in_flight >= tenant.max_concurrent:
-        return Decision(429, f"tenant {tenant.name!r} has {in_flight} requests in flight, its limit is "
-                             f"{tenant.max_concurrent}", max(1.0, concurrency_retry_s)), bucket
-    if not tenant.tokens_per_minute:
-        return Decision(), bucket
-    if cost_tokens > tenant.tokens_per_minute:
+    if tenant.tokens_per_minute and cost_tokens > tenant.tokens_per_minute:
         return Decision(400, f"prompt + max_tokens is {cost_tokens} tokens, more than tenant {tenant.name!r}'s "
                              f"{tenant.tokens_per_minute} tokens per minute"), bucket
+    if tenant.max_concurrent and in_flight >= tenant.max_concurrent:
+        return Decision(429, f"tenant {tenant.name!r} has {in_flight} requests in flight, its limit is "
+                             f"{tenant.max_concurrent}", min(MAX_RETRY_S, max(1.0, concurrency_retry_s))), bucket
+    if not tenant.tokens_per_minute:
+        return Decision(), bucket
     bucket = refill(bucket, tenant, now_s)
     if bucket.level < cost_tokens:
         wait_s = (cost_tokens - bucket.level) * 60.0 / tenant.tokens_per_minute

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
@@ -40,9 +41,11 @@ def attribute_memory(before: Mapping[tuple[str, str], Loaded], now: Mapping[tupl
     for key, cur in now.items():
         node, fid = key
         prev = before.get(key)
+        if prev is None:             # loaded since the last poll (or the node did not answer): no baseline yet
+            continue
         cost = cur.resident_bytes * interval_s
-        used = cur.rows - (prev.rows if prev else 0)
-        mine = cur.rows_mine - (prev.rows_mine if prev else 0)
+        used = cur.rows - prev.rows
+        mine = cur.rows_mine - prev.rows_mine
         if used <= 0:
             unattributed += cost
             continue
@@ -75,6 +78,7 @@ class MemoryPoller:
 
     def poll(self, interval_s: float) -> None:
         now: dict[tuple[str, str], Loaded] = {}
+        mine = {f.function_id for f in self.session.manifest.functions}
         for address in sorted({n for nodes in dict(self.session.placement).values() for n in nodes}):
             try:
                 status = self.session.client(address).status(2.0)
@@ -82,15 +86,18 @@ class MemoryPoller:
                 log.debug("memory poll of %s failed: %s", address, exc)
                 continue
             for f in status.functions:
-                if f.loaded:
+                if f.loaded and f.function_id in mine:
                     now[(address, f.function_id)] = Loaded(f.resident_bytes, f.rows, f.rows_by_caller.get(self.caller, 0))
         by_tenant, unattributed = attribute_memory(self._before, now, self.take_rows(), interval_s)
         self._before = now
         self.sink(by_tenant, unattributed, interval_s)
 
     def _run(self) -> None:
+        last = time.monotonic()
         while not self._stop.wait(self.interval_s):
+            now = time.monotonic()
             try:
-                self.poll(self.interval_s)
+                self.poll(now - last)                       # the measured interval, not the configured one
             except Exception:  # noqa: BLE001 - accounting must not stop
                 log.exception("memory attribution failed")
+            last = now

@@ -65,8 +65,11 @@ class TenantRegistry:
         """Reload whenever the file changes (the server also reloads on SIGHUP)."""
         while True:
             await asyncio.sleep(interval_s)
-            if self._file_stamp() != self._stamp:
-                self.reload()
+            try:
+                if self._file_stamp() != self._stamp:
+                    self.reload()
+            except Exception:  # noqa: BLE001 - watching must outlive any surprise
+                log.exception("watching the tenants file failed")
 
     def tenant(self, name: str) -> Tenant | None:
         return self.config.tenants.get(name)
@@ -84,7 +87,7 @@ class TenantRegistry:
             raise Unauthorized("missing or wrong API key: send 'Authorization: Bearer <key>'" if not key
                                else "wrong API key")
         if self.private is not None and tenant.name != self.private:
-            raise Unauthorized(f"this router serves tenant {self.private!r} only")
+            raise Unauthorized("wrong API key")
         return tenant
 
     def authenticate_admin(self, authorization: str | None) -> None:
