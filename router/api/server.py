@@ -9,18 +9,12 @@ for it), then serves until SIGINT or SIGTERM.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ipaddress
-import json
 import logging
-import signal
 import threading
 import time
-from dataclasses import dataclass
 
-import uvicorn
-
-from faasmoe.proto.errors import ConfigError, StepFailed
+from faasmoe.proto.errors import StepFailed
+from faasmoe.router.api.front import READY_PREFIX, HttpFront, ServeOptions  # noqa: F401 - re-exported
 from faasmoe.router.api.app import create_app
 from faasmoe.router.api.openai import ApiContext
 from faasmoe.router.control.controller import PlacementController
@@ -29,35 +23,10 @@ from faasmoe.router.control.session import RouterSession
 from faasmoe.router.engine.engine import EngineConfig
 from faasmoe.router.engine.serving import Serving, start_serving
 from faasmoe.router.observe.metrics import RouterMetrics
-from faasmoe.router.tenancy.accounting import Accounting
-from faasmoe.router.tenancy.ledger import Ledger, LedgerCollector
+from faasmoe.router.tenancy.ledger import LedgerCollector
 from faasmoe.router.tenancy.memory import MemoryPoller
-from faasmoe.router.tenancy.registry import TenantRegistry
 
 log = logging.getLogger(__name__)
-READY_PREFIX = "FAASMOE_ROUTER_READY "
-
-
-@dataclass(frozen=True)
-class ServeOptions:
-    host: str = "127.0.0.1"
-    port: int = 8000
-    model_name: str | None = None       # default: the store directory's name
-    warm: bool = False
-    settle_s: float = 1.0
-    mqtt_url: str | None = None
-    tenants_file: str | None = None     # None: open, loopback only, everyone is tenant "default"
-    private_tenant: str | None = None   # serve this tenant only (private mode)
-    usage_log: str | None = None        # JSON lines of finished requests and memory attributions
-    usage_poll_s: float = 5.0           # how often the nodes' loaded memory is read and attributed
-    tenants_poll_s: float = 1.0         # how often the tenants file is checked for changes
-
-
-def is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return host == "localhost"
 
 
 class _Readiness:
@@ -87,50 +56,33 @@ class RouterServer:
 
     def __init__(self, session: RouterSession, directory: NodeDirectory, config: EngineConfig,
                  options: ServeOptions, announce=print):
-        self.session, self.directory, self.config, self.options, self.announce = (
-            session, directory, config, options, announce)
+        self.session, self.directory, self.config, self.options = session, directory, config, options
+        self.front = HttpFront(options, announce)
+        self.registry, self.ledger, self.accounting = self.front.registry, self.front.ledger, self.front.accounting
         self.readiness = _Readiness(session)
-        self.url: str | None = None
-        self.registry = TenantRegistry(options.tenants_file, options.private_tenant)
-        if self.registry.open and not is_loopback(options.host):
-            raise ConfigError(f"refusing to serve {options.host} without --tenants: anyone on the network could use "
-                              "it; give --tenants FILE (faasmoe-router tenants add) or --host 127.0.0.1")
-        if options.usage_log:
-            try:
-                with open(options.usage_log, "a"):
-                    pass
-            except OSError as exc:
-                raise ConfigError(f"cannot write the usage log {options.usage_log} ({exc.strerror}): pick a "
-                                  "writable --usage-log") from None
-        self.ledger = Ledger(options.usage_log)
-        self.accounting = Accounting(self.ledger, self.registry.weight)
         self.controller: PlacementController | None = None
-        self._server: uvicorn.Server | None = None
-        self._stop_requested = False
+
+    @property
+    def url(self) -> str | None:
+        return self.front.url
 
     @property
     def serving(self) -> Serving | None:
         return self.readiness.serving
 
     def stop(self) -> None:
-        self._stop_requested = True
-        if self._server is not None:
-            self._server.should_exit = True
+        self.front.stop()
 
     async def run(self) -> None:
-        options, session = self.options, self.session
+        options, session, readiness = self.options, self.session, self.readiness
         telemetry = None
         if options.mqtt_url:
             from faasmoe.router.observe.telemetry import TelemetryCollector
             telemetry = TelemetryCollector(options.mqtt_url).start()
-        readiness = self.readiness
         metrics = RouterMetrics(lambda: readiness.serving.mesh.stats if readiness.serving else None, telemetry,
                                 engine=lambda: readiness.serving.engine if readiness.serving else None)
         metrics.registry.register(LedgerCollector(self.ledger))
-        loop = asyncio.get_running_loop()
-        watcher = asyncio.ensure_future(self.registry.watch(options.tenants_poll_s))
-        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):   # not the main thread: no SIGHUP
-            loop.add_signal_handler(signal.SIGHUP, self.registry.reload)
+        self.front.start_tenants()
         poller = MemoryPoller(session, session.router_id, self.accounting.take_rows, self.ledger.memory,
                               options.usage_poll_s)
         self.directory.start()
@@ -143,52 +95,19 @@ class RouterServer:
             poller.start()
             if options.warm:
                 while not session.placed_once.is_set():        # a stop while waiting ends the wait
-                    if self._stop_requested:
+                    if self.front.stop_requested:
                         return
                     await asyncio.sleep(0.1)
                 await asyncio.to_thread(session.warm)
             name = options.model_name or session.store.name
             api = ApiContext(readiness.engine, name, serving.tokenizer, int(time.time()), self.registry, self.ledger)
             app = create_app(api, readiness.health, metrics.registry)
-            self._server = server = uvicorn.Server(uvicorn.Config(
-                app, host=options.host, port=options.port, log_level="warning", lifespan="off",
-                timeout_graceful_shutdown=5))
-            server.should_exit = self._stop_requested
-            task = asyncio.create_task(server.serve())
-            while not server.started:
-                if task.done():
-                    with contextlib.suppress(SystemExit):
-                        await task
-                    if self._stop_requested:
-                        return
-                    raise ConfigError(f"the HTTP server did not start on {options.host}:{options.port} (the port "
-                                      "is in use or the address is not local): pick another --port (0 = any free "
-                                      "port) or --host")
-                await asyncio.sleep(0.02)
-            if self._stop_requested:
-                server.should_exit = True
-                await task
-                return
-            port = server.servers[0].sockets[0].getsockname()[1]
-            host = options.host if ":" not in options.host else f"[{options.host}]"
-            self.url = f"http://{host}:{port}"
-            self.announce(READY_PREFIX + json.dumps({"url": self.url, "model": name, "router_id": session.router_id}))
-            self.announce(f"faasmoe-router serving {name} ({len(session.manifest.functions)} expert functions) at "
-                          f"{self.url}/v1")
-            if self.registry.open:
-                self.announce("no --tenants file: open to every local client as tenant 'default', on loopback only")
-            else:
-                self.announce(f"tenants from {self.registry.path}: {len(self.registry.config.tenants)}"
-                              + (f"; private router of tenant {options.private_tenant!r}" if options.private_tenant
-                                 else ""))
-            await task
+            await self.front.serve(app, name, {"router_id": session.router_id},
+                                   f"{len(session.manifest.functions)} expert functions on the mesh")
         finally:
-            watcher.cancel()
-            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-                loop.remove_signal_handler(signal.SIGHUP)
             if poller._thread.is_alive():
                 await asyncio.to_thread(poller.stop)
-            await asyncio.to_thread(self.ledger.flush)
+            await self.front.close()
             if readiness.serving is not None:
                 await readiness.serving.close()
             await asyncio.to_thread(self.controller.stop)

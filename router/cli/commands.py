@@ -166,6 +166,30 @@ def status(args) -> int:
     return 0
 
 
+def serve_full(args) -> int:
+    """Long-running: a whole model in this process behind the same API (the benchmarks' baseline)."""
+    import asyncio
+    import signal
+
+    import torch
+
+    from faasmoe.router.api.full_server import FullModelServer
+    from faasmoe.router.api.server import ServeOptions
+
+    if not 0 <= args.port < 65536:
+        raise ConfigError(f"--port {args.port} is not a port number (0 = any free port)")
+    if args.tenant and not args.tenants:
+        raise ConfigError("--tenant NAME needs --tenants FILE")
+    options = ServeOptions(host=args.host, port=args.port, model_name=args.model_name, tenants_file=args.tenants,
+                           private_tenant=args.tenant, usage_log=args.usage_log)
+    server = FullModelServer(args.model, engine_config(args), options, getattr(torch, args.dtype),
+                             announce=lambda line: print(line, flush=True))
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: server.stop())
+    asyncio.run(server.run())
+    return 0
+
+
 def serve(args) -> int:
     """Long-running: the OpenAI-compatible API over the mesh, kept placed until SIGINT/SIGTERM."""
     import asyncio

@@ -143,6 +143,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--settle-s", type=float, default=1.0,
                        help="wait this long after a mesh change before re-placing (default 1)")
 
+    full = sub.add_parser("serve-full", help="serve a whole model in this process over the same API (the "
+                                             "full-model baseline of the benchmarks; no mesh)")
+    full.add_argument("--model", required=True, help="Qwen2MoeForCausalLM directory")
+    full.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    full.add_argument("--host", default="127.0.0.1", help="address of the HTTP API (default 127.0.0.1)")
+    full.add_argument("--port", type=int, default=8000, help="port of the HTTP API (default 8000; 0 = any free)")
+    full.add_argument("--model-name", default=None, help="the model id clients ask for (default: the directory's name)")
+    full.add_argument("--tenants", default=None, metavar="FILE", help="tenants file, as for serve")
+    full.add_argument("--tenant", default=None, metavar="NAME", help="serve this tenant only, as for serve")
+    full.add_argument("--usage-log", default=None, metavar="FILE")
+    add_engine_arguments(full)
+
     from faasmoe.router.cli import tenants as tenants_cli
     tenants_cli.add_arguments(sub)
 
@@ -172,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         from faasmoe.router.cli import tenants as tenants_cli
         return run_command(tenants_cli.run, args)
     from faasmoe.router.cli import commands
-    return run_command(getattr(commands, args.command), args)
+    return run_command(getattr(commands, args.command.replace("-", "_")), args)
 
 
 def run_command(command, args) -> int:
