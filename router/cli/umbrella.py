@@ -2,6 +2,7 @@
 
     faasmoe demo [--model DIR] [--nodes N] [--group-size G]   the whole path on loopback
     faasmoe split MODEL_DIR --out STORE [--group-size G]      checkpoint -> dense part + expert functions
+    faasmoe bench SCENARIO [--quick] [--out DIR]              resources and latency against full-model baselines
     faasmoe router ...                                        same as faasmoe-router
     faasmoe node ...                                          same as faasmoe-node (started as its own program)
 """
@@ -27,14 +28,15 @@ def main(argv: list[str] | None = None) -> int:
                                      epilog="\n".join(__doc__.splitlines()[2:]))
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    from faasmoe.router.cli import demo; from faasmoe.router.store import split
+    from faasmoe.router.cli import bench, demo; from faasmoe.router.store import split
     demo.add_arguments(sub.add_parser("demo", help="split a model, start local nodes, generate, compare"))
+    bench.add_arguments(sub.add_parser("bench", help="measure memory, CPU and latency of deployments on a workload"))
     split.add_arguments(sub.add_parser("split", help="split a checkpoint into dense part + expert functions"))
     sub.add_parser("router", help="the router's commands (faasmoe-router --help)", add_help=False)
     sub.add_parser("node", help="run an edge node (faasmoe-node --help)", add_help=False)
     args = parser.parse_args(argv)
     from faasmoe.router.cli.main import run_command
-    return run_command(demo.run if args.command == "demo" else split.run, args)
+    return run_command({"demo": demo.run, "split": split.run, "bench": bench.run}[args.command], args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""evaluation: resource benchmarks against full-model baselines"""
