@@ -113,6 +113,9 @@ _FLAGS = [
      "defaults; explicit flags and environment win"),
     ("--mqtt", "mqtt_url", str, "URL", "MQTT broker URL for node events (default: off)"),
     ("--metrics-port", "metrics_port", int, "P", "serve Prometheus metrics on this port (default: off)"),
+    ("--join", "join_token", str, "TOKEN",
+     "enrol in the cluster of this join token ('faasmoe-router init-cluster'); from then on the node serves "
+     "mutual-TLS gRPC only (its identity stays in STORE/identity)"),
 ]
 
 
@@ -130,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="advertise on mDNS on this IPv4 address (repeatable; default: the host's choice)")
     parser.add_argument("--no-mdns", dest="no_mdns", action="store_const", const=True,
                         help="do not advertise on mDNS")
+    parser.add_argument("--insecure", dest="insecure", action="store_const", const=True,
+                        help="serve plaintext gRPC on a non-loopback --host (anyone on the network may call it); "
+                             "without an identity the node otherwise listens in plaintext on loopback only")
     parser.add_argument("-v", "--verbose", dest="verbose", action="store_const", const=True,
                         help="debug logging, tracebacks on errors")
     return parser
@@ -139,7 +145,7 @@ def _env_fill(args: argparse.Namespace, environ) -> None:
     """Fill flags missing from the command line from FAASMOE_NODE_* variables."""
     specs = [(f, d, k) for f, d, k, _, _ in _FLAGS] + [
         ("--mdns-interface", "mdns_interfaces", lambda v: [s.strip() for s in v.split(",") if s.strip()]),
-        ("--no-mdns", "no_mdns", _bool), ("--verbose", "verbose", _bool)]
+        ("--no-mdns", "no_mdns", _bool), ("--insecure", "insecure", _bool), ("--verbose", "verbose", _bool)]
     for flag, dest, kind in specs:
         name = ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
         if getattr(args, dest) is None and name in environ:
@@ -174,11 +180,13 @@ def config_from_args(argv: Sequence[str] | None = None, environ=None) -> tuple[N
     if args.mdns_interfaces:
         values["mdns_interfaces"] = tuple(args.mdns_interfaces)
     values["mdns"] = not args.no_mdns
+    values["insecure"] = bool(args.insecure)
     return NodeConfig(**values), bool(args.verbose)
 
 
 def _print_ready(node) -> None:
-    line = json.dumps({"node_id": node.node_id, "address": node.address, "pid": os.getpid()})
+    line = json.dumps({"node_id": node.node_id, "address": node.address, "pid": os.getpid(),
+                       "tls": node.tls is not None, "cert": node.tls.identity.fingerprint if node.tls else None})
     sys.stdout.write(READY_PREFIX + line + "\n")
     sys.stdout.flush()
 

@@ -68,6 +68,8 @@ class NodeConfig:
     mdns_interfaces: tuple[str, ...] = ()        # IPv4 addresses to advertise on (() = default choice)
     mqtt_url: str | None = None                  # MQTT broker URL for events (None = off)
     metrics_port: int | None = None              # Prometheus port (None = off)
+    join_token: str | None = None                # enrol in a cluster with this token (then mutual TLS only)
+    insecure: bool = False                       # allow plaintext on a non-loopback address
 
     def __post_init__(self) -> None:
         if self.store_dir is None:

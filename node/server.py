@@ -22,6 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from faasmoe.node.config import NodeConfig
 from faasmoe.node.metrics import HEAT_WINDOW_S
+from faasmoe.node.tls import NodeTls, require_role
 from faasmoe.node.runtime import Runtime
 from faasmoe.node.store import ContentStore
 from faasmoe.proto import __version__, frames
@@ -84,6 +85,8 @@ class NodeServer:
         self._health = health.aio.HealthServicer()
         self._proc = psutil.Process()
         self._closing = asyncio.Event()          # set on stop: InvokeStream handlers end their streams
+        self.tls: NodeTls | None = None           # None: plaintext (loopback development, or --insecure)
+        self._renewal: asyncio.Task | None = None
 
     @property
     def address(self) -> str:
@@ -102,8 +105,10 @@ class NodeServer:
             self._server.add_generic_rpc_handlers((self._handlers(),))
             health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
             bind = f"[{cfg.host}]:{cfg.port}" if ":" in cfg.host else f"{cfg.host}:{cfg.port}"
+            self.tls = tls = NodeTls.start(cfg)
             try:
-                self.port = self._server.add_insecure_port(bind)
+                self.port = (self._server.add_secure_port(bind, tls.credentials()) if tls is not None
+                             else self._server.add_insecure_port(bind))
             except RuntimeError as err:
                 raise FaasmoeError(f"cannot listen on {bind} ({err}); the port is in use or the address is not "
                                    "local: pick another --port (0 = any free port) or --host") from None
@@ -111,6 +116,8 @@ class NodeServer:
                 raise FaasmoeError(f"cannot listen on {bind}: pick another --port (0 = any free port) or --host")
             await self.runtime.start()
             await self._server.start()
+            if tls is not None:
+                self._renewal = asyncio.ensure_future(tls.renew_loop())
         except BaseException:
             await self._cleanup()
             raise
@@ -122,6 +129,8 @@ class NodeServer:
 
     async def stop(self, grace_s: float = SHUTDOWN_GRACE_S) -> None:
         """Stop accepting calls, let in-flight ones finish within ``grace_s``, release every session."""
+        if self._renewal is not None:
+            self._renewal.cancel()
         await self._health.enter_graceful_shutdown()
         self._closing.set()
         if self._server is not None:
@@ -130,11 +139,15 @@ class NodeServer:
         log.info("node %s stopped", self.node_id)
 
     def advert(self) -> dict[str, str]:
-        """What discovery announces (mDNS TXT, MQTT): ``free_bytes`` = capacity not deployed yet."""
+        """What discovery announces (mDNS TXT, MQTT): ``free_bytes`` = capacity not deployed yet; ``cert`` = the
+        fingerprint of the certificate the node presents (routers connect only when it matches)."""
         cfg, deployed = self.config, self.runtime.deployed_bytes if self.runtime else 0
-        return {"memory_budget_bytes": str(cfg.memory_budget_bytes), "threads": str(cfg.threads),
-                "free_bytes": str(max(0, cfg.capacity_bytes - deployed)), "profile": cfg.profile,
-                "version": __version__}
+        advert = {"memory_budget_bytes": str(cfg.memory_budget_bytes), "threads": str(cfg.threads),
+                  "free_bytes": str(max(0, cfg.capacity_bytes - deployed)), "profile": cfg.profile,
+                  "version": __version__, "max_message_bytes": str(cfg.max_message_bytes)}
+        if self.tls is not None:
+            advert["cert"] = self.tls.identity.fingerprint
+        return advert
 
     async def _cleanup(self) -> None:
         if self.runtime is not None:
@@ -160,11 +173,22 @@ class NodeServer:
 
     @_rpc
     async def _invoke(self, frame: bytes, context) -> bytes:
+        self._require_router(context)
         return await self._run_frame(frame)
+
+    def _require_router(self, context) -> None:
+        """With cluster identities, only a router may deploy, undeploy, load or invoke."""
+        if self.tls is not None:
+            require_role(context, "router")
 
     async def _invoke_stream(self, frames_in, context):
         """One reply per request frame, in order; a failed request gets an error reply, the stream lives
         on. Ends (OK) when the node shuts down, so a graceful stop never waits on an idle stream."""
+        if self.tls is not None:
+            try:
+                require_role(context, "router")
+            except FaasmoeError as err:
+                await context.abort(err.grpc_code, str(err))
         closing = asyncio.ensure_future(self._closing.wait())
         try:
             while True:
@@ -204,6 +228,7 @@ class NodeServer:
 
     @_rpc
     async def _deploy(self, chunks, context) -> pb.DeployReply:
+        self._require_router(context)
         it = chunks.__aiter__()
         try:
             first = await it.__anext__()
@@ -223,11 +248,13 @@ class NodeServer:
 
     @_rpc
     async def _undeploy(self, request: pb.UndeployRequest, context) -> pb.UndeployReply:
+        self._require_router(context)
         was, released = self.runtime.undeploy(request.function_id, request.owner)
         return pb.UndeployReply(was_deployed=was, released=released, deployed_bytes=self.runtime.deployed_bytes)
 
     @_rpc
     async def _load(self, request: pb.LoadRequest, context) -> pb.LoadReply:
+        self._require_router(context)
         loaded, missing = await self.runtime.load(list(request.function_ids), request.wait)
         return pb.LoadReply(loaded=loaded, missing=missing)
 

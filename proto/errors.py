@@ -11,6 +11,7 @@
     │   ├── NodeFull             over the memory budget, or queue full          RESOURCE_EXHAUSTED
     │   │   ├── Backpressure     bounded wait queue full: retry later, not a failure
     │   │   └── FrameTooLarge    a frame over a message limit: split it, the node is fine
+    │   ├── Forbidden            the caller's identity may not do this         PERMISSION_DENIED / UNAUTHENTICATED
     │   ├── NodeUnavailable      unreachable, crashed, or missed the deadline   UNAVAILABLE / DEADLINE_EXCEEDED
     │   └── NodeInternalError    anything else the node reports                 INTERNAL
     └── ServingError             the router's serving engine refused or failed a request
@@ -87,6 +88,10 @@ class FrameTooLarge(NodeFull):
 BACKPRESSURE_PREFIX = "backpressure: "
 
 
+class Forbidden(MeshError):
+    grpc_code = grpc.StatusCode.PERMISSION_DENIED
+
+
 class NodeUnavailable(MeshError):
     grpc_code = grpc.StatusCode.UNAVAILABLE
 
@@ -103,6 +108,8 @@ _BY_CODE: dict[grpc.StatusCode, type[MeshError]] = {
     grpc.StatusCode.UNAVAILABLE: NodeUnavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: NodeUnavailable,
     grpc.StatusCode.CANCELLED: NodeUnavailable,
+    grpc.StatusCode.PERMISSION_DENIED: Forbidden,
+    grpc.StatusCode.UNAUTHENTICATED: Forbidden,
 }
 
 

@@ -36,6 +36,8 @@ class ServeOptions:
     usage_log: str | None = None        # JSON lines of finished requests and memory attributions
     usage_poll_s: float = 5.0           # how often the nodes' loaded memory is read and attributed
     tenants_poll_s: float = 1.0         # how often the tenants file is checked for changes
+    cluster_dir: str | None = None      # with enroll_listen: serve node enrolment for this cluster too
+    enroll_listen: str | None = None    # HOST:PORT of the enrolment endpoint
 
 
 def is_loopback(host: str) -> bool:

@@ -73,6 +73,20 @@ class RouterServer:
     def stop(self) -> None:
         self.front.stop()
 
+    async def _start_enrolment(self):
+        """(uvicorn server, task) of the enrolment endpoint when serving with a cluster, else None."""
+        options = self.options
+        if not options.cluster_dir or not options.enroll_listen:
+            return None
+        from faasmoe.router.control import enroll_server as es
+        from faasmoe.router.control.cluster import Cluster
+        cluster = Cluster(options.cluster_dir)
+        host, port = cluster.listen_address(None if options.enroll_listen == "default" else options.enroll_listen)
+        server = es.enroll_server(cluster, host, port)
+        task, bound = await es.start(server)
+        self.announce(f"node enrolment on https://{host}:{bound} (nodes dial {cluster.address})")
+        return server, task
+
     async def run(self) -> None:
         options, session, readiness = self.options, self.session, self.readiness
         telemetry = None
@@ -85,6 +99,7 @@ class RouterServer:
         self.front.start_tenants()
         poller = MemoryPoller(session, session.router_id, self.accounting.take_rows, self.ledger.memory,
                               options.usage_poll_s)
+        enrolment = await self._start_enrolment()
         self.directory.start()
         self.controller = PlacementController(session, self.directory, settle_s=options.settle_s)
         self.controller.start()
@@ -105,6 +120,9 @@ class RouterServer:
             await self.front.serve(app, name, {"router_id": session.router_id},
                                    f"{len(session.manifest.functions)} expert functions on the mesh")
         finally:
+            if enrolment is not None:
+                enrolment[0].should_exit = True
+                await enrolment[1]
             if poller._thread.is_alive():
                 await asyncio.to_thread(poller.stop)
             await self.front.close()

@@ -15,6 +15,14 @@ from faasmoe.router.control.placement_format import format_plan, plan_to_dict
 MIB = 1 << 20
 
 
+def cluster_tls(args):
+    """The router's mutual-TLS credentials from ``--cluster DIR``, or None (plaintext)."""
+    if not getattr(args, "cluster", None):
+        return None
+    from faasmoe.router.control.cluster import Cluster
+    return Cluster(args.cluster).router_tls
+
+
 def static_nodes(args) -> list[str]:
     """The ``--nodes`` addresses; ConfigError when there are none and no ``--discover`` either."""
     static = [parse_address(a) for a in args.nodes.split(",") if a.strip()] if args.nodes else []
@@ -30,7 +38,7 @@ def node_addresses(args):
     if not args.discover:
         yield static, None
         return
-    directory = NodeDirectory(static=static, mdns_interfaces=args.mdns_interface or [])
+    directory = NodeDirectory(static=static, mdns_interfaces=args.mdns_interface or [], tls=cluster_tls(args))
     directory.start()
     try:
         directory.wait_for(lambda states: False, args.discover_wait_s)   # collect answers for a while
@@ -46,7 +54,7 @@ def _session(args):
     router_id = getattr(args, "router_id", None)
     if router_id is None and getattr(args, "tenant", None):            # a private router: its own leases
         router_id = f"{default_router_id(load_manifest(args.store))}/{args.tenant}"
-    return RouterSession(args.store, router_id=router_id, placement_options=options)
+    return RouterSession(args.store, router_id=router_id, placement_options=options, tls=cluster_tls(args))
 
 
 def engine_config(args):
@@ -153,7 +161,8 @@ def status(args) -> int:
         with node_addresses(args) as (addresses, directory):
             if directory is not None:      # every node the mesh knows of, down ones too (they show as DOWN)
                 addresses = [s.address for s in directory.snapshot()]
-            report = collect(addresses, store, mqtt_url=mqtt, mqtt_wait_s=getattr(args, "mqtt_wait_s", 2.0))
+            report = collect(addresses, store, mqtt_url=mqtt, mqtt_wait_s=getattr(args, "mqtt_wait_s", 2.0),
+                             tls=cluster_tls(args))
     if getattr(args, "plot", None):
         from faasmoe.router.observe.heat import plot_heat
         try:
@@ -202,7 +211,8 @@ def serve(args) -> int:
         raise ConfigError(f"--port {args.port} is not a port number (0 = any free port)")
     config = engine_config(args)
     session = _session(args)
-    directory = NodeDirectory(static=static, mdns_interfaces=(args.mdns_interface or []) if args.discover else None)
+    directory = NodeDirectory(static=static, mdns_interfaces=(args.mdns_interface or []) if args.discover else None,
+                              tls=session.tls)
     if args.tenant and not args.tenants:
         raise ConfigError("--tenant NAME (private mode) needs --tenants FILE")
     if args.usage_poll_s <= 0 or args.tenants_poll_s <= 0:
@@ -210,7 +220,8 @@ def serve(args) -> int:
     options = ServeOptions(host=args.host, port=args.port, model_name=args.model_name, warm=args.warm,
                            settle_s=args.settle_s, mqtt_url=args.mqtt, tenants_file=args.tenants,
                            private_tenant=args.tenant, usage_log=args.usage_log, usage_poll_s=args.usage_poll_s,
-                           tenants_poll_s=args.tenants_poll_s)
+                           tenants_poll_s=args.tenants_poll_s, cluster_dir=args.cluster,
+                           enroll_listen=None if args.enroll_listen == "off" else args.enroll_listen or "default")
     server = RouterServer(session, directory, config, options, announce=lambda line: print(line, flush=True))
     for sig in (signal.SIGINT, signal.SIGTERM):      # uvicorn shuts down on them, then re-raises them here
         signal.signal(sig, lambda *_: server.stop())

@@ -64,6 +64,10 @@ def add_mesh_arguments(p: argparse.ArgumentParser, store: bool = True) -> None:
                    help="IPv4 address of an interface to browse mDNS on (repeatable; default: all)")
     p.add_argument("--discover-wait-s", type=float, default=3.0,
                    help="how long to wait for mDNS answers before planning (default 3)")
+    p.add_argument("--cluster", default=None, metavar="DIR",
+                   help="the cluster folder ('faasmoe-router init-cluster'): mutual TLS to every node, and a "
+                        "discovered node is used only when its certificate matches its advertisement (default: "
+                        "plaintext, for loopback development)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
 
 
@@ -155,8 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
     full.add_argument("--usage-log", default=None, metavar="FILE")
     add_engine_arguments(full)
 
+    serve.add_argument("--enroll-listen", default=None, metavar="HOST:PORT",
+                       help="with --cluster: serve node enrolment here too (default 0.0.0.0 and the port of the "
+                            "cluster's enrolment address; 'off' = not here)")
+    from faasmoe.router.cli import cluster as cluster_cli
     from faasmoe.router.cli import tenants as tenants_cli
     tenants_cli.add_arguments(sub)
+    cluster_cli.add_arguments(sub)
 
     status = sub.add_parser("status", help="nodes, profiles, budgets, functions held and loaded, health")
     add_mesh_arguments(status, store=False)
@@ -183,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "tenants":
         from faasmoe.router.cli import tenants as tenants_cli
         return run_command(tenants_cli.run, args)
+    if args.command in ("init-cluster", "tokens", "enroll-server"):
+        from faasmoe.router.cli import cluster as cluster_cli
+        return run_command(getattr(cluster_cli, args.command.replace("-", "_")), args)
     from faasmoe.router.cli import commands
     return run_command(getattr(commands, args.command.replace("-", "_")), args)
 

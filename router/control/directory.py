@@ -6,6 +6,16 @@ A node is ``up`` only while the standard gRPC health service answers SERVING. mD
 A killed node (its kernel resets the connection) is reported down within milliseconds; a hung or partitioned
 one after at most about ``health_interval_s + health_timeout_s``.
 
+Discovery is a hint, never an authority:
+
+- With cluster credentials (``tls``) a node counts as up only after :func:`faasmoe.router.mesh.probe.probe`
+  saw the chain validate and the certificate's fingerprint equal the one in its mDNS record (static nodes: any
+  node certificate of the cluster). A spoofed record, with the wrong certificate or none, gets no call.
+- A goodbye, or a record for the same node at another address, only makes the directory check the old entry
+  at once: it is removed when its health check fails, kept while the node still answers.
+- Records that never come up are dropped after ``DROP_NEVER_UP_AFTER`` failed checks, and at most
+  ``MAX_CANDIDATES`` of them are tracked at a time, so a flood of adverts cannot grow the directory.
+
 Subscribers get a :class:`DirectoryEvent` for every change, in order, from one dispatcher thread.
 """
 
@@ -21,13 +31,17 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from faasmoe.proto.errors import ConfigError
+from faasmoe.proto.credentials import TlsMaterial
+from faasmoe.proto.errors import ConfigError, MeshError
 from faasmoe.router.mesh.client import make_channel
+from faasmoe.router.mesh.probe import Verified, probe
 from faasmoe.router.control.discovery import MdnsBrowser, NodeRecord
 
 log = logging.getLogger(__name__)
 
 STOP_TIMEOUT_S = 5.0
+DROP_NEVER_UP_AFTER = 10
+MAX_CANDIDATES = 256
 
 
 @dataclass(frozen=True)
@@ -39,6 +53,8 @@ class NodeState:
     last_ok_s_ago: float | None  # None: never answered a health check
     consecutive_failures: int
     static: bool
+    fingerprint: str | None = None  # of the certificate it presented (mutual TLS), None in plaintext
+    doubted: str = ""  # a goodbye or another address was heard for it, and its checks still pass
 
 
 @dataclass(frozen=True)
@@ -67,15 +83,23 @@ class _Entry:
     wake: threading.Event = field(default_factory=threading.Event)
     channel: grpc.Channel | None = None
     thread: threading.Thread | None = None
+    verified: Verified | None = None   # mutual TLS: who the probe found at this address
+    ever_up: bool = False
+    doubted: str = ""                  # a goodbye or a newer address was heard: removed if a check fails
+    doubt_logged: bool = False
+    last_why: str = ""
 
     @property
     def node_id(self) -> str:
+        if self.verified is not None:
+            return self.verified.node_id
         return self.record.node_id if self.record is not None else self.address
 
     def state(self, now_s: float) -> NodeState:
         last = self.last_ok_monotonic_s
         return NodeState(self.node_id, self.address, self.record, self.up,
-                         None if last is None else now_s - last, self.consecutive_failures, self.static)
+                         None if last is None else now_s - last, self.consecutive_failures, self.static,
+                         self.verified.fingerprint if self.verified is not None else None, self.doubted)
 
 
 class NodeDirectory:
@@ -86,12 +110,14 @@ class NodeDirectory:
         health_interval_s: float = 1.0,
         health_timeout_s: float = 1.0,
         failures_to_down: int = 1,
+        tls: TlsMaterial | None = None,  # cluster credentials: probe every node, mutual TLS health checks
     ):
         if health_interval_s <= 0 or health_timeout_s <= 0 or failures_to_down < 1:
             raise ConfigError("health interval and timeout must be > 0 s and failures_to_down >= 1")
         self._static = list(dict.fromkeys(parse_address(a) for a in static))
         self._interval_s, self._timeout_s = health_interval_s, health_timeout_s
         self._failures_to_down = failures_to_down
+        self.tls = tls
         self._cond = threading.Condition()
         self._entries: dict[str, _Entry] = {}  # by address
         self._subscribers: list[Callable[[DirectoryEvent], None]] = []
@@ -199,31 +225,42 @@ class NodeDirectory:
                 self._emit("down", entry)
             entry.wake.set()
 
-    # -- mDNS --------------------------------------------------------------------------------------------
+    # -- mDNS (hints) ------------------------------------------------------------------------------------
     def _on_mdns(self, node_id: str, record: NodeRecord | None) -> None:
         with self._cond:
             if not self._running:
                 return
             for entry in list(self._entries.values()):
-                if entry.record is not None and entry.record.node_id == node_id:
-                    if record is not None and entry.address == record.address:
-                        if entry.record != record:
-                            entry.record = record
-                            self._emit("updated", entry)
-                        return
-                    self._detach(entry)  # gone, or moved to another address
+                if entry.record is None or entry.record.node_id != node_id:
+                    continue
+                if record is not None and entry.address == record.address:
+                    continue
+                entry.doubted = "said goodbye" if record is None else f"advertised again at {record.address}"
+                entry.doubt_logged = False
+                entry.wake.set()      # checked now: removed if it fails, kept while it answers
             if record is None:
                 return
             entry = self._entries.get(record.address)
             if entry is None:
+                candidates = sum(1 for e in self._entries.values() if not e.static and not e.ever_up)
+                if candidates >= MAX_CANDIDATES:
+                    log.warning("mDNS: ignoring %s at %s: %d records are waiting to be verified already",
+                                node_id, record.address, candidates)
+                    return
                 self._add(record.address, static=False, record=record)
             else:
-                entry.record = record
-                self._emit("updated", entry)
+                entry.doubted = ""                        # advertised (again) here: no longer in doubt
+                if entry.record != record:
+                    if entry.record is None or entry.record.cert != record.cert:
+                        entry.verified = None             # another certificate: probe again before the next check
+                        entry.wake.set()
+                    entry.record = record
+                    self._emit("updated", entry)
 
-    def _detach(self, entry: _Entry) -> None:
+    def _drop(self, entry: _Entry, why: str) -> None:
+        log.warning("node %s (%s) removed from the directory: %s", entry.node_id, entry.address, why)
         if entry.static:
-            entry.record = None
+            entry.record, entry.doubted = None, ""
             self._emit("updated", entry)
         else:
             self._retire(entry)
@@ -233,7 +270,7 @@ class NodeDirectory:
     # -- entries and health checks (call with the lock held) ---------------------------------------------
     def _add(self, address: str, static: bool, record: NodeRecord | None) -> None:
         entry = _Entry(address, static, record)
-        entry.channel = make_channel(address)
+        entry.channel = make_channel(address, tls=self.tls)
         entry.thread = threading.Thread(target=self._check_loop, args=(entry,),
                                         name=f"faasmoe-health-{address}", daemon=True)
         self._entries[address] = entry
@@ -262,9 +299,12 @@ class NodeDirectory:
             while not entry.stopped:
                 entry.wake.clear()
                 try:
+                    self._verify(entry)
                     reply = stub.Check(request, timeout=self._timeout_s)
                     ok = reply.status == health_pb2.HealthCheckResponse.SERVING
                     why = "" if ok else health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+                except MeshError as err:
+                    ok, why = False, str(err)
                 except grpc.RpcError as err:
                     ok, why = False, f"{err.code().name}: {err.details()}"
                 except Exception as err:  # e.g. the channel was closed under us
@@ -275,23 +315,51 @@ class NodeDirectory:
             entry.channel.unsubscribe(on_connectivity)
             entry.channel.close()
 
+    def _verify(self, entry: _Entry) -> None:
+        """Mutual TLS: who answers at the address must be the node advertised (MeshError otherwise)."""
+        if self.tls is None or entry.verified is not None:
+            return
+        record = entry.record
+        if record is not None and not record.cert and not entry.static:
+            raise ConfigError("its mDNS record carries no certificate fingerprint")
+        found = probe(entry.address, self.tls, record.cert if record is not None and record.cert else None,
+                      self._timeout_s)
+        if record is not None and record.node_id != found.node_id:
+            raise ConfigError(f"advertised as {record.node_id!r} but its certificate is node:{found.node_id}")
+        with self._cond:
+            entry.verified = found
+
     def _record_check(self, entry: _Entry, ok: bool, why: str) -> None:
         with self._cond:
             if entry.stopped or self._entries.get(entry.address) is not entry:
                 return
             if ok:
                 entry.last_ok_monotonic_s = time.monotonic()
-                entry.consecutive_failures = 0
+                entry.consecutive_failures, entry.last_why = 0, ""
+                if entry.doubted and not entry.doubt_logged:     # kept; removed when a check fails
+                    log.warning("node %s (%s) %s, but its health checks pass: kept while they do", entry.node_id,
+                                entry.address, entry.doubted)
+                    entry.doubt_logged = True
                 if not entry.up:
-                    entry.up = True
+                    entry.up = entry.ever_up = True
                     log.info("node %s (%s) is up", entry.node_id, entry.address)
                     self._emit("up", entry)
             else:
                 entry.consecutive_failures += 1
+                if why != entry.last_why:
+                    log.log(logging.WARNING if self.tls is not None and "certificate" in why else logging.INFO,
+                            "node %s (%s) check failed: %s", entry.node_id, entry.address, why)
+                    entry.last_why = why
+                if self.tls is not None:
+                    entry.verified = None         # whoever answers next is probed again
                 if entry.up and entry.consecutive_failures >= self._failures_to_down:
                     entry.up = False
                     log.warning("node %s (%s) is down: %s", entry.node_id, entry.address, why)
                     self._emit("down", entry)
+                if entry.doubted and not entry.up:
+                    self._drop(entry, f"{entry.doubted} and its health check failed ({why})")
+                elif not entry.static and not entry.ever_up and entry.consecutive_failures >= DROP_NEVER_UP_AFTER:
+                    self._drop(entry, f"never answered ({why})")
             self._cond.notify_all()
 
     def _emit(self, kind: str, entry: _Entry) -> None:

@@ -37,6 +37,8 @@ class NodeRecord:
     profile: str
     version: str
     source: str = "mdns"  # "mdns" or "static"
+    cert: str = ""  # sha256 of the node's certificate (mutual TLS); "" for a plaintext node
+    max_message_bytes: int = 0  # the largest frame the node accepts (0: not advertised)
 
     @property
     def address(self) -> str:
@@ -69,6 +71,8 @@ def record_from_txt(txt: Mapping[str, str], host: str, port: int) -> NodeRecord:
         threads=int(txt["threads"]),
         profile=txt["profile"],
         version=txt["version"],
+        cert=txt.get("cert", ""),
+        max_message_bytes=int(txt.get("max_message_bytes", "0")),
     )
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from faasmoe.proto import faasmoe_pb2 as pb
+from faasmoe.proto.credentials import TlsMaterial
 from faasmoe.proto.errors import MeshError, NodeUnavailable, PlacementError
 from faasmoe.proto.function_abi import resident_estimate_bytes
 from faasmoe.router.control import placement as pl
@@ -42,8 +43,9 @@ class NodeView:
 
 class RouterSession:
     def __init__(self, store: str | Path, *, router_id: str | None = None, status_timeout_s: float = 5.0,
-                 placement_options: pl.PlacementOptions | None = None):
+                 placement_options: pl.PlacementOptions | None = None, tls: TlsMaterial | None = None):
         self.store = Path(store)
+        self.tls = tls                             # cluster credentials: mutual TLS to every node (None: plaintext)
         self.manifest: Manifest = load_manifest(self.store)
         self.router_id = router_id or default_router_id(self.manifest)
         self.status_timeout_s = status_timeout_s
@@ -67,7 +69,7 @@ class RouterSession:
     def client(self, address: str) -> NodeClient:
         with self._lock:
             if address not in self.clients:
-                self.clients[address] = NodeClient(address)
+                self.clients[address] = NodeClient(address, tls=self.tls)
             return self.clients[address]
 
     def survey(self, addresses: Sequence[str]) -> list[NodeView]:

@@ -79,7 +79,7 @@ async def start_serving(session: RouterSession, config: EngineConfig = EngineCon
                         dtype: torch.dtype = torch.float32, accounting=None) -> Serving:
     model = await asyncio.to_thread(build_mesh_model, session.store, session.manifest, dtype)
     tokenizer = await asyncio.to_thread(load_tokenizer, session.store)
-    transport = Transport()
+    transport = Transport(tls=session.tls)
     mesh = ExpertMesh(session.layers, transport, session.router, control=SessionControl(session),
                       step_timeout_s=config.step_timeout_s)
     mesh.caller = session.router_id

@@ -1,7 +1,7 @@
 """A router's connection to one node: deploy, invoke, status, load. Failed calls become the error tree
 of :mod:`faasmoe.proto.errors` here (the router's one mapping point).
 
-Channels are insecure today; :func:`make_channel` is the single place that will add mutual TLS.
+Every channel is made by :func:`make_channel`: plaintext, or mutual TLS with the cluster's credentials.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import grpc
 from faasmoe.proto import faasmoe_pb2 as pb
 from faasmoe.proto import methods
 from faasmoe.proto.errors import MeshError, from_grpc
+from faasmoe.proto.credentials import SAN, TlsMaterial
 from faasmoe.proto.frames import DEFAULT_MAX_MESSAGE_BYTES
 
 DEPLOY_CHUNK_BYTES = 1 << 19      # well under the smallest message limit a node accepts (1 MiB)
@@ -31,14 +32,19 @@ def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[
     ]
 
 
-def make_channel(address: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, *,
-                 aio: bool = False) -> grpc.Channel | grpc.aio.Channel:
-    """Every router-to-node channel is made here (sync, or grpc.aio for the fan-out): the one place that
-    will add mutual TLS credentials."""
+def make_channel(address: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, *, aio: bool = False,
+                 tls: TlsMaterial | None = None) -> grpc.Channel | grpc.aio.Channel:
+    """Every router-to-node channel is made here (sync, or grpc.aio for the fan-out). With cluster ``tls`` it
+    is mutual TLS: the node must present a certificate of the cluster CA, and the router presents its own."""
     options = channel_options(max_message_bytes)
+    if tls is None:
+        return grpc.aio.insecure_channel(address, options=options) if aio else grpc.insecure_channel(address, options)
+    creds = grpc.ssl_channel_credentials(root_certificates=tls.ca_pem, private_key=tls.key_pem,
+                                         certificate_chain=tls.cert_pem)
+    options = options + [("grpc.ssl_target_name_override", SAN)]     # every cluster certificate is "faasmoe"
     if aio:
-        return grpc.aio.insecure_channel(address, options=options)
-    return grpc.insecure_channel(address, options=options)
+        return grpc.aio.secure_channel(address, creds, options=options)
+    return grpc.secure_channel(address, creds, options=options)
 
 
 def raise_for(exc: grpc.RpcError, node: str) -> MeshError:
@@ -51,11 +57,11 @@ class NodeClient:
     """Thread-safe; one per node. ``node`` names it in errors (its id, or its address)."""
 
     def __init__(self, address: str, node: str | None = None,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, tls: TlsMaterial | None = None):
         self.address = address
         self.node = node or address
         self.max_message_bytes = max_message_bytes
-        self.channel = make_channel(address, max_message_bytes)
+        self.channel = make_channel(address, max_message_bytes, tls=tls)
         self._deploy = methods.stub(self.channel, methods.DEPLOY)
         self._undeploy = methods.stub(self.channel, methods.UNDEPLOY)
         self._load = methods.stub(self.channel, methods.LOAD)

@@ -21,6 +21,7 @@ import logging
 import grpc
 
 from faasmoe.proto import methods
+from faasmoe.proto.credentials import TlsMaterial
 from faasmoe.proto.errors import FrameTooLarge, MeshError, NodeUnavailable
 from faasmoe.proto.frames import DEFAULT_MAX_MESSAGE_BYTES
 from faasmoe.router.mesh.client import make_channel
@@ -117,8 +118,8 @@ class NodeStream:
 class Transport:
     """Channels and streams to every node this router talks to, on the engine's loop."""
 
-    def __init__(self, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
-        self.max_message_bytes = max_message_bytes
+    def __init__(self, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, tls: TlsMaterial | None = None):
+        self.max_message_bytes, self.tls = max_message_bytes, tls
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._streams: dict[str, NodeStream] = {}
 
@@ -127,7 +128,8 @@ class Transport:
         if stream is None or stream.broken:
             channel = self._channels.get(address)
             if channel is None:
-                channel = self._channels[address] = make_channel(address, self.max_message_bytes, aio=True)
+                channel = self._channels[address] = make_channel(address, self.max_message_bytes, aio=True,
+                                                                 tls=self.tls)
             stream = self._streams[address] = NodeStream(channel, address)
         return stream
 

@@ -29,8 +29,8 @@ def _function(f, names: dict) -> dict:
     return out
 
 
-def _probe(address: str, names: dict, timeout_s: float) -> dict:
-    client = NodeClient(address)
+def _probe(address: str, names: dict, timeout_s: float, tls=None) -> dict:
+    client = NodeClient(address, tls=tls)
     try:
         st = client.status(timeout_s)
     except MeshError as exc:
@@ -69,7 +69,7 @@ def _merge_mqtt(nodes: list[dict], seen: dict[str, dict], names: dict, now_ts: f
 
 
 def collect(addresses: Sequence[str], store: str | None = None, timeout_s: float = 3.0,
-            mqtt_url: str | None = None, mqtt_wait_s: float = 2.0) -> dict:
+            mqtt_url: str | None = None, mqtt_wait_s: float = 2.0, tls=None) -> dict:
     names, manifest = {}, None
     if store:
         try:
@@ -83,7 +83,7 @@ def collect(addresses: Sequence[str], store: str | None = None, timeout_s: float
         collector = TelemetryCollector(mqtt_url).start()     # collects while the nodes are probed
     try:
         with ThreadPoolExecutor(max_workers=max(1, len(addresses))) as pool:
-            nodes = list(pool.map(lambda a: _probe(a, names, timeout_s), addresses))
+            nodes = list(pool.map(lambda a: _probe(a, names, timeout_s, tls), addresses))
         report: dict = {"nodes": nodes}
         if collector is not None:
             settled = collector.wait_settled(mqtt_wait_s)
