@@ -113,6 +113,15 @@ _FLAGS = [
      "defaults; explicit flags and environment win"),
     ("--mqtt", "mqtt_url", str, "URL", "MQTT broker URL for node events (default: off)"),
     ("--metrics-port", "metrics_port", int, "P", "serve Prometheus metrics on this port (default: off)"),
+    ("--max-concurrent-rpcs", "max_concurrent_rpcs", int, "N",
+     "calls served at once, streams included; more are refused with RESOURCE_EXHAUSTED (default 256)"),
+    ("--max-inflight-mb", "max_inflight_bytes", _mib, "M",
+     "MiB of request frames held at once before decoding; more are refused with backpressure (default: 4 x "
+     "--max-message-mb)"),
+    ("--load-rss-factor", "load_rss_factor", float, "X",
+     "a function whose load grows the node's RSS by more than X times its estimate (plus 16 MiB) is unloaded and "
+     "refused (default 1.5)"),
+    ("--deploy-timeout-s", "deploy_timeout_s", float, "S", "a deployment must arrive within S seconds (default 600)"),
     ("--join", "join_token", str, "TOKEN",
      "enrol in the cluster of this join token ('faasmoe-router init-cluster'); from then on the node serves "
      "mutual-TLS gRPC only (its identity stays in STORE/identity)"),

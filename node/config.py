@@ -70,6 +70,10 @@ class NodeConfig:
     metrics_port: int | None = None              # Prometheus port (None = off)
     join_token: str | None = None                # enrol in a cluster with this token (then mutual TLS only)
     insecure: bool = False                       # allow plaintext on a non-loopback address
+    max_concurrent_rpcs: int = 256               # calls at once (streams included); more: RESOURCE_EXHAUSTED
+    max_inflight_bytes: int = 0                  # frame bytes held at once before decoding (0 = 4 x max message)
+    deploy_timeout_s: float = 600.0              # a Deploy stream must finish within this
+    load_rss_factor: float = 1.5                 # a load may grow RSS by this x its estimate (+ slack), else refused
 
     def __post_init__(self) -> None:
         if self.store_dir is None:
@@ -78,6 +82,10 @@ class NodeConfig:
             object.__setattr__(self, "store_dir", Path(self.store_dir).expanduser())
         object.__setattr__(self, "mdns_interfaces", tuple(self.mdns_interfaces))
         self.validate()
+
+    @property
+    def inflight_limit_bytes(self) -> int:
+        return self.max_inflight_bytes or 4 * self.max_message_bytes
 
     @property
     def capacity_bytes(self) -> int:
@@ -104,6 +112,14 @@ class NodeConfig:
             problems.append(f"max queue {self.max_queue} must be >= 0")
         if self.max_message_bytes < MIB:
             problems.append("max message size must be >= 1 MiB")
+        if not (math.isfinite(self.load_rss_factor) and self.load_rss_factor > 0):
+            problems.append("load RSS factor must be a finite number > 0")
+        if self.max_concurrent_rpcs < 4:
+            problems.append("max concurrent RPCs must be >= 4")
+        if self.max_inflight_bytes < 0:
+            problems.append("max in-flight bytes must be >= 0 (0 = 4 x the message limit)")
+        if not (math.isfinite(self.deploy_timeout_s) and self.deploy_timeout_s > 0):
+            problems.append("deploy timeout must be a finite number of seconds > 0")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             problems.append(f"metrics port {self.metrics_port} is not in 0..65535")
         if problems:

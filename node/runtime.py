@@ -39,11 +39,13 @@ from faasmoe.node.sessions import create_session, is_tiny, run_session, trim_mal
 from faasmoe.node.store import ContentStore, FunctionInfo, check_function_id
 from faasmoe.proto import faasmoe_pb2 as pb
 from faasmoe.proto.frames import Call
-from faasmoe.proto.function_abi import resident_estimate_bytes
+from faasmoe.proto.function_abi import MAX_FUNCTION_BYTES, resident_estimate_bytes
 from faasmoe.proto.errors import Backpressure, FunctionNotFound, InvalidRequest, NodeFull, NodeInternalError
 
 log = logging.getLogger(__name__)
 MIB = 1024 * 1024
+RSS_SLACK_BYTES = 16 * MIB                  # allocator noise around a load
+RSS_FIRST_LOAD_SLACK_BYTES = 48 * MIB       # the first load also initialises ONNX Runtime
 @dataclass
 class FunctionStats:
     invocations: int = 0
@@ -77,6 +79,8 @@ class Function:
     resident_bytes: int = 0               # accounted while loaded or loading
     deployed: bool = True
     owners: set[str] = field(default_factory=set)   # routers holding a lease; undeployed when none is left
+    breaches: int = 0                     # loads that grew RSS past the estimate
+    broken: str = ""                      # why it may not load again (it broke its memory estimate twice)
     loading: asyncio.Future | None = None
 
 
@@ -170,8 +174,8 @@ class Runtime:
         already deployed gains a lease and is not received again. Returns ``already_present``."""
         fid, size = header.function_id, header.size_bytes
         check_function_id(fid)
-        if size <= 0:
-            raise InvalidRequest(f"function {fid}: size_bytes must be > 0, got {size}")
+        if not 0 < size <= MAX_FUNCTION_BYTES:
+            raise InvalidRequest(f"function {fid}: size_bytes must be in 1..{MAX_FUNCTION_BYTES}, got {size}")
         if fid in self.deployed:
             if self.deployed[fid].info.size_bytes != size:
                 raise InvalidRequest(f"function {fid}: announced {size} bytes but its content is "
@@ -190,7 +194,12 @@ class Runtime:
             finally:
                 self._pending_deploy_bytes -= resident_estimate_bytes(size)
                 self._load_pool.submit(trim_malloc)     # upload buffers
-        info = FunctionInfo.from_file(self.store.path(fid), fid, size)
+        try:
+            info = FunctionInfo.from_file(self.store.path(fid), fid, size)     # the function ABI, or refused
+        except InvalidRequest:
+            if fid not in self.deployed:
+                self.store.remove(fid)
+            raise
         if fid in self.deployed:                       # deployed by another owner while this one was receiving
             self.deployed[fid].owners.add(header.owner)
         else:
@@ -235,6 +244,8 @@ class Runtime:
 
     async def _load(self, fn: Function, by_call: bool) -> float:
         try:
+            if fn.broken:
+                raise NodeFull(fn.broken, node=self.node_id)
             async with self._load_lock:
                 need = resident_estimate_bytes(fn.info.size_bytes)
                 while (victims := eviction.evict_for_load(self._loaded_view(), need,
@@ -253,6 +264,21 @@ class Runtime:
                     fn.resident_bytes = 0
                     raise NodeInternalError(f"node {self.node_id} could not load function {fn.info.function_id}: "
                                             f"{err}", node=self.node_id) from err
+                allowed = self.config.load_rss_factor * need + (RSS_FIRST_LOAD_SLACK_BYTES if not self.counters.loads
+                                                                 else RSS_SLACK_BYTES)
+                if delta > allowed:                     # it holds more than it declared: unload, refuse from now on
+                    fn.resident_bytes = 0
+                    del session
+                    self._load_pool.submit(trim_malloc)
+                    fn.breaches += 1
+                    why = (f"function {fn.info.function_id} grew the node's RSS by {delta / MIB:.1f} MiB when loaded, "
+                           f"over the {allowed / MIB:.1f} MiB its estimate allows ({need / MIB:.1f} MiB x "
+                           f"--load-rss-factor {self.config.load_rss_factor:g}): unloaded")
+                    if fn.breaches >= 2:                # once may be a concurrent allocation; twice is the function
+                        fn.broken = why + " and refused from now on"
+                    log.error("%s", fn.broken or why)
+                    self._notify()
+                    raise NodeFull(fn.broken or why, node=self.node_id)
                 fn.session, st = session, fn.stats
                 st.loads, st.load_s, st.rss_delta_bytes, st.last_used_s = st.loads + 1, load_s, delta, time.monotonic()
                 self.counters.loads += 1
@@ -313,15 +339,15 @@ class Runtime:
         return [fid for fid in function_ids if fid in self.deployed and self.deployed[fid].session], missing
 
     # ---- calls
-    async def invoke(self, calls: Sequence[Call], hidden: np.ndarray,
-                     caller: str = "") -> list[tuple[pb.CallResult, np.ndarray]]:
+    async def invoke(self, calls: Sequence[Call], hidden: np.ndarray, caller: str = "",
+                     layer: int | None = None) -> list[tuple[pb.CallResult, np.ndarray]]:
         """Run every call of one Invoke on ``hidden`` [N, H]; all calls are validated before any runs."""
         missing = sorted({call.function_id for call in calls if call.function_id not in self.deployed})
         if missing:
             raise FunctionNotFound(f"functions {', '.join(missing)} are not deployed on node {self.node_id}; deploy "
                                    "them there or send their rows to a node that has them", node=self.node_id,
                                    missing=tuple(missing))
-        fns = [self._validate(call, hidden) for call in calls]
+        fns = [self._validate(call, hidden, layer) for call in calls]
         x = hidden if hidden.dtype == np.float32 else hidden.astype(np.float32)
         if len(calls) == 1 or self._all_inline(fns, calls):
             # nothing here waits (warm, tiny, a free slot): one after the other, without a task per call
@@ -332,8 +358,11 @@ class Runtime:
         return (self._own_pool and not self._slots.locked()
                 and all(fn.session is not None and is_tiny(c, fn.info) for fn, c in zip(fns, calls)))
 
-    def _validate(self, call: Call, hidden: np.ndarray) -> Function:
+    def _validate(self, call: Call, hidden: np.ndarray, layer: int | None = None) -> Function:
         fn = self.function(call.function_id)
+        if layer is not None and layer != fn.info.layer:
+            raise InvalidRequest(f"function {call.function_id} serves layer {fn.info.layer}, the request is for "
+                                 f"layer {layer}")
         n_experts = len(fn.info.expert_ids)
         if len(call.expert_row_counts) != n_experts:
             raise InvalidRequest(f"function {call.function_id}: {len(call.expert_row_counts)} expert_row_counts "

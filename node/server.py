@@ -28,7 +28,8 @@ from faasmoe.node.store import ContentStore
 from faasmoe.proto import __version__, frames
 from faasmoe.proto import methods
 from faasmoe.proto import faasmoe_pb2 as pb
-from faasmoe.proto.errors import FaasmoeError, InvalidRequest, NodeInternalError, code_number, grpc_details
+from faasmoe.proto.errors import (Backpressure, DeadlineExceeded, FaasmoeError, InvalidRequest, NodeInternalError,
+                                  code_number, grpc_details)
 
 log = logging.getLogger(__name__)
 SHUTDOWN_GRACE_S = 10.0
@@ -85,6 +86,7 @@ class NodeServer:
         self._health = health.aio.HealthServicer()
         self._proc = psutil.Process()
         self._closing = asyncio.Event()          # set on stop: InvokeStream handlers end their streams
+        self._inflight_bytes = 0                  # request frames held (received, not yet answered)
         self.tls: NodeTls | None = None           # None: plaintext (loopback development, or --insecure)
         self._renewal: asyncio.Task | None = None
 
@@ -97,7 +99,12 @@ class NodeServer:
         self.store = ContentStore(cfg.store_dir, cfg.disk_budget_bytes, node=cfg.node_id)
         try:
             self.runtime = Runtime(cfg, self.store, self._run_executor)
-            self._server = grpc.aio.server(options=[
+            self._server = grpc.aio.server(maximum_concurrent_rpcs=cfg.max_concurrent_rpcs, options=[
+                ("grpc.max_concurrent_streams", cfg.max_concurrent_rpcs),
+                ("grpc.keepalive_time_ms", 10_000),            # notice a vanished router within seconds
+                ("grpc.keepalive_timeout_ms", 5_000),
+                ("grpc.http2.min_ping_interval_without_data_ms", 4_000),   # routers ping every 5 s
+                ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.max_receive_message_length", cfg.max_message_bytes),
                 ("grpc.max_send_message_length", cfg.max_message_bytes),
                 ("grpc.so_reuseport", 0),          # a port in use is an error, not a shared port
@@ -214,8 +221,17 @@ class NodeServer:
 
     async def _run_frame(self, frame: bytes) -> bytes:
         t0 = time.perf_counter()
-        header, hidden, calls = frames.decode_request(frame)
-        results = await self.runtime.invoke(calls, hidden, header.caller)
+        limit = self.config.inflight_limit_bytes
+        if self._inflight_bytes + len(frame) > limit:
+            self.runtime.counters.backpressure += 1
+            raise Backpressure(f"node {self.node_id} holds {self._inflight_bytes} bytes of frames, its limit is {limit}: "
+                               "retry after a short backoff", node=self.node_id)
+        self._inflight_bytes += len(frame)
+        try:
+            header, hidden, calls = frames.decode_request(frame)
+            results = await self.runtime.invoke(calls, hidden, header.caller, header.layer)
+        finally:
+            self._inflight_bytes -= len(frame)
         reply = frames.encode_reply(header.request_id, self.node_id, results, time.perf_counter() - t0)
         if self.invoke_listeners:
             elapsed_s = time.perf_counter() - t0
@@ -242,7 +258,12 @@ class NodeServer:
             async for chunk in it:
                 yield chunk.data
 
-        present = await self.runtime.deploy(first.header, data())
+        try:
+            async with asyncio.timeout(self.config.deploy_timeout_s):
+                present = await self.runtime.deploy(first.header, data())
+        except TimeoutError:
+            raise DeadlineExceeded(f"the deployment of {first.header.function_id[:12]} did not arrive within "
+                                   f"{self.config.deploy_timeout_s:g} s (--deploy-timeout-s)", node=self.node_id) from None
         return pb.DeployReply(function_id=first.header.function_id, already_present=present,
                               deployed_bytes=self.runtime.deployed_bytes)
 
@@ -270,7 +291,9 @@ class NodeServer:
             loaded_bytes=rt.loaded_bytes, disk_budget_bytes=cfg.disk_budget_bytes,
             disk_used_bytes=self.store.used_bytes, threads=cfg.threads, rss_bytes=self._proc.memory_info().rss,
             keep_alive_s=cfg.keep_alive_s if math.isfinite(cfg.keep_alive_s) else -1.0,
-            queue_depth=rt.queue_depth, capacity_bytes=cfg.capacity_bytes, heat_window_s=HEAT_WINDOW_S)
+            queue_depth=rt.queue_depth, capacity_bytes=cfg.capacity_bytes, heat_window_s=HEAT_WINDOW_S,
+            max_message_bytes=cfg.max_message_bytes, max_concurrent_rpcs=cfg.max_concurrent_rpcs,
+            max_inflight_bytes=cfg.inflight_limit_bytes)
         for fn in rt.deployed.values():
             info, st = fn.info, fn.stats
             reply.functions.add(

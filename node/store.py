@@ -1,8 +1,9 @@
 """Content-addressed on-disk store of function files, within a disk budget.
 
-    STORE_DIR/<sha256>.onnx          one file per function, named by the sha256 of its content
-    STORE_DIR/<sha256>.<rand>.part   upload in progress (removed on restart)
-    STORE_DIR/.lock                  flock held by the node owning the directory
+    STORE_DIR/<sha256>/function.onnx  one folder per function, named by the sha256 of its content (a function
+                                      is loaded from its own folder, with nothing beside it)
+    STORE_DIR/<sha256>.<rand>.part    upload in progress (removed on restart)
+    STORE_DIR/.lock                   flock held by the node owning the directory
 
 Uploads stream into a temp file while hashing; the file is renamed into place only when its length and
 sha256 match what the deployer announced (atomic: a reader never sees half a file). Files of deployed
@@ -14,6 +15,7 @@ atomic rename is what guarantees integrity); the LRU order survives restarts thr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import logging
@@ -27,10 +29,12 @@ from typing import AsyncIterator, BinaryIO
 
 from faasmoe.node import eviction
 from faasmoe.proto import function_abi as abi
+from faasmoe.proto.onnx_check import check_function
 from faasmoe.proto.errors import FaasmoeError, IntegrityError, InvalidRequest, NodeFull
 
 log = logging.getLogger(__name__)
-SUFFIX = ".onnx"
+SUFFIX = ".onnx"                  # files of the flat layout before per-function folders (moved on start)
+FILE_NAME = "function.onnx"
 PART_SUFFIX = ".part"
 _ID = re.compile(r"[0-9a-f]{64}")
 MIB = 1024 * 1024
@@ -69,8 +73,16 @@ class ContentStore:
                 log.info("store: removing upload leftover %s", name)
                 os.unlink(entry.path)
             elif name.endswith(SUFFIX) and _ID.fullmatch(name[:-len(SUFFIX)]) and entry.is_file():
-                st = entry.stat()
-                self._files[name[:-len(SUFFIX)]] = _File(st.st_size, st.st_mtime)
+                fid = name[:-len(SUFFIX)]                          # the flat layout: into its own folder
+                self.path(fid).parent.mkdir(exist_ok=True)
+                os.replace(entry.path, self.path(fid))
+                st = os.stat(self.path(fid))
+                self._files[fid] = _File(st.st_size, st.st_mtime)
+            elif _ID.fullmatch(name) and entry.is_dir(follow_symlinks=False):
+                path = self.path(name)
+                if path.is_file() and not path.is_symlink():
+                    st = path.stat()
+                    self._files[name] = _File(st.st_size, st.st_mtime)
         log.info("store %s: %d files, %.1f MiB of %.1f MiB", self.root, len(self._files),
                  self.used_bytes / MIB, self.disk_budget_bytes / MIB)
 
@@ -87,7 +99,7 @@ class ContentStore:
         return function_id in self._files
 
     def path(self, function_id: str) -> Path:
-        return self.root / f"{function_id}{SUFFIX}"
+        return self.root / function_id / FILE_NAME
 
     def size_bytes(self, function_id: str) -> int:
         return self._files[function_id].size_bytes
@@ -130,6 +142,8 @@ class ContentStore:
         f = self._files.pop(function_id, None)
         if f is not None:
             self.path(function_id).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                self.path(function_id).parent.rmdir()
             log.info("store: dropped %s (%.1f MiB) for the disk budget", function_id[:12], f.size_bytes / MIB)
 
     async def receive(self, function_id: str, size_bytes: int, chunks: AsyncIterator[bytes]) -> Path:
@@ -154,6 +168,7 @@ class ContentStore:
             if digest.hexdigest() != function_id:
                 raise IntegrityError(f"function {function_id}: content sha256 is {digest.hexdigest()}; the upload "
                                      "was corrupted or the id is wrong, deploy it again")
+            self.path(function_id).parent.mkdir(exist_ok=True)
             os.replace(tmp, self.path(function_id))
         except BaseException:
             tmp.unlink(missing_ok=True)
@@ -202,61 +217,9 @@ class FunctionInfo:
 
     @classmethod
     def from_file(cls, path: Path, function_id: str, size_bytes: int) -> FunctionInfo:
-        meta = read_metadata_props(path)
-        if meta.get(abi.META_ABI) != abi.ABI_VERSION:
-            raise InvalidRequest(f"function {function_id} is not a faasmoe expert function of ABI "
-                                 f"{abi.ABI_VERSION} (metadata {abi.META_ABI}={meta.get(abi.META_ABI)!r})")
+        """Validate the file against the function ABI (:mod:`faasmoe.proto.onnx_check`); InvalidRequest if not."""
         try:
-            experts = tuple(int(e) for e in meta[abi.META_EXPERTS].split(","))
-            return cls(function_id, size_bytes, int(meta[abi.META_LAYER]), experts, int(meta[abi.META_HIDDEN]),
-                       meta.get(abi.META_MODEL, ""), path)
-        except (KeyError, ValueError) as err:
-            raise InvalidRequest(f"function {function_id}: bad or missing ABI metadata ({err})") from None
-
-
-def read_metadata_props(path: Path) -> dict[str, str]:
-    """ONNX ``metadata_props`` of a model file without the onnx package and without reading the weights:
-    walk the top-level protobuf fields of ModelProto, seeking over everything but field 14."""
-    props: dict[str, str] = {}
-    with open(path, "rb") as fh:
-        end = os.fstat(fh.fileno()).st_size
-        while fh.tell() < end:
-            key = _varint(fh)
-            field_no, wire = key >> 3, key & 7
-            if wire == 0:
-                _varint(fh)
-            elif wire in (1, 5):
-                fh.seek(8 if wire == 1 else 4, os.SEEK_CUR)
-            elif wire == 2:
-                length = _varint(fh)
-                if field_no == 14:
-                    props.update([_string_pair(fh.read(length))])
-                else:
-                    fh.seek(length, os.SEEK_CUR)
-            else:
-                raise InvalidRequest(f"{path.name} is not an ONNX model (wire type {wire} at top level)")
-    return props
-
-
-def _varint(fh: BinaryIO) -> int:
-    value = shift = 0
-    while True:
-        byte = fh.read(1)
-        if not byte:
-            raise InvalidRequest("truncated ONNX file")
-        value |= (byte[0] & 0x7F) << shift
-        if byte[0] < 0x80 or shift > 63:
-            return value
-        shift += 7
-
-
-def _string_pair(buf: bytes) -> tuple[str, str]:
-    import io
-
-    fields, fh = {1: b"", 2: b""}, io.BytesIO(buf)
-    while fh.tell() < len(buf):
-        key = _varint(fh)
-        if key & 7 != 2:
-            raise InvalidRequest("malformed ONNX metadata_props entry")
-        fields[key >> 3] = fh.read(_varint(fh))
-    return fields[1].decode("utf-8", "replace"), fields[2].decode("utf-8", "replace")
+            spec = check_function(path)
+        except InvalidRequest as err:
+            raise InvalidRequest(f"function {function_id} refused: {err}") from None
+        return cls(function_id, size_bytes, spec.layer, spec.expert_ids, spec.hidden_size, spec.model_id, path)

@@ -96,6 +96,11 @@ class NodeUnavailable(MeshError):
     grpc_code = grpc.StatusCode.UNAVAILABLE
 
 
+class DeadlineExceeded(NodeUnavailable):
+    """A node gave up on a call that ran past its own deadline (a Deploy stream that did not arrive)."""
+    grpc_code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
 class NodeInternalError(MeshError):
     grpc_code = grpc.StatusCode.INTERNAL
 

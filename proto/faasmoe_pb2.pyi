@@ -198,7 +198,7 @@ class FunctionStatus(_message.Message):
     def __init__(self, function_id: _Optional[str] = ..., layer: _Optional[int] = ..., expert_ids: _Optional[_Iterable[int]] = ..., size_bytes: _Optional[int] = ..., loaded: _Optional[bool] = ..., idle_s: _Optional[float] = ..., invocations: _Optional[int] = ..., in_flight: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., model_id: _Optional[str] = ..., expert_calls_window: _Optional[_Iterable[int]] = ..., owners: _Optional[_Iterable[str]] = ..., rows: _Optional[int] = ..., compute_s: _Optional[float] = ..., rows_by_caller: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("node_id", "version", "profile", "memory_budget_bytes", "deployed_bytes", "loaded_bytes", "disk_budget_bytes", "disk_used_bytes", "threads", "rss_bytes", "keep_alive_s", "functions", "queue_depth", "capacity_bytes", "heat_window_s")
+    __slots__ = ("node_id", "version", "profile", "memory_budget_bytes", "deployed_bytes", "loaded_bytes", "disk_budget_bytes", "disk_used_bytes", "threads", "rss_bytes", "keep_alive_s", "functions", "queue_depth", "capacity_bytes", "heat_window_s", "max_message_bytes", "max_concurrent_rpcs", "max_inflight_bytes")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PROFILE_FIELD_NUMBER: _ClassVar[int]
@@ -214,6 +214,9 @@ class StatusReply(_message.Message):
     QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
     HEAT_WINDOW_S_FIELD_NUMBER: _ClassVar[int]
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONCURRENT_RPCS_FIELD_NUMBER: _ClassVar[int]
+    MAX_INFLIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     version: str
     profile: str
@@ -229,4 +232,7 @@ class StatusReply(_message.Message):
     queue_depth: int
     capacity_bytes: int
     heat_window_s: float
-    def __init__(self, node_id: _Optional[str] = ..., version: _Optional[str] = ..., profile: _Optional[str] = ..., memory_budget_bytes: _Optional[int] = ..., deployed_bytes: _Optional[int] = ..., loaded_bytes: _Optional[int] = ..., disk_budget_bytes: _Optional[int] = ..., disk_used_bytes: _Optional[int] = ..., threads: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., keep_alive_s: _Optional[float] = ..., functions: _Optional[_Iterable[_Union[FunctionStatus, _Mapping]]] = ..., queue_depth: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., heat_window_s: _Optional[float] = ...) -> None: ...
+    max_message_bytes: int
+    max_concurrent_rpcs: int
+    max_inflight_bytes: int
+    def __init__(self, node_id: _Optional[str] = ..., version: _Optional[str] = ..., profile: _Optional[str] = ..., memory_budget_bytes: _Optional[int] = ..., deployed_bytes: _Optional[int] = ..., loaded_bytes: _Optional[int] = ..., disk_budget_bytes: _Optional[int] = ..., disk_used_bytes: _Optional[int] = ..., threads: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., keep_alive_s: _Optional[float] = ..., functions: _Optional[_Iterable[_Union[FunctionStatus, _Mapping]]] = ..., queue_depth: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., heat_window_s: _Optional[float] = ..., max_message_bytes: _Optional[int] = ..., max_concurrent_rpcs: _Optional[int] = ..., max_inflight_bytes: _Optional[int] = ...) -> None: ...

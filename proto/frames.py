@@ -149,6 +149,9 @@ def decode_request(frame: bytes) -> tuple[pb.InvokeRequest, np.ndarray, list[Cal
         raise InvalidRequest(f"calls announce {sum(c.row_count for c in header.calls)} rows and "
                              f"{sum(c.expert_count for c in header.calls)} counts; the payloads hold {len(rows)} and "
                              f"{len(counts)}")
+    if not np.isfinite(hidden).all():
+        raise InvalidRequest("hidden: NaN or Inf values; refused (the NaN/Inf policy: hidden states are finite, "
+                             "a non-finite row is a bug or corruption upstream and is never computed on)")
     n_rows, calls, r0, c0 = hidden.shape[0], [], 0, 0
     if len(rows) and (int(rows.min()) < 0 or int(rows.max()) >= n_rows):
         raise InvalidRequest(f"row index out of range [0, {n_rows})")

@@ -8,8 +8,8 @@ import os
 
 import pytest
 
-from faasmoe.node.store import ContentStore, read_metadata_props
-from faasmoe.proto import function_abi as abi
+from faasmoe.node.store import ContentStore
+from faasmoe.proto.onnx_check import check_function
 from faasmoe.proto.errors import FaasmoeError, IntegrityError, InvalidRequest, NodeFull
 from node_fixtures import make_function
 
@@ -97,10 +97,24 @@ def test_disk_lru_never_removes_deployed(tmp_path):
     assert all(store.has(f) for f in (ids[0], ids[2], fid))
 
 
-def test_metadata_without_onnx_package(tmp_path):
+def test_spec_without_onnx_package(tmp_path):
     fn = make_function(seed=3, layer=7, n_experts=3, hidden=32, inter=16)
     path = tmp_path / "f.onnx"
     path.write_bytes(fn.data)
-    meta = read_metadata_props(path)
-    assert meta[abi.META_LAYER] == "7" and meta[abi.META_HIDDEN] == "32"
-    assert meta[abi.META_EXPERTS] == ",".join(map(str, fn.expert_ids)) and meta[abi.META_ABI] == abi.ABI_VERSION
+    spec = check_function(path)
+    assert (spec.layer, spec.hidden_size, spec.intermediate_size) == (7, 32, 16)
+    assert spec.expert_ids == tuple(fn.expert_ids) and spec.model_id == "test"
+
+
+def test_each_function_has_its_own_folder_and_the_flat_layout_moves_in(tmp_path):
+    store = ContentStore(tmp_path, 10_000)
+    fid, data = blob(1000)
+    path = receive(store, fid, len(data), data)
+    assert path == tmp_path / fid / "function.onnx" and os.listdir(tmp_path / fid) == ["function.onnx"]
+    store.remove(fid)
+    assert not (tmp_path / fid).exists()
+    store.close()
+    old, old_data = blob(500, 1)
+    (tmp_path / f"{old}.onnx").write_bytes(old_data)                 # a store from before the folders
+    again = ContentStore(tmp_path, 10_000)
+    assert again.has(old) and again.path(old).read_bytes() == old_data and not (tmp_path / f"{old}.onnx").exists()

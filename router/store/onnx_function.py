@@ -13,8 +13,8 @@ from onnx import TensorProto, helper, numpy_helper
 from faasmoe.proto import function_abi as abi
 from faasmoe.proto.errors import CheckpointError
 
-OPSET = 17
 PROTOBUF_LIMIT_BYTES = 2**31 - 1
+OPSET = abi.OPSET
 
 
 def build_function(layer: int, expert_ids: Sequence[int], gate_up: Sequence[np.ndarray],
@@ -28,39 +28,23 @@ def build_function(layer: int, expert_ids: Sequence[int], gate_up: Sequence[np.n
         raise CheckpointError(f"layer {layer}: need one gate_up and one down matrix per expert")
     two_i, hidden = gate_up[0].shape
     inter = two_i // 2
-    nodes, inits, inputs = [], [], [helper.make_tensor_value_info(abi.HIDDEN_INPUT, TensorProto.FLOAT, ["n", hidden])]
-    inits.append(numpy_helper.from_array(np.array([0], np.int64), "c_zero"))
-    inits.append(numpy_helper.from_array(np.array([inter], np.int64), "c_inter"))
-    inits.append(numpy_helper.from_array(np.array([two_i], np.int64), "c_two_inter"))
-    inits.append(numpy_helper.from_array(np.array([1], np.int64), "c_axis1"))
-    outs = []
+    inits, inputs = [], [helper.make_tensor_value_info(abi.HIDDEN_INPUT, TensorProto.FLOAT, ["n", hidden])]
+    inits += [numpy_helper.from_array(np.array([value], np.int64), name)
+              for name, value in abi.constant_values(inter).items()]
     for j, expert in enumerate(expert_ids):
         if gate_up[j].shape != (two_i, hidden) or down[j].shape != (hidden, inter):
             raise CheckpointError(f"layer {layer} expert {expert}: shapes {gate_up[j].shape} / {down[j].shape} "
                                   f"do not match [{two_i}, {hidden}] / [{hidden}, {inter}]")
-        rows, p = abi.rows_input(j), f"e{expert}"
-        inputs.append(helper.make_tensor_value_info(rows, TensorProto.INT64, [f"n{j}"]))
-        inits.append(numpy_helper.from_array(np.ascontiguousarray(gate_up[j].T, dtype=np.float32), f"{p}_gate_up"))
-        inits.append(numpy_helper.from_array(np.ascontiguousarray(down[j].T, dtype=np.float32), f"{p}_down"))
-        nodes += [
-            helper.make_node("Gather", [abi.HIDDEN_INPUT, rows], [f"{p}_x"], axis=0),
-            helper.make_node("MatMul", [f"{p}_x", f"{p}_gate_up"], [f"{p}_gu"]),
-            helper.make_node("Slice", [f"{p}_gu", "c_zero", "c_inter", "c_axis1"], [f"{p}_g"]),
-            helper.make_node("Slice", [f"{p}_gu", "c_inter", "c_two_inter", "c_axis1"], [f"{p}_u"]),
-            helper.make_node("Sigmoid", [f"{p}_g"], [f"{p}_sg"]),
-            helper.make_node("Mul", [f"{p}_g", f"{p}_sg"], [f"{p}_act"]),
-            helper.make_node("Mul", [f"{p}_act", f"{p}_u"], [f"{p}_h"]),
-            helper.make_node("MatMul", [f"{p}_h", f"{p}_down"], [f"{p}_y"]),
-        ]
-        outs.append(f"{p}_y")
-    if len(outs) == 1:
-        nodes.append(helper.make_node("Identity", outs, [abi.OUTPUT]))
-    else:
-        nodes.append(helper.make_node("Concat", outs, [abi.OUTPUT], axis=0))
+        inputs.append(helper.make_tensor_value_info(abi.rows_input(j), TensorProto.INT64, [f"n{j}"]))
+        gate_up_name, down_name = abi.weight_names(expert)
+        inits.append(numpy_helper.from_array(np.ascontiguousarray(gate_up[j].T, dtype=np.float32), gate_up_name))
+        inits.append(numpy_helper.from_array(np.ascontiguousarray(down[j].T, dtype=np.float32), down_name))
+    nodes = [helper.make_node(op.op_type, list(op.inputs), list(op.outputs), **dict(op.attrs))
+             for op in abi.graph_ops(expert_ids)]
     graph = helper.make_graph(nodes, f"faasmoe_L{layer}", inputs,
                               [helper.make_tensor_value_info(abi.OUTPUT, TensorProto.FLOAT, ["m", hidden])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="faasmoe")
-    model.ir_version = 8
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", abi.OPSET)], producer_name="faasmoe")
+    model.ir_version = abi.IR_VERSION
     helper.set_model_props(model, {
         abi.META_ABI: abi.ABI_VERSION, abi.META_LAYER: str(layer),
         abi.META_EXPERTS: ",".join(str(e) for e in expert_ids), abi.META_HIDDEN: str(hidden),
