@@ -257,6 +257,8 @@ def start_node_in(host: Host, store_dir: Path, node_id: str, *, memory_budget_mb
 
     args = ["--host", host.ip, "--port", str(port), "--mdns-interface", host.ip, "--node-id", node_id,
             *extra_args]
+    if "--join" not in args and "--insecure" not in args:
+        args.append("--insecure")           # plaintext on a namespace address: development mode, said explicitly
     log = open(log_path, "a") if log_path else None
     try:
         return start_node(Path(store_dir), memory_budget_mb=memory_budget_mb, extra_args=args, prefix=host.prefix,

@@ -48,9 +48,10 @@ async def test_scrape_counts_invocations_rows_latency_loads_and_evictions(tmp_pa
             assert node.metrics_port and metrics.registry is not None
             for fn in (f2, f3):
                 await stub.deploy(chunks_of(fn))
-            for _ in range(3):                                      # 3 Invokes, each with 2 calls
-                await invoke(stub, [f2.call([0, 1, 2], [2, 1]), f3.call([3, 4, 5, 0], [1, 2, 1])])
-            await invoke(stub, [f2.call([5], [0, 1])])              # a 4th Invoke: 1 call, 1 row
+            for _ in range(3):                                      # 3 Invokes per layer (a frame is one layer)
+                await invoke(stub, [f2.call([0, 1, 2], [2, 1])], layer=0)
+                await invoke(stub, [f3.call([3, 4, 5, 0], [1, 2, 1])], layer=1)
+            await invoke(stub, [f2.call([5], [0, 1])])              # a 7th Invoke: 1 call, 1 row
             code, text = await http_get(node.metrics_port)
             assert code == 200
             got = samples(text)
@@ -63,7 +64,7 @@ async def test_scrape_counts_invocations_rows_latency_loads_and_evictions(tmp_pa
             assert got["faasmoe_node_function_cold_starts_total", p2] == 1
             assert got["faasmoe_node_compute_seconds_count", (("layer", "0"),)] == 4
             assert got["faasmoe_node_compute_seconds_count", (("layer", "1"),)] == 3
-            assert got["faasmoe_node_invoke_seconds_count", ()] == 4
+            assert got["faasmoe_node_invoke_seconds_count", ()] == 7
             assert got["faasmoe_node_invoke_seconds_sum", ()] > 0
             assert got["faasmoe_node_load_seconds_count", ()] == 2 and got["faasmoe_node_loads_total", ()] == 2
             assert got["faasmoe_node_cold_starts_total", ()] == 2
