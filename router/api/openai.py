@@ -41,6 +41,13 @@ class ApiContext:
     ledger: object = None             # the usage ledger (GET /v1/usage)
 
 
+def degraded_label(dropped: dict) -> dict:
+    """How a degraded response says what it lost (opt-in ``--degraded``: such output is NOT exact)."""
+    return {"exact": False, "dropped_expert_calls": sum(dropped.values()),
+            "dropped_experts": [{"layer": layer, "expert": expert, "token_calls": n}
+                                for (layer, expert), n in sorted(dropped.items())]}
+
+
 def _usage(finish: FinishEvent) -> dict:
     return {"prompt_tokens": finish.prompt_tokens, "completion_tokens": finish.completion_tokens,
             "total_tokens": finish.prompt_tokens + finish.completion_tokens}
@@ -118,8 +125,10 @@ class _Call:
         if finish.error is not None:
             return error_response(finish.error)
         text = "".join(e.text for e in events) + finish.text
-        return JSONResponse(self._envelope([self._choice(text, events, finish.reason, False)], _usage(finish),
-                                           False))
+        body = self._envelope([self._choice(text, events, finish.reason, False)], _usage(finish), False)
+        if finish.dropped:
+            body["faasmoe_degraded"] = degraded_label(finish.dropped)
+        return JSONResponse(body, headers={"x-faasmoe-degraded": "true"} if finish.dropped else None)
 
     async def _collect(self) -> tuple[list[TokenEvent], FinishEvent]:
         events = []
@@ -159,6 +168,8 @@ class _Call:
                 yield _sse("[DONE]")
                 return
             chunk = self._envelope([self._choice(event.text, [], event.reason, True)], None, True)
+            if event.dropped:
+                chunk["faasmoe_degraded"] = degraded_label(event.dropped)
             yield _sse(chunk if self.include_usage else _drop_usage(chunk))
             if self.include_usage:
                 yield _sse(self._envelope([], _usage(event), True))

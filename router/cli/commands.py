@@ -68,8 +68,8 @@ def engine_config(args):
                         reserved_slots=min(args.reserved_slots, max(0, args.max_batch - 1)))
     except ValueError as exc:
         raise ConfigError(f"{exc}: check --max-batch, --max-step-tokens, --prefill-chunk and --reserved-slots") from None
-    if args.max_waiting < 1 or args.step_timeout_s <= 0:
-        raise ConfigError("--max-waiting must be >= 1 and --step-timeout-s > 0")
+    if args.max_waiting < 1 or args.step_timeout_s <= 0 or getattr(args, "frame_timeout_s", 1) <= 0:
+        raise ConfigError("--max-waiting must be >= 1, --step-timeout-s and --frame-timeout-s > 0")
     if args.torch_threads is not None:
         if args.torch_threads < 1:
             raise ConfigError("--torch-threads must be at least 1")
@@ -78,7 +78,8 @@ def engine_config(args):
     if args.kv_cache_mb <= 0:
         raise ConfigError("--kv-cache-mb must be > 0")
     return EngineConfig(limits=limits, max_waiting=args.max_waiting, step_timeout_s=args.step_timeout_s,
-                        kv_cache_bytes=int(args.kv_cache_mb * 2**20))
+                        kv_cache_bytes=int(args.kv_cache_mb * 2**20), frame_timeout_s=getattr(args, "frame_timeout_s", 10.0),
+                        degraded=bool(getattr(args, "degraded", False)))
 
 
 def place(args) -> int:

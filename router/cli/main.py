@@ -93,6 +93,16 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                    help="intra-op threads of the router's dense part (default: torch's, one per core)")
 
 
+def add_mesh_engine_arguments(p: argparse.ArgumentParser) -> None:
+    """What only an engine over the mesh has (generate, serve)."""
+    p.add_argument("--frame-timeout-s", type=float, default=10.0,
+                   help="a node's reply to one frame is awaited this long; then another replica is tried, or the "
+                        "node's functions are re-placed (default 10)")
+    p.add_argument("--degraded", action="store_true",
+                   help="opt-in, NOT exact: when no replica of a needed expert answers, drop that expert instead of "
+                        "failing the step; responses list what was dropped (default: fail with an explicit error)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="faasmoe-router", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
@@ -107,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=None)
     add_engine_arguments(gen)
+    add_mesh_engine_arguments(gen)
     gen.add_argument("--no-replicas", action="store_true", help="place one copy of each function only")
     gen.add_argument("--router-id", default=None, help=ROUTER_ID_HELP)
     gen.add_argument("--warm", action="store_true",
@@ -127,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model-name", default=None,
                        help="the model id clients ask for (default: the store directory's name)")
     add_engine_arguments(serve)
+    add_mesh_engine_arguments(serve)
     serve.add_argument("--router-id", default=None, help=ROUTER_ID_HELP)
     serve.add_argument("--tenants", default=None, metavar="FILE",
                        help="tenants file (keys, limits, weights; 'faasmoe-router tenants'); reloaded on SIGHUP or "

@@ -64,6 +64,7 @@ class RouterSession:
         self.on_mark_down: Callable[[str], None] | None = None     # set by callers that keep a NodeDirectory
         self.placed_once = threading.Event()      # every function has been routed at least once
         self.down_listeners: list[Callable[[str], None]] = []     # called (any thread) when a node goes down
+        self.max_message_bytes: dict[str, int] = {}   # each node's advertised message limit (its Status)
 
     # -- nodes -----------------------------------------------------------------------------------------
     def client(self, address: str) -> NodeClient:
@@ -87,6 +88,8 @@ class RouterSession:
                     log.info("left out of placement: %s", err)
                     self.unreachable[address] = err.detail
                     continue
+                if status.max_message_bytes:
+                    self.max_message_bytes[address] = status.max_message_bytes
                 mine = [f for f in status.functions if f.function_id in self._by_id]
                 foreign = sum(resident_estimate_bytes(f.size_bytes) for f in status.functions
                               if f.function_id not in self._by_id)

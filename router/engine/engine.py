@@ -37,6 +37,8 @@ class EngineConfig:
     limits: Limits = Limits()
     max_waiting: int = 256         # requests queued beyond the batch; more are refused (Overloaded)
     step_timeout_s: float = 30.0   # one step across the mesh, recovery included
+    frame_timeout_s: float = 10.0  # one frame's reply; then another replica, or recovery
+    degraded: bool = False         # opt-in: drop experts no replica answers (the response lists them)
     kv_cache_bytes: int = 4 << 30  # KV cache all running sequences may reserve together
 
 
@@ -165,7 +167,7 @@ class Engine:
                 text.append(event.text)
                 ttft = None if seq.first_token_s is None else seq.first_token_s - seq.arrival_s
                 return Result("".join(text), list(seq.output_ids), event.reason, event.prompt_tokens, choices, ttft,
-                              torch.stack(seq.logits) if seq.logits else None)
+                              torch.stack(seq.logits) if seq.logits else None, event.dropped)
 
     def _drain_estimate_s(self) -> float:
         mean_step_s = self.stats.step_s / self.stats.steps if self.stats.steps else 0.05
@@ -243,6 +245,11 @@ class Engine:
             self._fail(self._in_step, StepFailed(f"internal error in step: {type(exc).__name__}: {exc}"))
             return
         elapsed_s = time.perf_counter() - t0
+        if ctx is not None and ctx.dropped:          # degraded mode: tell each request what it lost
+            owners = row_owners([len(s.token_ids) for s in segments])
+            for layer, expert, row in ctx.dropped:
+                seq = self._in_step[owners[row]]
+                seq.dropped[layer, expert] = seq.dropped.get((layer, expert), 0) + 1
         self._account(runs, decode_only, rpcs_before, elapsed_s)
         if self.accounting is not None:
             self.accounting.charge([(seq, n, seq.prompt_left > 0) for seq, n in runs])

@@ -23,6 +23,7 @@ class Generation:
     text: str
     finish_reason: str = ""
     step_s: list[float] = field(default_factory=list)   # first entry: time to first token; then per token
+    dropped: dict = field(default_factory=dict)         # degraded mode: (layer, expert) -> token calls dropped
 
 
 async def generate_one(engine: Engine, prompt_ids: Sequence[int], max_new_tokens: int,
@@ -35,7 +36,7 @@ async def generate_one(engine: Engine, prompt_ids: Sequence[int], max_new_tokens
                 raise event.error
             text.append(event.text)
             return Generation(list(prompt_ids), list(seq.output_ids), "".join(text), event.reason,
-                              [b - a for a, b in zip(marks, marks[1:])])
+                              [b - a for a, b in zip(marks, marks[1:])], event.dropped)
         marks.append(time.perf_counter())
         text.append(event.text)
 

@@ -45,6 +45,7 @@ class FinishEvent:
     completion_tokens: int
     text: str = ""             # text released at the end (held back until then)
     error: FaasmoeError | None = None
+    dropped: dict = field(default_factory=dict)   # degraded mode: (layer, expert) -> token calls dropped
 
 
 @dataclass
@@ -58,6 +59,7 @@ class Result:
     choices: list[Choice]
     ttft_s: float | None
     logits: torch.Tensor | None = None
+    dropped: dict = field(default_factory=dict)     # degraded mode: (layer, expert) -> token calls dropped
 
 
 @dataclass
@@ -97,6 +99,7 @@ class Sequence:
         self.arrival_s = time.perf_counter()
         self.first_token_s: float | None = None
         self.usage = RequestUsage()
+        self.dropped: dict[tuple[int, int], int] = {}   # degraded mode: expert calls of this request dropped
 
     @property
     def reserve(self) -> int:
@@ -138,7 +141,8 @@ class Sequence:
             return
         self.finished = True
         tail = self.text.finish() if reason in ("stop", "length") else ""
-        self.events.put_nowait(FinishEvent(reason, len(self.request.prompt_ids), len(self.output_ids), tail, error))
+        self.events.put_nowait(FinishEvent(reason, len(self.request.prompt_ids), len(self.output_ids), tail, error,
+                                           dict(self.dropped)))
         if self.cache is not None:
             self.cache.release()
             self.cache = None

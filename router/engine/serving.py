@@ -81,8 +81,10 @@ async def start_serving(session: RouterSession, config: EngineConfig = EngineCon
     tokenizer = await asyncio.to_thread(load_tokenizer, session.store)
     transport = Transport(tls=session.tls)
     mesh = ExpertMesh(session.layers, transport, session.router, control=SessionControl(session),
-                      step_timeout_s=config.step_timeout_s)
+                      step_timeout_s=config.step_timeout_s, frame_timeout_s=config.frame_timeout_s,
+                      degraded=config.degraded)
     mesh.caller = session.router_id
+    mesh.node_max_message_bytes = session.max_message_bytes     # frames are cut to the smallest node's limit
     engine = Engine(ModelRunner(model, MeshExperts(mesh)), tokenizer, mesh=mesh, config=config,
                     eos_ids=eos_ids_of(session.store, model.config, tokenizer), accounting=accounting)
     await engine.start()

@@ -6,16 +6,25 @@ frames to the nodes' streams, whose writes start before ``submit`` returns. The 
 expert meanwhile; :meth:`ExpertMesh.collect` then gathers the replies and retries what failed, within the
 step's deadline and without marking a healthy node dead:
 
-- back-pressure (a node's wait queue is full): back off, resend;
+- back-pressure (a node's wait queue is full): back off, resend (flow control, bounded by the step deadline);
 - NOT_FOUND (the function moved away): route around that copy on a fresh snapshot, or ask control to repair;
 - a frame over a message limit: split the rows into smaller frames, resend;
-- a node that is gone: control's recovery re-places its functions on the survivors, then resend;
+- UNAVAILABLE (a node that is gone): control's recovery re-places its functions on the survivors, then resend;
+- DEADLINE_EXCEEDED (no reply within ``frame_timeout_s``): resend to another replica; with none, recover as for
+  UNAVAILABLE (which makes one);
 - anything else is raised to the step.
+
+Failed frames (UNAVAILABLE, DEADLINE_EXCEEDED) get at most :data:`~faasmoe.router.mesh.retry.MAX_ATTEMPTS`
+attempts per step, with jittered backoff, each retry taken from the mesh's :class:`RetryBudget`; a node that
+keeps failing is banned for a while and avoided where another replica exists. When a needed function has no
+replica left the step fails with an explicit error, unless ``degraded`` is on: then the missing experts are
+dropped from the step, and the step's context lists them (the response says so).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Mapping, Protocol
@@ -24,13 +33,15 @@ import numpy as np
 
 from faasmoe.proto import frames
 from faasmoe.proto.backoff import Backoff
-from faasmoe.proto.errors import (Backpressure, FrameTooLarge, FunctionNotFound, MeshError, NodeUnavailable,
-                                  from_code_number)
+from faasmoe.proto.errors import (Backpressure, DeadlineExceeded, FrameTooLarge, FunctionNotFound, MeshError,
+                                  NodeUnavailable, from_code_number)
 from faasmoe.router.mesh.grouping import LayerFunctions, NodeBatch, choose_replicas, plan_layer
+from faasmoe.router.mesh.retry import MAX_ATTEMPTS, RETRY_BACKOFF, NodeBans, RetryBudget, prefer_unbanned
 from faasmoe.router.mesh.routing import Router, RoutingTable
 from faasmoe.router.mesh.stats import MeshStats
 from faasmoe.router.mesh.transport import Transport
 
+log = logging.getLogger(__name__)
 BACKPRESSURE = Backoff(0.005, 0.2, factor=2.5, jitter=0.3)
 MAX_REPAIRS = 2           # per layer step: re-surveys after NOT_FOUND with no other replica
 
@@ -55,6 +66,7 @@ class StepContext:
     tenant_id: str = ""                  # set when the step carries one tenant's rows only
     owners: list | None = None           # who the step's rows belong to (accounting): owners[row_owner[row]]
     row_owner: np.ndarray | None = None
+    dropped: list[tuple[int, int, int]] = field(default_factory=list)   # degraded: (layer, expert, row)
 
 
 @dataclass(frozen=True)
@@ -70,6 +82,7 @@ class _Sent:
     batch: NodeBatch
     offset: int                  # first row of the batch's chunk in the layer's rows
     reply: asyncio.Future
+    deadline_s: float = float("inf")     # of this frame (perf_counter clock)
 
 
 @dataclass
@@ -87,16 +100,24 @@ class PendingLayer:
     no_replica: MeshError | None = None
     pauses: int = 0
     repairs: int = 0
+    attempts: int = 1                    # sends of the failed frames (UNAVAILABLE / DEADLINE_EXCEEDED)
+    avoid: set[str] = field(default_factory=set)      # nodes that timed out in this step
 
 
 class ExpertMesh:
     def __init__(self, layers: Mapping[int, LayerFunctions], transport: Transport, router: Router | None = None, *,
-                 control: MeshControl | None = None, step_timeout_s: float = 30.0, compact_max_rows: int = 16):
+                 control: MeshControl | None = None, step_timeout_s: float = 30.0, compact_max_rows: int = 16,
+                 frame_timeout_s: float = 10.0, degraded: bool = False):
         self.layers = dict(layers)
         self.transport = transport
         self.router = router or Router()
         self.control = control
         self.step_timeout_s = step_timeout_s
+        self.frame_timeout_s = frame_timeout_s
+        self.degraded = degraded          # opt-in: drop experts with no answering replica (labelled)
+        self.budget = RetryBudget()
+        self.bans = NodeBans()
+        self.node_max_message_bytes: dict[str, int] = {}   # each node's advertised limit (Status, mDNS)
         self.compact_max_rows = compact_max_rows
         self.stats = MeshStats()          # updated on the loop only
         self.on_layer_done = None         # (layer, seconds) -> None: metrics hook
@@ -117,7 +138,8 @@ class ExpertMesh:
         hidden = np.ascontiguousarray(hidden, dtype=np.float32)
         # a reply carries up to top_k outputs per row sent: size frames by the larger direction
         per_row = hidden.shape[1] * 4 * max(1, top_k_index.shape[1]) + 64
-        max_rows = min(self.max_rows_learned, max(1, int(0.9 * self.transport.max_message_bytes) // per_row))
+        limit = min([self.transport.max_message_bytes, *self.node_max_message_bytes.values()])
+        max_rows = min(self.max_rows_learned, max(1, int(0.9 * limit) // per_row))
         p = PendingLayer(layer, hidden, top_k_index, ctx, time.perf_counter(), max_rows)
         self._send(p)
         await asyncio.sleep(0)       # run the write tasks up to the hand-off to gRPC's core
@@ -139,8 +161,11 @@ class ExpertMesh:
                 for batch in plan_layer(top_k, self.layers[p.layer], node_of, p.layer, mask):
                     frame = frames.encode_request(p.ctx.request_id, p.ctx.tenant_id, p.layer,
                                                   p.hidden[lo + batch.token_rows], batch.calls, self.caller)
-                    p.sent.append(_Sent(batch.node_id, batch, lo, self.transport.stream(batch.node_id).send(frame)))
+                    p.sent.append(_Sent(batch.node_id, batch, lo, self.transport.stream(batch.node_id).send(frame),
+                                        min(p.ctx.deadline_s, t0 + self.frame_timeout_s)))
                     self.stats.count_frame(batch.node_id, len(batch.token_rows), len(batch.calls))
+                    if p.pending is None:
+                        self.budget.sent(t0)
         except NodeUnavailable as exc:        # a needed function has no reachable copy: collect() repairs
             p.no_replica = exc
         self.stats.encode_s += time.perf_counter() - t0
@@ -148,10 +173,13 @@ class ExpertMesh:
     def _route(self, p: PendingLayer, top_k: np.ndarray) -> dict[str, str]:
         where = self._where[p.layer]
         needed = sorted({where[e] for e in set(top_k.reshape(-1).tolist()) if e in where})
-        replicas = {fid: p.ctx.routing.nodes_of(fid, p.missing) for fid in needed}
+        banned = self.bans.banned(time.perf_counter()) | p.avoid
+        replicas = {fid: prefer_unbanned(p.ctx.routing.nodes_of(fid, p.missing), banned) for fid in needed}
         for fid, nodes in replicas.items():
             if not nodes:
                 raise NodeUnavailable(f"layer {p.layer}: function {fid[:12]} is on no reachable node")
+            if p.avoid and all(n in p.avoid for n in nodes):
+                raise NodeUnavailable(f"layer {p.layer}: function {fid[:12]} timed out on every replica")
         return choose_replicas(needed, replicas, self._turn, p.top_k_index.shape[0] <= self.compact_max_rows)
 
     # -- collect ---------------------------------------------------------------------------------------
@@ -166,7 +194,13 @@ class ExpertMesh:
                 if p.pending is not None and p.pending.any():
                     raise MeshError(f"layer {p.layer}: {int(p.pending.sum())} expert calls went unanswered")
                 break
-            await self._handle(p, failures)
+            try:
+                await self._handle(p, failures)
+            except NodeUnavailable as exc:
+                if not self.degraded or p.pending is None:
+                    raise
+                self._drop(p, exc)
+                break
             self.stats.retries += 1
             self._send(p)
         wall_s = time.perf_counter() - p.started_s
@@ -181,19 +215,24 @@ class ExpertMesh:
         if not sent:
             return []
         t0 = time.perf_counter()
-        left_s = p.ctx.deadline_s - t0
-        done, _ = await asyncio.wait([s.reply for s in sent], timeout=max(left_s, 0.0))
+        while waiting := [s for s in sent if not s.reply.done()]:
+            left_s = min(s.deadline_s for s in waiting) - time.perf_counter()
+            if left_s > 0:
+                await asyncio.wait([s.reply for s in waiting], timeout=left_s)
+            now = time.perf_counter()
+            for s in waiting:
+                if not s.reply.done() and now >= s.deadline_s:   # its stream's order is lost: end the stream
+                    self.transport.stream(s.node).fail(DeadlineExceeded(
+                        f"layer {p.layer}: no reply within {min(self.frame_timeout_s, s.deadline_s - t0):.1f} s",
+                        node=s.node))
+                    if not s.reply.done():
+                        s.reply.set_exception(DeadlineExceeded("no reply in time", node=s.node))
         t1 = time.perf_counter()
         self.stats.wait_s += t1 - t0
         if p.pending is None:
             p.pending = np.ones(p.top_k_index.shape, dtype=bool)
         failures, slowest_s = [], 0.0
         for s in sent:
-            if s.reply not in done:
-                s.reply.cancel()
-                err = NodeUnavailable(f"layer {p.layer}: no reply before the step deadline", node=s.node)
-                self.transport.stream(s.node).fail(err)
-                raise err
             exc = s.reply.exception()
             if exc is not None:
                 if not isinstance(exc, MeshError):
@@ -208,6 +247,7 @@ class ExpertMesh:
                 failures.append((s.node, err, s.batch))
                 continue
             self._take(p, s, header, outputs)
+            self.bans.succeeded(s.node)
             slowest_s = max(slowest_s, header.node_s)
         self.stats.node_compute_s += slowest_s
         self.stats.decode_s += time.perf_counter() - t1
@@ -232,8 +272,13 @@ class ExpertMesh:
 
     async def _handle(self, p: PendingLayer, failures) -> None:
         """Decide how to retry the failed frames (see the module docstring)."""
-        pause, dead, missing, need_repair, too_large = False, {}, set(), None, []
+        pause, dead, missing, need_repair, too_large, failed = False, {}, set(), None, [], None
+        now = time.perf_counter()
         for node, err, batch in failures:
+            if isinstance(err, NodeUnavailable) and node is not None:
+                failed = failed or err
+                if node not in dead and node not in p.avoid:
+                    self.bans.failed(node, now)
             if isinstance(err, Backpressure):
                 pause = True
             elif isinstance(err, FrameTooLarge):
@@ -244,6 +289,8 @@ class ExpertMesh:
                 need_repair = need_repair or err
             elif isinstance(err, NodeUnavailable) and node is None:    # no copy left of a needed function
                 need_repair = need_repair or err
+            elif isinstance(err, DeadlineExceeded) and self._elsewhere(p, node, batch):
+                p.avoid.add(node)                                     # another replica answers instead
             elif isinstance(err, NodeUnavailable):
                 dead[node] = err
             else:
@@ -255,6 +302,8 @@ class ExpertMesh:
             p.max_rows = min(p.max_rows, max(1, rows // 2))
             self.max_rows_learned = p.max_rows
         self._check_deadline(p)
+        if failed is not None:
+            await self._retry_pause(p, failed)
         for node, err in dead.items():
             if self.control is None:
                 raise err
@@ -280,6 +329,33 @@ class ExpertMesh:
                 raise next(e for _, e, _ in failures if isinstance(e, Backpressure))
             await asyncio.sleep(delay_s)
         self._check_deadline(p)
+
+    def _elsewhere(self, p: PendingLayer, node: str, batch: NodeBatch) -> bool:
+        """Has every function of ``batch`` a replica other than ``node`` and the nodes that timed out?"""
+        skip = p.avoid | {node}
+        return all(any(n not in skip for n in p.ctx.routing.nodes_of(call.function_id, p.missing))
+                   for call in batch.calls)
+
+    async def _retry_pause(self, p: PendingLayer, err: MeshError) -> None:
+        """A failed frame is about to be resent: within the attempt limit and the retry budget, after a
+        jittered backoff, or not at all (``err`` is raised)."""
+        if p.attempts >= MAX_ATTEMPTS:
+            raise type(err)(f"{err.detail} (gave up after {p.attempts} attempts)", node=err.node)
+        if not self.budget.try_retry(time.perf_counter()):
+            raise type(err)(f"{err.detail} (the router's retry budget is spent: no retry)", node=err.node)
+        delay_s = RETRY_BACKOFF.delay_s(p.attempts - 1)
+        p.attempts += 1
+        if time.perf_counter() + delay_s < p.ctx.deadline_s:
+            await asyncio.sleep(delay_s)
+
+    def _drop(self, p: PendingLayer, err: MeshError) -> None:
+        """Degraded mode: the pairs still unanswered are dropped from the step (and listed in its context)."""
+        tokens, slots = np.nonzero(p.pending)
+        experts = p.top_k_index[tokens, slots].tolist()
+        p.ctx.dropped.extend((p.layer, int(e), int(t)) for e, t in zip(experts, tokens.tolist()))
+        p.pending[:] = False
+        self.stats.dropped_pairs += len(experts)
+        log.warning("degraded: layer %d drops %d expert calls (%s)", p.layer, len(experts), err.detail)
 
     def _all_routable(self, p: PendingLayer) -> bool:
         where = self._where[p.layer]

@@ -20,6 +20,7 @@ class MeshStats:
     decode_s: float = 0.0        # reading replies
     cold_starts: int = 0
     retries: int = 0
+    dropped_pairs: int = 0      # degraded mode: (token, expert) pairs dropped for want of a replica
     by_node: dict = field(default_factory=dict)   # node -> frames sent
 
     def count_frame(self, node: str, rows: int, calls: int) -> None:
