@@ -111,7 +111,7 @@ _FLAGS = [
     ("--profile", "profile", str, "NAME|PATH",
      "edge profile (shipped name or .toml path): its memory/disk budgets, threads and keep-alive become the "
      "defaults; explicit flags and environment win"),
-    ("--mqtt", "mqtt_url", str, "URL", "MQTT broker URL for node events (default: off)"),
+    ("--mqtt", "mqtt_url", str, "URL", "MQTT broker for node events: mqtt://HOST[:PORT], or mqtts://USER@HOST[:PORT]?ca=CA.pem (TLS; password from $FAASMOE_MQTT_PASSWORD or USER:PASS@) (default: off)"),
     ("--metrics-port", "metrics_port", int, "P", "serve Prometheus metrics on this port (default: off)"),
     ("--max-concurrent-rpcs", "max_concurrent_rpcs", int, "N",
      "calls served at once, streams included; more are refused with RESOURCE_EXHAUSTED (default 256)"),

@@ -18,7 +18,6 @@ import collections
 import contextlib
 import functools
 import logging
-import ssl
 import time
 
 import aiomqtt
@@ -124,7 +123,7 @@ class NodeTelemetry:
         will = aiomqtt.Will(tm.status_topic(self.node_id), tm.encode(lost), qos=1, retain=True)
         return aiomqtt.Client(b.host, b.port, username=b.username, password=b.password,
                               identifier=f"faasmoe-node-{self.node_id}", will=will, keepalive=self.keepalive_s,
-                              timeout=TIMEOUT_S, tls_context=ssl.create_default_context() if b.tls else None)
+                              timeout=TIMEOUT_S, tls_context=b.tls_context())
 
     async def _run(self) -> None:
         failures = 0

@@ -47,7 +47,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from urllib.parse import unquote, urlsplit
+import os
+import ssl
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from faasmoe.proto.errors import ConfigError
 
@@ -119,12 +121,24 @@ class BrokerAddress:
     tls: bool = False
     username: str | None = None
     password: str | None = None
+    ca_file: str | None = None       # mqtts: the CA that signed the broker's certificate (default: the system's)
 
     def __str__(self) -> str:    # no password in logs
         return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
 
+    def tls_context(self) -> ssl.SSLContext | None:
+        """The TLS context of an mqtts:// broker (certificate and host name checked), None for mqtt://."""
+        if not self.tls:
+            return None
+        try:
+            return ssl.create_default_context(cafile=self.ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"MQTT CA file {self.ca_file}: {exc}") from None
+
 
 def parse_broker_url(url: str) -> BrokerAddress:
+    """``mqtt://HOST[:PORT]`` or ``mqtts://[USER[:PASSWORD]@]HOST[:PORT][?ca=CA.pem]``. A user without a
+    password in the URL takes it from ``$FAASMOE_MQTT_PASSWORD`` (keeps it out of process listings)."""
     text = url.strip()
     parts = urlsplit(text if "://" in text else f"mqtt://{text}")
     if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
@@ -136,8 +150,19 @@ def parse_broker_url(url: str) -> BrokerAddress:
         raise ConfigError(f"MQTT URL {url!r}: the port is not a number in 1..65535") from None
     if not parts.hostname or parts.path not in ("", "/"):
         raise ConfigError(f"MQTT URL {url!r}: expected mqtt://HOST[:PORT] (e.g. mqtt://127.0.0.1:1883)")
-    return BrokerAddress(parts.hostname, port, tls, unquote(parts.username) if parts.username else None,
-                         unquote(parts.password) if parts.password else None)
+    query = parse_qs(parts.query, keep_blank_values=True)
+    if set(query) - {"ca"} or len(query.get("ca", [])) > 1:
+        raise ConfigError(f"MQTT URL {url!r}: the only option is ?ca=FILE (the broker's CA, mqtts:// only)")
+    ca_file = query["ca"][0] if "ca" in query else None
+    if ca_file is not None and not tls:
+        raise ConfigError(f"MQTT URL {url!r}: ?ca= needs mqtts://")
+    if ca_file is not None and not os.path.isfile(ca_file):
+        raise ConfigError(f"MQTT URL {url!r}: CA file {ca_file} does not exist")
+    username = unquote(parts.username) if parts.username else None
+    password = unquote(parts.password) if parts.password else None
+    if username and password is None:
+        password = os.environ.get("FAASMOE_MQTT_PASSWORD")
+    return BrokerAddress(parts.hostname, port, tls, username, password, ca_file)
 
 
 def _check_types(payload: dict, keys: dict, what: str) -> None:

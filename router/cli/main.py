@@ -155,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="how often the nodes' loaded memory is read and attributed to tenants (default 5)")
     serve.add_argument("--no-replicas", action="store_true", help="place one copy of each function only")
     serve.add_argument("--warm", action="store_true", help="load the placed functions before serving")
-    serve.add_argument("--mqtt", default=None, help="MQTT broker URL to read node telemetry from")
+    serve.add_argument("--mqtt", default=None, help="MQTT broker to read node telemetry from: mqtt://HOST[:PORT] or mqtts://USER@HOST[:PORT]?ca=CA.pem "
+                            "(password from $FAASMOE_MQTT_PASSWORD)")
     serve.add_argument("--settle-s", type=float, default=1.0,
                        help="wait this long after a mesh change before re-placing (default 1)")
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import ssl
 import threading
 import time
 import uuid
@@ -44,7 +43,7 @@ class TelemetryCollector:
         if self.broker.username:
             self._client.username_pw_set(self.broker.username, self.broker.password)
         if self.broker.tls:
-            self._client.tls_set_context(ssl.create_default_context())
+            self._client.tls_set_context(self.broker.tls_context())
         self._client.reconnect_delay_set(1, 30)
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
