@@ -9,6 +9,7 @@ received buffer (no copy). No pickle, ever.
 
 from __future__ import annotations
 
+import re
 import struct
 from dataclasses import dataclass
 from typing import Sequence
@@ -112,6 +113,7 @@ class Call:
 
 
 _I32 = np.dtype("<i4")
+_FUNCTION_ID = re.compile(r"[0-9a-f]{64}")
 
 
 def encode_request(request_id: str, tenant_id: str, layer: int, hidden: np.ndarray,
@@ -156,6 +158,8 @@ def decode_request(frame: bytes) -> tuple[pb.InvokeRequest, np.ndarray, list[Cal
     if len(rows) and (int(rows.min()) < 0 or int(rows.max()) >= n_rows):
         raise InvalidRequest(f"row index out of range [0, {n_rows})")
     for call in header.calls:
+        if not _FUNCTION_ID.fullmatch(call.function_id):
+            raise InvalidRequest(f"function id {call.function_id[:80]!r} is not a lowercase sha256 hex digest")
         if call.row_count < 0 or call.expert_count < 0:
             raise InvalidRequest(f"{call.function_id}: negative row_count or expert_count")
         r, n = rows[r0:r0 + call.row_count], counts[c0:c0 + call.expert_count]

@@ -43,6 +43,12 @@ class FunctionSpec:
     model_id: str
 
 
+def _utf8(value: bytes) -> str:
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidRequest("a name or string in the graph is not valid UTF-8") from None
+
 def _varint(fh: BinaryIO) -> int:
     value = shift = 0
     while True:
@@ -109,7 +115,7 @@ def _message(data: bytes, allowed: dict[int, tuple[int, str]], what: str) -> dic
 
 def _text(values: list | None) -> str:
     try:
-        return values[-1].decode() if values else ""
+        return _utf8(values[-1]) if values else ""
     except UnicodeDecodeError:
         raise InvalidRequest("a name is not UTF-8") from None
 
@@ -158,7 +164,7 @@ def _node(data: bytes) -> abi.Op:
             raise InvalidRequest("only integer attributes are allowed")
         value = _ints(a.get(3))[-1]
         attrs.append((_text(a.get(1)), value - (1 << 64) if value >= 1 << 63 else value))
-    return abi.Op(_text(f.get(4)), tuple(v.decode() for v in f.get(1, [])), tuple(v.decode() for v in f.get(2, [])),
+    return abi.Op(_text(f.get(4)), tuple(_utf8(v) for v in f.get(1, [])), tuple(_utf8(v) for v in f.get(2, [])),
                   tuple(attrs))
 
 
