@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 
 from faasmoe.proto import faasmoe_pb2 as pb
 from faasmoe.proto.credentials import TlsMaterial
-from faasmoe.proto.errors import MeshError, NodeUnavailable, PlacementError
+from faasmoe.proto.errors import DeadlineExceeded, MeshError, NodeUnavailable, PlacementError
 from faasmoe.proto.function_abi import resident_estimate_bytes
 from faasmoe.router.control import placement as pl
 from faasmoe.router.control.transition import Transition, transition
@@ -234,6 +234,14 @@ class RouterSession:
         with self._lock:
             self.dead.discard(address)
 
+    def answers(self, address: str, timeout_s: float = 1.0) -> bool:
+        """Does the node answer a Status call now (a broken connection is not a dead node)?"""
+        try:
+            self.client(address).status(timeout_s)
+            return True
+        except MeshError:
+            return False
+
     def recover(self, address: str, err: MeshError) -> None:
         """A node failed mid-request: drop it, re-place its functions on the survivors and deploy them."""
         log.warning("node %s failed (%s); re-placing its functions on the survivors", address, err.detail)
@@ -291,6 +299,10 @@ class SessionControl:
 
     async def node_failed(self, node: str, error: MeshError) -> None:
         if self.session.is_routed_around(node):          # already re-placed without it
+            return
+        if not isinstance(error, DeadlineExceeded) and await asyncio.to_thread(self.session.answers, node):
+            log.info("node %s: its connection broke (%s) but it answers: resending, nothing re-placed",
+                     node, error.detail)
             return
         await self._once(("dead", node), self.session.recover, node, error)
 
