@@ -123,8 +123,8 @@ _FLAGS = [
      "refused (default 1.5)"),
     ("--deploy-timeout-s", "deploy_timeout_s", float, "S", "a deployment must arrive within S seconds (default 600)"),
     ("--join", "join_token", str, "TOKEN",
-     "enrol in the cluster of this join token ('faasmoe-router init-cluster'); from then on the node serves "
-     "mutual-TLS gRPC only (its identity stays in STORE/identity)"),
+     "enrol in the cluster of this join token ('faasmoe-router init-cluster'), or of the token in @FILE; from then "
+     "on the node serves mutual-TLS gRPC only (its identity stays in STORE/identity)"),
 ]
 
 

@@ -49,6 +49,21 @@ class Identity:
         return (cert.not_valid_after_utc - cert.not_valid_before_utc).total_seconds()
 
 
+def join_token_text(value: str) -> str:
+    """``--join TOKEN``, or ``--join @FILE``: the token is the file's first line (read when the node starts,
+    which keeps it out of process listings and lets it arrive after the node's configuration)."""
+    if not value.startswith("@"):
+        return value
+    path = value[1:]
+    try:
+        lines = Path(path).read_text().strip().splitlines()
+    except OSError as exc:
+        raise ConfigError(f"--join @{path}: cannot read the token file ({exc.strerror})") from None
+    if not lines:
+        raise ConfigError(f"--join @{path}: the token file is empty")
+    return lines[0].strip()
+
+
 def identity_dir(store_dir: Path) -> Path:
     return Path(store_dir) / "identity"
 

@@ -18,7 +18,7 @@ import time
 import grpc
 
 from faasmoe.node.config import NodeConfig
-from faasmoe.node.identity import Identity, enroll, load_identity, renew
+from faasmoe.node.identity import Identity, enroll, join_token_text, load_identity, renew
 from faasmoe.proto import credentials as cr
 from faasmoe.proto.errors import ConfigError, Forbidden
 
@@ -42,9 +42,10 @@ class NodeTls:
     def start(cls, config: NodeConfig) -> NodeTls | None:
         identity = load_identity(config.store_dir, config.node_id)
         if config.join_token:
-            token = cr.JoinToken.decode(config.join_token)
+            text = join_token_text(config.join_token)
+            token = cr.JoinToken.decode(text)
             if identity is None or cr.fingerprint(cr.load_cert(identity.ca_pem)) != token.ca_sha256:
-                identity = enroll(config.join_token, config.node_id, config.store_dir)
+                identity = enroll(text, config.node_id, config.store_dir)
                 log.warning("node %s enrolled in the cluster of CA %s…", config.node_id, token.ca_sha256[:16])
         if identity is None:
             if not _loopback(config.host) and not config.insecure:

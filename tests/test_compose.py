@@ -300,9 +300,29 @@ def test_nodes_are_distinct():
     names = services_of("node")
     configs = [parse_node(command(n), node_environment(n), n) for n in names]
     assert len({c.node_id for c in configs}) == len(names), "node ids must be unique"
-    volumes = [s for n in names for s, _, _ in mounts(SERVICES[n]) if is_named(s)]
+    volumes = [s for n in names for s, t, _ in mounts(SERVICES[n]) if is_named(s) and t == "/var/lib/faasmoe/store"]
     assert len(set(volumes)) == len(volumes) == len(names), "one store volume per node"
     assert len({c.profile for c in configs}) >= 3, "emulate at least three different devices"
+
+
+def test_the_mesh_is_enrolled():
+    """cluster writes the CA to a volume only router-image services mount, and a join token to one the nodes
+    mount read-only; nodes join with @that file; the router serves enrolment at the token's address."""
+    init = command("cluster")
+    assert init[0] == "init-cluster" and "--if-missing" in init
+    token_file = init[init.index("--token-file") + 1]
+    cluster_dir = init[init.index("--dir") + 1]
+    assert init[init.index("--enroll-address") + 1] == "router:8443"
+    assert "--cluster" in command("router") and command("router")[command("router").index("--cluster") + 1] == cluster_dir
+    cluster_volume = next(src for src, target, _ in mounts(SERVICES["cluster"]) if target == cluster_dir)
+    for name in services_of("node"):
+        env = node_environment(name)
+        assert env.get("FAASMOE_NODE_JOIN") == "@" + token_file, name
+        sources = {src: (target, mode) for src, target, mode in mounts(SERVICES[name])}
+        assert cluster_volume not in sources, f"{name} must not see the cluster CA's key"
+        assert any(token_file.startswith(target + "/") and read_only for target, read_only in sources.values()), name
+        assert "--insecure" not in command(name)
+        assert (SERVICES[name].get("depends_on") or {}).get("router"), f"{name}: enrolment needs the router"
 
 
 def test_a_bad_node_command_is_caught():
@@ -443,22 +463,40 @@ def test_router_image_installs_cpu_torch_first():
 
 
 def test_node_healthcheck_against_a_real_node(tmp_path):
+    """The image's healthcheck, run as the image runs it, against a plaintext node and an enrolled (mutual TLS)
+    node joined with a token file, as in compose; and against nothing."""
+    from faasmoe.router.control.cluster import Cluster
+    from faasmoe.router.control.enroll_server import EnrollThread
     from node_fixtures import NodeProcess, node_env
 
     _, dockerfile = dockerfile_of("node")
     cmd = dockerfile.healthcheck_cmd()
-    assert cmd[:2] == ["python", "-c"], "the healthcheck is a python one-liner"
-    code = cmd[2]
-    compile(code, "HEALTHCHECK", "exec")
+    assert cmd == ["python", "-m", "faasmoe.node.healthcheck"]
 
-    def check(port: int) -> int:
-        return subprocess.run([sys.executable, "-c", code], env=node_env(FAASMOE_NODE_PORT=str(port)),
-                              capture_output=True, timeout=30).returncode
+    def check(port: int, store: Path) -> int:
+        return subprocess.run([sys.executable, *cmd[1:]], capture_output=True, timeout=30,
+                              env=node_env(FAASMOE_NODE_PORT=str(port), FAASMOE_NODE_STORE_DIR=str(store))).returncode
 
-    args = ["--port", "0", "--store-dir", str(tmp_path / "store"), "--no-mdns", "--threads", "1",
-            "--memory-budget-mb", "64"]
-    with NodeProcess(*args, env=node_env()) as node:
+    def args(store: Path, *extra: str) -> list[str]:
+        return ["--port", "0", "--store-dir", str(store), "--no-mdns", "--threads", "1", "--memory-budget-mb", "64",
+                "--node-id", "hc", *extra]
+
+    plain = tmp_path / "plain"
+    with NodeProcess(*args(plain), env=node_env()) as node:
         port = int(node.address.rsplit(":", 1)[1])
-        assert check(port) == 0, "healthcheck fails against a serving node"
+        assert check(port, plain) == 0, "healthcheck fails against a serving node"
         assert node.stop() == 0
-    assert check(port) != 0, "healthcheck passes with no node listening"
+    assert check(port, plain) != 0, "healthcheck passes with no node listening"
+
+    cluster = Cluster.init(tmp_path / "cluster", "127.0.0.1:1")
+    with EnrollThread(cluster) as server:
+        cluster.set_address(f"127.0.0.1:{server.port}")
+        token_file = tmp_path / "join" / "token"
+        token_file.parent.mkdir()
+        token_file.write_text(cluster.create_token(600).encode() + "\n")
+        enrolled = tmp_path / "enrolled"
+        with NodeProcess(*args(enrolled), env=node_env(FAASMOE_NODE_JOIN=f"@{token_file}")) as node:
+            assert node.ready["tls"]
+            port = int(node.address.rsplit(":", 1)[1])
+            assert check(port, enrolled) == 0, "healthcheck fails against an enrolled node"
+            assert check(port, plain) != 0, "a plaintext check passes against a mutual-TLS node"

@@ -28,6 +28,10 @@ def add_arguments(sub) -> None:
                       help="where nodes reach the enrolment endpoint (serve --cluster or enroll-server listen there)")
     init.add_argument("--token-ttl-s", type=float, default=DEFAULT_TOKEN_TTL_S,
                       help="lifetime of the first join token (default 86400)")
+    init.add_argument("--token-file", default=None, metavar="FILE",
+                      help="also write the join token to FILE (mode 0600; nodes read it with --join @FILE)")
+    init.add_argument("--if-missing", action="store_true",
+                      help="keep a cluster that exists in --dir and only issue a new token (for scripts and compose)")
     tokens = sub.add_parser("tokens", help="create, list or revoke join tokens")
     actions = tokens.add_subparsers(dest="action", required=True, metavar="ACTION")
     create = actions.add_parser("create", help="a new join token (printed once)")
@@ -51,8 +55,18 @@ def _ttl(seconds: float) -> float:
 
 
 def init_cluster(args) -> int:
-    cluster = Cluster.init(args.dir, parse_address(args.enroll_address))
+    if args.if_missing and (Path(args.dir) / "ca.crt").exists():
+        cluster = Cluster(args.dir)
+    else:
+        cluster = Cluster.init(args.dir, parse_address(args.enroll_address))
     token = cluster.create_token(_ttl(args.token_ttl_s))
+    if args.token_file:
+        path = Path(args.token_file)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(token.encode() + "\n")
+        os.chmod(path, 0o600)
     print(f"cluster CA sha256 {token.ca_sha256}")
     print(f"join token (valid until {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(token.expires))}):")
     print(token.encode())
