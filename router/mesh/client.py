@@ -13,7 +13,7 @@ import grpc
 
 from faasmoe.proto import faasmoe_pb2 as pb
 from faasmoe.proto import methods
-from faasmoe.proto.errors import MeshError, from_grpc
+from faasmoe.proto.errors import CheckpointError, MeshError, from_grpc
 from faasmoe.proto.credentials import SAN, TlsMaterial
 from faasmoe.proto.frames import DEFAULT_MAX_MESSAGE_BYTES
 
@@ -94,6 +94,8 @@ class NodeClient:
 
     def deploy(self, path: Path, header: pb.FunctionHeader, timeout_s: float = 300.0) -> pb.DeployReply:
         """Stream ``path`` to the node (1 MiB chunks, header first). The node verifies its sha256."""
+        if not Path(path).is_file():
+            raise CheckpointError(f"function file {path} is missing from the store: split the model again")
         return self._call(self._deploy, _chunks(Path(path), header), timeout_s)
 
 
