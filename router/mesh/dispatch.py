@@ -222,9 +222,10 @@ class ExpertMesh:
             now = time.perf_counter()
             for s in waiting:
                 if not s.reply.done() and now >= s.deadline_s:   # its stream's order is lost: end the stream
+                    which = "the step's deadline" if s.deadline_s >= p.ctx.deadline_s else \
+                        f"the frame deadline ({self.frame_timeout_s:g} s)"
                     self.transport.stream(s.node).fail(DeadlineExceeded(
-                        f"layer {p.layer}: no reply within {min(self.frame_timeout_s, s.deadline_s - t0):.1f} s",
-                        node=s.node))
+                        f"layer {p.layer}: no reply within {which}", node=s.node))
                     if not s.reply.done():
                         s.reply.set_exception(DeadlineExceeded("no reply in time", node=s.node))
         t1 = time.perf_counter()
@@ -267,6 +268,7 @@ class ExpertMesh:
             tokens = seg.tokens + s.offset if s.offset else seg.tokens
             p.results.setdefault(seg.expert_id, []).append(ExpertResult(tokens, seg.slots, out))
             p.pending[tokens, seg.slots] = False
+            self.stats.answered_pairs += len(seg.tokens)
         if self.on_reply is not None:
             self.on_reply(p.ctx, p.layer, s.node, s.batch, header, s.offset)
 

@@ -21,6 +21,7 @@ class MeshStats:
     cold_starts: int = 0
     retries: int = 0
     dropped_pairs: int = 0      # degraded mode: (token, expert) pairs dropped for want of a replica
+    answered_pairs: int = 0     # (token, expert) pairs the nodes answered
     by_node: dict = field(default_factory=dict)   # node -> frames sent
 
     def count_frame(self, node: str, rows: int, calls: int) -> None:
