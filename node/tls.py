@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import time
 
@@ -20,17 +19,11 @@ import grpc
 from faasmoe.node.config import NodeConfig
 from faasmoe.node.identity import Identity, enroll, join_token_text, load_identity, renew
 from faasmoe.proto import credentials as cr
+from faasmoe.proto.discovery import is_loopback
 from faasmoe.proto.errors import ConfigError, Forbidden
 
 log = logging.getLogger(__name__)
 RENEW_CHECK_S = 60.0
-
-
-def _loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return host == "localhost"
 
 
 class NodeTls:
@@ -48,12 +41,12 @@ class NodeTls:
                 identity = enroll(text, config.node_id, config.store_dir)
                 log.warning("node %s enrolled in the cluster of CA %s…", config.node_id, token.ca_sha256[:16])
         if identity is None:
-            if not _loopback(config.host) and not config.insecure:
+            if not is_loopback(config.host) and not config.insecure:
                 raise ConfigError(f"refusing plaintext gRPC on {config.host}: anyone on the network could deploy and "
                                   "call functions. Enrol with --join TOKEN ('faasmoe-router init-cluster'), or pass "
                                   "--insecure, or listen on 127.0.0.1")
             log.warning("plaintext gRPC on %s (%s): no cluster identity", config.host,
-                        "loopback development mode" if _loopback(config.host) else "--insecure")
+                        "loopback development mode" if is_loopback(config.host) else "--insecure")
             return None
         log.info("mutual TLS with the cluster identity node:%s (certificate %s…)", config.node_id,
                  identity.fingerprint[:16])

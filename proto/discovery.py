@@ -14,6 +14,14 @@ SERVICE_TYPE = "_faasmoe._tcp.local."
 TXT_KEYS = ("node_id", "port", "memory_budget_bytes", "free_bytes", "threads", "profile", "version")
 
 
+def is_loopback(host: str) -> bool:
+    """Is ``host`` (an address, or "localhost") a loopback address: reachable from this host only?"""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def host_ipv4_addresses(include_loopback: bool = False) -> list[str]:
     """The host's IPv4 addresses, in adapter order."""
     found: list[str] = []

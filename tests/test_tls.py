@@ -155,10 +155,20 @@ def test_cli_init_cluster_and_tokens(tmp_path):
     assert "secret" not in json.dumps(listing) and decoded.secret not in json.dumps(listing)
     missing = router("tokens", "list", "--dir", str(tmp_path / "nowhere"))
     assert missing.returncode == 2 and "no cluster here" in missing.stderr
+    # --if-missing keeps the CA and issues a new token, written to --token-file (0600) for --join @FILE
+    ca_before = (tmp_path / "c" / "ca.crt").read_bytes()
+    again = router("init-cluster", "--dir", str(tmp_path / "c"), "--enroll-address", "10.0.0.1:7443", "--if-missing",
+                   "--token-file", str(tmp_path / "join" / "token"))
+    assert again.returncode == 0, again.stderr
+    assert (tmp_path / "c" / "ca.crt").read_bytes() == ca_before
+    written = (tmp_path / "join" / "token").read_text().strip()
+    assert written in again.stdout and cr.JoinToken.decode(written).token_id != decoded.token_id
+    assert (tmp_path / "join" / "token").stat().st_mode & 0o077 == 0
 
 
 def test_damaged_tokens_are_one_line_errors(tmp_path):
-    for text in ("hello", "fmj1.!!!!", "fmj1." + "e30"):
+    (tmp_path / "empty").write_text("")
+    for text in ("hello", "fmj1.!!!!", "fmj1." + "e30", f"@{tmp_path / 'nothing-here'}", f"@{tmp_path / 'empty'}"):
         proc = subprocess.run([sys.executable, "-m", "faasmoe.node", *node_args(tmp_path, "x", "--join", text)],
                               capture_output=True, text=True, env=node_env(), cwd=REPO, timeout=60)
         errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]

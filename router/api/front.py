@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import json
 import logging
 import signal
@@ -14,6 +13,7 @@ from dataclasses import dataclass
 
 import uvicorn
 
+from faasmoe.proto.discovery import is_loopback
 from faasmoe.proto.errors import ConfigError
 from faasmoe.router.tenancy.accounting import Accounting
 from faasmoe.router.tenancy.ledger import Ledger
@@ -38,13 +38,6 @@ class ServeOptions:
     tenants_poll_s: float = 1.0         # how often the tenants file is checked for changes
     cluster_dir: str | None = None      # with enroll_listen: serve node enrolment for this cluster too
     enroll_listen: str | None = None    # HOST:PORT of the enrolment endpoint
-
-
-def is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return host == "localhost"
 
 
 class HttpFront:

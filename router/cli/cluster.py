@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import time
+from pathlib import Path
 
 from faasmoe.proto.errors import ConfigError
 from faasmoe.router.control.cluster import Cluster
