@@ -16,6 +16,7 @@ import http.client
 import json
 import logging
 import os
+import shutil
 import ssl
 import socket
 from dataclasses import dataclass
@@ -70,6 +71,11 @@ def identity_dir(store_dir: Path) -> Path:
 
 def load_identity(store_dir: Path, node_id: str) -> Identity | None:
     d = identity_dir(store_dir)
+    if not d.exists():                         # a swap was interrupted: take the complete folder
+        for candidate in (d.with_name("identity.new"), d.with_name("identity.old")):
+            if all((candidate / f).is_file() for f in ("ca.crt", "node.key", "node.crt", "renew.secret", "address")):
+                os.rename(candidate, d)
+                break
     if not (d / "node.crt").is_file():
         return None
     ident = Identity(node_id, (d / "ca.crt").read_bytes(), (d / "node.key").read_bytes(), (d / "node.crt").read_bytes())
@@ -81,21 +87,23 @@ def load_identity(store_dir: Path, node_id: str) -> Identity | None:
 
 
 def _request(address: str, method: str, path: str, body: dict | None, context: ssl.SSLContext) -> tuple[int, bytes]:
-    """One HTTPS request to the enrolment endpoint; the server must present a certificate for the cluster name
-    (``faasmoe``) whatever address it is reached at."""
+    """One HTTPS request to the enrolment endpoint; the server must present a router certificate (the name
+    ``router.faasmoe``) whatever address it is reached at."""
     host, _, port = address.rpartition(":")
-    conn = http.client.HTTPConnection(host.strip("[]"), int(port), timeout=TIMEOUT_S)
+    conn = None
     try:
+        conn = http.client.HTTPConnection(host.strip("[]"), int(port), timeout=TIMEOUT_S)
         raw = socket.create_connection((host.strip("[]"), int(port)), timeout=TIMEOUT_S)
-        conn.sock = context.wrap_socket(raw, server_hostname=cr.SAN)
+        conn.sock = context.wrap_socket(raw, server_hostname=cr.san_of("router"))   # a node cannot pose as it
         data = json.dumps(body).encode() if body is not None else None
-        conn.request(method, path, body=data, headers={"Host": cr.SAN, "Content-Type": "application/json"})
+        conn.request(method, path, body=data, headers={"Host": cr.san_of("router"), "Content-Type": "application/json"})
         response = conn.getresponse()
         return response.status, response.read(1 << 20)
     except (OSError, http.client.HTTPException, ValueError) as exc:
         raise ConfigError(f"cannot reach the cluster at {address} ({exc})") from None
     finally:
-        conn.close()
+        if conn is not None:
+            conn.close()
 
 
 def _post(address: str, path: str, body: dict, ca_pem: bytes) -> dict:
@@ -150,16 +158,22 @@ def _keep(store_dir: Path, node_id: str, ca_pem: bytes, key, reply: dict, addres
     cr.verify_issued(cert, cr.load_cert(ca_pem))
     if cr.cert_role(cert) != ("node", node_id) or cert.public_key().public_numbers() != key.public_key().public_numbers():
         raise ConfigError("the cluster returned a certificate that is not this node's")
+    # the whole identity is written to a new folder and swapped in, so a crash never leaves a key that does not
+    # match its certificate (load_identity finishes an interrupted swap)
     d = identity_dir(store_dir)
-    d.mkdir(parents=True, exist_ok=True)
-    os.chmod(d, 0o700)
+    new, old = d.with_name("identity.new"), d.with_name("identity.old")
+    shutil.rmtree(new, ignore_errors=True)
+    new.mkdir(parents=True, mode=0o700)
     for name, data in (("ca.crt", ca_pem), ("node.key", cr.key_pem(key)), ("node.crt", cr.cert_pem(cert)),
-                       ("renew.secret", reply["renew_secret"].encode())):
-        path = d / name
-        tmp = d / f".{name}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                       ("renew.secret", reply["renew_secret"].encode()), ("address", address.encode())):
+        fd = os.open(new / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
-        os.replace(tmp, path)
-    (d / "address").write_text(address)
+            fh.flush()
+            os.fsync(fh.fileno())
+    shutil.rmtree(old, ignore_errors=True)
+    if d.exists():
+        os.rename(d, old)
+    os.rename(new, d)
+    shutil.rmtree(old, ignore_errors=True)
     return Identity(node_id, ca_pem, cr.key_pem(key), cr.cert_pem(cert))

@@ -73,8 +73,8 @@ class NodeTls:
                     self.identity = self._fresh = await asyncio.to_thread(renew, self.identity, self.config.store_dir)
                     log.warning("node %s renewed its certificate (until %s)", self.config.node_id,
                                 time.strftime("%Y-%m-%d", time.gmtime(self.identity.expires)))
-                except ConfigError as exc:
-                    log.error("certificate renewal failed, retrying: %s", exc)
+                except Exception as exc:  # noqa: BLE001 - the loop outlives any failure and retries
+                    log.error("certificate renewal failed, retrying in %.0f s: %s", RENEW_CHECK_S, exc)
             await asyncio.sleep(RENEW_CHECK_S)
 
 

@@ -26,7 +26,11 @@ from cryptography.x509.oid import NameOID
 from faasmoe.proto.errors import ConfigError
 
 TOKEN_PREFIX = "fmj1."
-SAN = "faasmoe"                      # the name every cluster certificate carries (TLS target name)
+def san_of(role: str) -> str:
+    """The DNS name a certificate of ``role`` carries, and the TLS target name its peers check: a router dials
+    nodes expecting "node.faasmoe" (so a router certificate cannot pose as a node), and a node dials the
+    enrolment endpoint expecting "router.faasmoe" (so an enrolled node cannot pose as the enrolment server)."""
+    return f"{role}.faasmoe"
 ROLES = ("router", "node")
 
 
@@ -101,7 +105,7 @@ def issue(ca_key, ca_cert: x509.Certificate, csr: x509.CertificateSigningRequest
             .issuer_name(ca_cert.subject).public_key(csr.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now() - datetime.timedelta(minutes=5))
             .not_valid_after(now() + datetime.timedelta(days=days))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(SAN)]), critical=False)
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(san_of(role))]), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH,
                                                   x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)

@@ -49,7 +49,7 @@ import json
 from dataclasses import dataclass
 import os
 import ssl
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import unquote, urlsplit
 
 from faasmoe.proto.errors import ConfigError
 
@@ -150,7 +150,10 @@ def parse_broker_url(url: str) -> BrokerAddress:
         raise ConfigError(f"MQTT URL {url!r}: the port is not a number in 1..65535") from None
     if not parts.hostname or parts.path not in ("", "/"):
         raise ConfigError(f"MQTT URL {url!r}: expected mqtt://HOST[:PORT] (e.g. mqtt://127.0.0.1:1883)")
-    query = parse_qs(parts.query, keep_blank_values=True)
+    query: dict[str, list[str]] = {}
+    for item in filter(None, parts.query.split("&")):      # unquote only: a "+" in a path stays a "+"
+        key, _, value = item.partition("=")
+        query.setdefault(unquote(key), []).append(unquote(value))
     if set(query) - {"ca"} or len(query.get("ca", [])) > 1:
         raise ConfigError(f"MQTT URL {url!r}: the only option is ?ca=FILE (the broker's CA, mqtts:// only)")
     ca_file = query["ca"][0] if "ca" in query else None
@@ -162,6 +165,9 @@ def parse_broker_url(url: str) -> BrokerAddress:
     password = unquote(parts.password) if parts.password else None
     if username and password is None:
         password = os.environ.get("FAASMOE_MQTT_PASSWORD")
+    if (username or password) and not tls:
+        raise ConfigError(f"MQTT URL {url!r}: a user name and password would travel in cleartext over mqtt://; "
+                          "use mqtts://")
     return BrokerAddress(parts.hostname, port, tls, username, password, ca_file)
 
 

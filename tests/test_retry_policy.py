@@ -67,3 +67,12 @@ def test_node_bans(events, now_s, banned):
         else:
             bans.succeeded(node)
     assert bans.banned(now_s) == banned
+
+
+def test_budget_takes_one_token_per_frame_resent():
+    budget = RetryBudget(ratio=0.2, floor=2, window_s=10.0)
+    budget.sent(0.0, 10)                       # 2 + 0.2 * 10 = 4 frames may be resent
+    assert not budget.try_retry(0.5, 5)        # all or nothing
+    assert budget.refused == 5 and budget.spent == 0
+    assert budget.try_retry(0.5, 3) and budget.spent == 3
+    assert budget.try_retry(0.5, 1) and not budget.try_retry(0.5, 1)

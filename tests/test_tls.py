@@ -280,3 +280,28 @@ def test_spoofed_adverts_get_no_calls_and_spoofed_goodbyes_remove_nothing(cluste
         zc.close()
         plain.server.stop(0)
         foreign_tls.server.stop(0)
+
+
+def test_node_ids_cannot_be_taken_over_and_a_lost_renewal_reply_is_survivable(tmp_path):
+    from faasmoe.proto.errors import Unauthorized
+
+    c = Cluster.init(tmp_path / "cluster", "127.0.0.1:1")
+    token = c.create_token(600)
+
+    def csr(name: str) -> bytes:
+        return cr.csr_pem(cr.new_csr(cr.new_key(), "node", name))
+
+    _, first = c.enroll(token.token_id, token.secret, "edge-1", csr("edge-1"))
+    with pytest.raises(Unauthorized, match="enrolled already"):
+        c.enroll(token.token_id, token.secret, "edge-1", csr("edge-1"))      # another holder of the token
+    _, second = c.renew("edge-1", first, csr("edge-1"))
+    _, third = c.renew("edge-1", first, csr("edge-1"))       # the reply with `second` was lost: still renews
+    with pytest.raises(Unauthorized):
+        c.renew("edge-1", "made-up", csr("edge-1"))
+    c.renew("edge-1", third, csr("edge-1"))                  # the newest works; now `first` is too old
+    with pytest.raises(Unauthorized):
+        c.renew("edge-1", first, csr("edge-1"))
+    c.forget_node("edge-1")
+    with pytest.raises(Unauthorized):
+        c.renew("edge-1", third, csr("edge-1"))
+    c.enroll(token.token_id, token.secret, "edge-1", csr("edge-1"))         # the id is free again

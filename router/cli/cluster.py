@@ -42,7 +42,9 @@ def add_arguments(sub) -> None:
     listing.add_argument("--json", action="store_true")
     revoke = actions.add_parser("revoke", help="refuse a token from now on, and renewals of nodes that joined with it")
     revoke.add_argument("token_id")
-    for q in (create, listing, revoke):
+    forget = actions.add_parser("forget-node", help="free a node id (its renewals stop; it may enrol again)")
+    forget.add_argument("node_id")
+    for q in (create, listing, revoke, forget):
         q.add_argument("--dir", required=True, help="the cluster folder (init-cluster --dir)")
     server = sub.add_parser("enroll-server", help="serve node enrolment and renewal over HTTPS until stopped")
     server.add_argument("--dir", required=True, help="the cluster folder (init-cluster --dir)")
@@ -84,6 +86,9 @@ def tokens(args) -> int:
     elif args.action == "revoke":
         cluster.revoke(args.token_id)
         print(f"token {args.token_id} revoked: new enrolments and renewals with it are refused")
+    elif args.action == "forget-node":
+        cluster.forget_node(args.node_id)
+        print(f"node {args.node_id} forgotten: its renewals are refused; it may enrol again with a token")
     else:
         listing, nodes = cluster.tokens(), cluster.nodes()
         if args.json:

@@ -127,21 +127,38 @@ class Cluster:
                 raise Unauthorized("this join token was revoked")
             if time.time() > token["expires"]:
                 raise Unauthorized("this join token expired: create a new one with 'faasmoe-router tokens create'")
+            held = state["nodes"].get(node_id)
+            if held is not None and not state["tokens"].get(held["token"], {}).get("revoked"):
+                raise Unauthorized(f"node id {node_id!r} is enrolled already: give this node another --node-id, or "
+                                   f"free the id with 'faasmoe-router tokens forget-node {node_id}'")
             cert = self._sign(csr_pem, "node", node_id, NODE_CERT_DAYS)
             renew = cr.new_secret()
             state["nodes"][node_id] = {"token": token_id, "renew_sha256": cr.secret_hash(renew),
                                        "enrolled": time.time()}
         return cert, renew
 
+    def forget_node(self, node_id: str) -> None:
+        """Free a node id (the node lost its identity and must enrol again): its renewals stop working."""
+        with self._state() as state:
+            if state["nodes"].pop(node_id, None) is None:
+                raise ConfigError(f"no node {node_id!r} is enrolled")
+
     def renew(self, node_id: str, renew_secret: str, csr_pem: bytes) -> tuple[bytes, str]:
         with self._state() as state:
             node = state["nodes"].get(node_id)
-            if node is None or not secrets.compare_digest(node["renew_sha256"], cr.secret_hash(renew_secret)):
+            given = cr.secret_hash(renew_secret)
+            current = node is not None and secrets.compare_digest(node["renew_sha256"], given)
+            # the previous secret stays good until the new one is used: a node that lost the last reply (or
+            # crashed before keeping it) can still renew
+            previous = node is not None and secrets.compare_digest(node.get("prev_renew_sha256", ""), given)
+            if not (current or previous):
                 raise Unauthorized("unknown node or renewal secret")
             if state["tokens"].get(node["token"], {}).get("revoked"):
                 raise Unauthorized("the token this node joined with was revoked")
             cert = self._sign(csr_pem, "node", node_id, NODE_CERT_DAYS)
             renew = cr.new_secret()
+            if current:
+                node["prev_renew_sha256"] = node["renew_sha256"]
             node["renew_sha256"] = cr.secret_hash(renew)
         return cert, renew
 

@@ -32,6 +32,7 @@ class PlacementController:
 
     def start(self) -> None:
         self.session.on_mark_down = self.directory.mark_down
+        self.session.eligible = lambda: [s.address for s in self.directory.up_nodes()]
         self._unsubscribe = self.directory.subscribe(self._on_event)
         self._changed.set()                # place once at start
         self._thread = threading.Thread(target=self._run, name="faasmoe-placement", daemon=True)

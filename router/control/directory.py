@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 STOP_TIMEOUT_S = 5.0
 DROP_NEVER_UP_AFTER = 10
+DROP_AFTER_GOODBYE = 3            # failed checks in a row after a goodbye before a node is removed
 MAX_CANDIDATES = 256
 
 
@@ -85,7 +86,8 @@ class _Entry:
     thread: threading.Thread | None = None
     verified: Verified | None = None   # mutual TLS: who the probe found at this address
     ever_up: bool = False
-    doubted: str = ""                  # a goodbye or a newer address was heard: removed if a check fails
+    doubted: str = ""                  # a goodbye or a newer address was heard (see _check)
+    doubted_to: str = ""               # the newer address, if that is what was heard
     doubt_logged: bool = False
     last_why: str = ""
 
@@ -236,6 +238,7 @@ class NodeDirectory:
                 if record is not None and entry.address == record.address:
                     continue
                 entry.doubted = "said goodbye" if record is None else f"advertised again at {record.address}"
+                entry.doubted_to = "" if record is None else record.address
                 entry.doubt_logged = False
                 entry.wake.set()      # checked now: removed if it fails, kept while it answers
             if record is None:
@@ -356,7 +359,13 @@ class NodeDirectory:
                     entry.up = False
                     log.warning("node %s (%s) is down: %s", entry.node_id, entry.address, why)
                     self._emit("down", entry)
-                if entry.doubted and not entry.up:
+                moved = self._entries.get(entry.doubted_to) if entry.doubted_to else None
+                if entry.doubted and not entry.up and (
+                        (moved is not None and moved.up and moved.node_id == entry.node_id)
+                        or (not entry.doubted_to and entry.consecutive_failures >= DROP_AFTER_GOODBYE)
+                        or entry.consecutive_failures >= DROP_NEVER_UP_AFTER):
+                    # it answers at its new address (verified there), or said goodbye and failed several checks in
+                    # a row, or has been silent for long: a spoofed record plus one failed check removes nothing
                     self._drop(entry, f"{entry.doubted} and its health check failed ({why})")
                 elif not entry.static and not entry.ever_up and entry.consecutive_failures >= DROP_NEVER_UP_AFTER:
                     self._drop(entry, f"never answered ({why})")

@@ -52,17 +52,19 @@ def enroll_app(cluster: Cluster) -> FastAPI:
     async def _invalid(request, exc):
         return JSONResponse({"error": "malformed request"}, status_code=400)
 
+    # plain ``def`` handlers: FastAPI runs them in its thread pool, so file locks, key loading and signing never
+    # block the event loop that (under ``serve``) also runs the serving engine
     @app.get("/v1/cluster/ca")
-    async def ca():
+    def ca():
         return PlainTextResponse((cluster.dir / "ca.crt").read_text())
 
     @app.post("/v1/cluster/enroll")
-    async def enroll(body: EnrollBody):
+    def enroll(body: EnrollBody):
         cert, renew = cluster.enroll(body.token_id, body.secret, body.node_id, body.csr.encode())
         return {"cert": cert.decode(), "ca": (cluster.dir / "ca.crt").read_text(), "renew_secret": renew}
 
     @app.post("/v1/cluster/renew")
-    async def renew(body: RenewBody):
+    def renew(body: RenewBody):
         cert, secret = cluster.renew(body.node_id, body.renew_secret, body.csr.encode())
         return {"cert": cert.decode(), "renew_secret": secret}
 

@@ -14,11 +14,11 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from faasmoe.proto import faasmoe_pb2 as pb
 from faasmoe.proto.credentials import TlsMaterial
-from faasmoe.proto.errors import DeadlineExceeded, MeshError, NodeUnavailable, PlacementError
+from faasmoe.proto.errors import MeshError, NodeUnavailable, PlacementError
 from faasmoe.proto.function_abi import resident_estimate_bytes
 from faasmoe.router.control import placement as pl
 from faasmoe.router.control.transition import Transition, transition
@@ -65,6 +65,9 @@ class RouterSession:
         self.placed_once = threading.Event()      # every function has been routed at least once
         self.down_listeners: list[Callable[[str], None]] = []     # called (any thread) when a node goes down
         self.max_message_bytes: dict[str, int] = {}   # each node's advertised message limit (its Status)
+        # with a node directory: the nodes it verified and sees up; recoveries place on these only, never on a
+        # node discovery rejected (set by the placement controller)
+        self.eligible: Callable[[], Iterable[str]] | None = None
 
     # -- nodes -----------------------------------------------------------------------------------------
     def client(self, address: str) -> NodeClient:
@@ -226,8 +229,10 @@ class RouterSession:
                 log.exception("node-down listener failed")
 
     def live_nodes(self) -> list[str]:
+        eligible = None if self.eligible is None else set(self.eligible())
         with self._lock:
-            return sorted(set(self.clients) - self.dead)
+            live = set(self.clients) - self.dead
+        return sorted(live if eligible is None else live & eligible)
 
     def revive(self, address: str) -> None:
         """``address`` answers health checks again: it may be placed on."""
@@ -300,9 +305,8 @@ class SessionControl:
     async def node_failed(self, node: str, error: MeshError) -> None:
         if self.session.is_routed_around(node):          # already re-placed without it
             return
-        if not isinstance(error, DeadlineExceeded) and await asyncio.to_thread(self.session.answers, node):
-            log.info("node %s: its connection broke (%s) but it answers: resending, nothing re-placed",
-                     node, error.detail)
+        if await asyncio.to_thread(self.session.answers, node):   # broken link or slow call, not a dead node
+            log.info("node %s: %s, but it answers Status: resending, nothing re-placed", node, error.detail)
             return
         await self._once(("dead", node), self.session.recover, node, error)
 

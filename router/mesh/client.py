@@ -14,7 +14,7 @@ import grpc
 from faasmoe.proto import faasmoe_pb2 as pb
 from faasmoe.proto import methods
 from faasmoe.proto.errors import CheckpointError, MeshError, from_grpc
-from faasmoe.proto.credentials import SAN, TlsMaterial
+from faasmoe.proto.credentials import TlsMaterial, san_of
 from faasmoe.proto.frames import DEFAULT_MAX_MESSAGE_BYTES
 
 DEPLOY_CHUNK_BYTES = 1 << 19      # well under the smallest message limit a node accepts (1 MiB)
@@ -47,7 +47,7 @@ def make_channel(address: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTE
         return grpc.aio.insecure_channel(address, options=options) if aio else grpc.insecure_channel(address, options)
     creds = grpc.ssl_channel_credentials(root_certificates=tls.ca_pem, private_key=tls.key_pem,
                                          certificate_chain=tls.cert_pem)
-    options = options + [("grpc.ssl_target_name_override", SAN)]     # every cluster certificate is "faasmoe"
+    options = options + [("grpc.ssl_target_name_override", san_of("node"))]   # only node certificates pass
     if aio:
         return grpc.aio.secure_channel(address, creds, options=options)
     return grpc.secure_channel(address, creds, options=options)

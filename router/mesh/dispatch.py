@@ -34,7 +34,7 @@ import numpy as np
 from faasmoe.proto import frames
 from faasmoe.proto.backoff import Backoff
 from faasmoe.proto.errors import (Backpressure, DeadlineExceeded, FrameTooLarge, FunctionNotFound, MeshError,
-                                  NodeUnavailable, from_code_number)
+                                  NodeFull, NodeUnavailable, from_code_number)
 from faasmoe.router.mesh.grouping import LayerFunctions, NodeBatch, choose_replicas, plan_layer
 from faasmoe.router.mesh.retry import MAX_ATTEMPTS, RETRY_BACKOFF, NodeBans, RetryBudget, prefer_unbanned
 from faasmoe.router.mesh.routing import Router, RoutingTable
@@ -295,6 +295,9 @@ class ExpertMesh:
                 p.avoid.add(node)                                     # another replica answers instead
             elif isinstance(err, NodeUnavailable):
                 dead[node] = err
+            elif isinstance(err, NodeFull):   # this copy cannot load (memory, or refused): as if it were missing
+                missing |= {(call.function_id, node) for call in batch.calls}
+                need_repair = need_repair or err
             else:
                 raise err
         if too_large:                     # one oversized frame fails its whole stream: size by the largest
@@ -305,7 +308,8 @@ class ExpertMesh:
             self.max_rows_learned = p.max_rows
         self._check_deadline(p)
         if failed is not None:
-            await self._retry_pause(p, failed)
+            await self._retry_pause(p, failed, sum(isinstance(e, NodeUnavailable) and n is not None
+                                                   for n, e, _ in failures))
         for node, err in dead.items():
             if self.control is None:
                 raise err
@@ -338,12 +342,12 @@ class ExpertMesh:
         return all(any(n not in skip for n in p.ctx.routing.nodes_of(call.function_id, p.missing))
                    for call in batch.calls)
 
-    async def _retry_pause(self, p: PendingLayer, err: MeshError) -> None:
-        """A failed frame is about to be resent: within the attempt limit and the retry budget, after a
-        jittered backoff, or not at all (``err`` is raised)."""
+    async def _retry_pause(self, p: PendingLayer, err: MeshError, frames: int) -> None:
+        """``frames`` failed frames are about to be resent: within the attempt limit and the retry budget (one
+        token per frame), after a jittered backoff, or not at all (``err`` is raised)."""
         if p.attempts >= MAX_ATTEMPTS:
             raise type(err)(f"{err.detail} (gave up after {p.attempts} attempts)", node=err.node)
-        if not self.budget.try_retry(time.perf_counter()):
+        if not self.budget.try_retry(time.perf_counter(), frames):
             raise type(err)(f"{err.detail} (the router's retry budget is spent: no retry)", node=err.node)
         delay_s = RETRY_BACKOFF.delay_s(p.attempts - 1)
         p.attempts += 1

@@ -47,7 +47,7 @@ def probe(address: str, tls: cr.TlsMaterial, advertised: str | None, timeout_s: 
     host, _, port = address.rpartition(":")
     try:
         with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s) as sock:
-            with _context(tls).wrap_socket(sock, server_hostname=cr.SAN) as conn:
+            with _context(tls).wrap_socket(sock, server_hostname=cr.san_of("node")) as conn:
                 der = conn.getpeercert(binary_form=True)
     except ssl.SSLCertVerificationError as exc:
         raise Forbidden(f"it presents a certificate the cluster CA did not sign ({exc.verify_message})",

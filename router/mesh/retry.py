@@ -66,14 +66,14 @@ class RetryBudget:
         self.first_sends += n
         self._trim(now_s)
 
-    def try_retry(self, now_s: float) -> bool:
-        """Take one retry from the budget if it allows one."""
+    def try_retry(self, now_s: float, n: int = 1) -> bool:
+        """Take ``n`` retries (frames to resend) from the budget if it allows them all."""
         self._trim(now_s)
-        if not retry_allowed(len(self._sends), len(self._retries), ratio=self.ratio, floor=self.floor):
-            self.refused += 1
+        if not retry_allowed(len(self._sends), len(self._retries) + n - 1, ratio=self.ratio, floor=self.floor):
+            self.refused += n
             return False
-        self._retries.append(now_s)
-        self.spent += 1
+        self._retries.extend([now_s] * n)
+        self.spent += n
         return True
 
 

@@ -22,7 +22,7 @@ import grpc
 
 from faasmoe.proto import methods
 from faasmoe.proto.credentials import TlsMaterial
-from faasmoe.proto.errors import FrameTooLarge, MeshError, NodeUnavailable
+from faasmoe.proto.errors import Backpressure, FrameTooLarge, MeshError, NodeUnavailable
 from faasmoe.proto.frames import DEFAULT_MAX_MESSAGE_BYTES
 from faasmoe.router.mesh.client import make_channel
 
@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 def _stream_error(exc: BaseException, node: str) -> MeshError:
     if isinstance(exc, grpc.RpcError) and hasattr(exc, "code"):
         code, details = exc.code(), exc.details()
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "concurrent rpc" in (details or "").lower():
+            return Backpressure(f"the node is at its concurrent-call limit ({details})", node=node)
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
             return FrameTooLarge(f"a frame exceeded a message limit ({details})", node=node)
         # requests fail in-band (an error reply); a failed stream means the node or the link went away
