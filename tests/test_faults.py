@@ -243,3 +243,42 @@ def test_degraded_mode_is_opt_in_and_lists_what_it_dropped(tmp_path, model):
                 out = asyncio.run(run([mesh.addresses[0], proxy.address], proxy, degraded))
     assert out is not None and out.dropped
     assert all(isinstance(layer, int) and isinstance(expert, int) and n > 0 for (layer, expert), n in out.dropped.items())
+
+
+def test_degraded_responses_are_labelled_through_the_api(tmp_path):
+    """serve --degraded, one of two nodes killed with no room for its functions: the official client gets an
+    answer that says it is not exact and lists the dropped experts, in the body and (non-streamed) the header;
+    without --degraded the same request is an explicit error."""
+    import openai
+
+    from faasmoe.router.control.session import RouterSession
+    from serving_fixtures import RouterProcess, tiny_model
+
+    tiny = tiny_model(tmp_path)
+    function_bytes = sum(f.bytes for f in RouterSession(tiny.store).placement_functions())
+    budget_mb = 1.05 * function_bytes / 2**20 / 2
+    for degraded in (True, False):
+        with LocalMesh(2, tmp_path / f"nodes-{degraded}", memory_budget_mb=budget_mb) as mesh:
+            flags = ["--no-replicas", "--frame-timeout-s", "1", "--step-timeout-s", "10"] + (["--degraded"] if degraded else [])
+            with RouterProcess(tiny.store, mesh.addresses, *flags) as router:
+                client = openai.OpenAI(base_url=f"{router.url}/v1", api_key="unused", max_retries=0)
+                exact = client.completions.create(model=router.model, prompt=PROMPT, max_tokens=4, temperature=0)
+                assert exact.model_extra.get("faasmoe_degraded") is None
+                mesh.nodes[1].kill()
+                mesh.nodes[1].process.wait(10)
+                if not degraded:
+                    with pytest.raises(openai.APIStatusError) as err:
+                        client.completions.create(model=router.model, prompt=PROMPT, max_tokens=4, temperature=0)
+                    message = str(err.value.message)
+                    assert err.value.status_code >= 500, message
+                    assert "cannot hold" in message or mesh.nodes[1].address in message, message
+                    continue
+                raw = client.completions.with_raw_response.create(model=router.model, prompt=PROMPT, max_tokens=4,
+                                                                   temperature=0)
+                label = raw.parse().model_extra["faasmoe_degraded"]
+                assert raw.headers["x-faasmoe-degraded"] == "true"
+                assert label["exact"] is False and label["dropped_expert_calls"] > 0
+                assert all(set(d) == {"layer", "expert", "token_calls"} for d in label["dropped_experts"])
+                chunks = list(client.completions.create(model=router.model, prompt=PROMPT, max_tokens=4,
+                                                        temperature=0, stream=True))
+                assert chunks[-1].model_extra["faasmoe_degraded"]["exact"] is False
