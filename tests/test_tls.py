@@ -305,3 +305,36 @@ def test_node_ids_cannot_be_taken_over_and_a_lost_renewal_reply_is_survivable(tm
     with pytest.raises(Unauthorized):
         c.renew("edge-1", third, csr("edge-1"))
     c.enroll(token.token_id, token.secret, "edge-1", csr("edge-1"))         # the id is free again
+
+
+def test_a_node_without_enrolment_gets_no_deploy(cluster, tmp_path):
+    """A router with the cluster's identity places on an enrolled node and a plaintext (unenrolled) one: every
+    function lands on the enrolled node, the plaintext node receives nothing, and a router certificate cannot
+    pose as a node (its name is router.faasmoe, the router dials node.faasmoe)."""
+    from faasmoe.router.control.session import RouterSession
+    from faasmoe.router.store.split import split_checkpoint
+    from model_factory import make_checkpoint
+
+    c, token = cluster
+    split_checkpoint(make_checkpoint(tmp_path / "model", num_layers=2), tmp_path / "store", group_size=4,
+                     progress=False)
+    with NodeProcess(*node_args(tmp_path, "enrolled", "--join", token), env=node_env()) as enrolled, \
+            NodeProcess(*node_args(tmp_path, "open"), env=node_env()) as open_node:
+        session = RouterSession(tmp_path / "store", tls=c.router_tls, status_timeout_s=2.0)
+        try:
+            session.place_and_deploy([enrolled.address, open_node.address])
+            assert {n for nodes in session.placement.values() for n in nodes} == {enrolled.address}
+            assert open_node.address in session.unreachable
+        finally:
+            session.close()
+        plain = NodeClient(open_node.address)
+        assert len(plain.status().functions) == 0                 # nothing was deployed there
+        plain.close()
+    from faasmoe.proto.errors import MeshError
+    router_as_node = CountingServer(c.router_tls)
+    try:
+        with pytest.raises(MeshError):
+            NodeClient(f"127.0.0.1:{router_as_node.port}", tls=c.router_tls).status(timeout_s=2.0)
+        assert router_as_node.calls == 0
+    finally:
+        router_as_node.server.stop(0)
