@@ -110,6 +110,7 @@ def generate(args) -> int:
         raise ConfigError("--max-new-tokens must be at least 1")
     import asyncio
 
+    from faasmoe.router.api.openai import degraded_label
     from faasmoe.router.engine.generate import generate as run
     from faasmoe.router.engine.serving import start_serving
 
@@ -140,7 +141,8 @@ def generate(args) -> int:
         session.close()
     if args.json:
         items = [dict(text=r.text, token_ids=r.token_ids, prompt_token_ids=r.prompt_token_ids,
-                      finish_reason=r.finish_reason, step_s=[round(s, 6) for s in r.step_s]) for r in results]
+                      finish_reason=r.finish_reason, step_s=[round(s, 6) for s in r.step_s])
+                 | ({"faasmoe_degraded": degraded_label(r.dropped)} if r.dropped else {}) for r in results]
         out = dict(items[0]) if len(items) == 1 else {"results": items}
         out.update(deploy_s=round(t1 - t0, 3), load_model_s=round(t2 - t1, 3), generate_s=round(t3 - t2, 3),
                    rpcs=stats.rpcs, cold_starts=stats.cold_starts, retries=stats.retries, warmed=warmed)
@@ -148,6 +150,9 @@ def generate(args) -> int:
     else:
         for r in results:
             print(r.text)
+            if r.dropped:
+                print(f"warning: degraded, NOT exact: {sum(r.dropped.values())} expert calls were dropped "
+                      f"({len(r.dropped)} experts had no answering replica)", file=sys.stderr)
         print(f"[{sum(len(r.token_ids) for r in results)} tokens in {t3 - t2:.2f} s; "
               f"{stats.rpcs} RPCs, {stats.cold_starts} cold starts]", file=sys.stderr)
     return 0
