@@ -120,11 +120,9 @@ def main() -> int:
     from transformers import AutoModelForCausalLM
 
     from faasmoe.router.control.local_mesh import LocalMesh
-    from faasmoe.router.store.split import split_checkpoint
+    from faasmoe.router.store.split import ensure_split
     model_dir = Path(args.model)
-    store = Path(args.work_dir) / f"store-{model_dir.name}-G{args.group_size}"
-    if not (store / "manifest.json").exists():
-        split_checkpoint(model_dir, store, group_size=args.group_size, progress=False)
+    store = ensure_split(model_dir, Path(args.work_dir) / f"store-{model_dir.name}-G{args.group_size}", args.group_size)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     result = {"kernels": {**kernel_report(model, store), **onnx_report(store, model)}}
     with tempfile.TemporaryDirectory() as tmp, LocalMesh(3, Path(tmp), memory_budget_mb=2048,

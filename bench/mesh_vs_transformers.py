@@ -237,9 +237,8 @@ def main() -> int:
     model_dir = build_full_dims(work) if args.full_dims else Path(args.model)
     name = args.name or ("full-dims-2l" if args.full_dims else model_dir.name)
     store = work / f"store-{name}-G{args.group_size}"
-    if not (store / "manifest.json").exists():
-        from faasmoe.router.store.split import split_checkpoint
-        split_checkpoint(model_dir, store, group_size=args.group_size, progress=False)
+    from faasmoe.router.store.split import ensure_split
+    ensure_split(model_dir, store, args.group_size)
     common = ["--model", str(model_dir), "--store", str(store), "--nodes", str(args.nodes),
               "--node-threads", str(args.node_threads), "--torch-threads", str(args.torch_threads),
               "--max-replicas", str(args.max_replicas), "--node-budget-mb", str(args.node_budget_mb),

@@ -34,11 +34,8 @@ def pct(values, q):
 
 
 def split_for(model_dir: Path, work: Path, g: int) -> Path:
-    from faasmoe.router.store.split import split_checkpoint
-    store = work / f"store-{model_dir.name}-G{g}"
-    if not (store / "manifest.json").exists():
-        split_checkpoint(model_dir, store, group_size=g, progress=False)
-    return store
+    from faasmoe.router.store.split import ensure_split
+    return ensure_split(model_dir, work / f"store-{model_dir.name}-G{g}", g)
 
 
 def cold_starts(store: Path, layer_only: int, repeats: int, budget_mb: float) -> list[float]:

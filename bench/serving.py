@@ -290,9 +290,8 @@ def main() -> int:
         model_dir = Path(args.model)
     name = args.name or (model_dir.name if not args.qwen_dims else f"qwen-dims-{args.layers}l")
     store = Path(args.store) if args.store else work / f"store-{name}-G{args.group_size}"
-    if not (store / "manifest.json").exists():
-        from faasmoe.router.store.split import split_checkpoint
-        split_checkpoint(model_dir, store, group_size=args.group_size, progress=False)
+    from faasmoe.router.store.split import ensure_split
+    ensure_split(model_dir, store, args.group_size)
     common = ["--model", str(model_dir), "--store", str(store), "--nodes", str(args.nodes),
               "--node-threads", str(args.node_threads), "--torch-threads", str(args.torch_threads),
               "--node-budget-mb", str(args.node_budget_mb), "--clients", ",".join(map(str, args.clients)),

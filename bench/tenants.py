@@ -181,12 +181,10 @@ def main() -> int:
     p.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "faasmoe-bench"))
     args = p.parse_args()
     from faasmoe.router.control.local_mesh import LocalMesh
-    from faasmoe.router.store.split import split_checkpoint
+    from faasmoe.router.store.split import ensure_split
     from faasmoe.router.tenancy.config import Tenant, TenantsConfig, hash_key, new_key, save_tenants
     model_dir = Path(args.model)
-    store = Path(args.work_dir) / f"store-{model_dir.name}-G{args.group_size}"
-    if not (store / "manifest.json").exists():
-        split_checkpoint(model_dir, store, group_size=args.group_size, progress=False)
+    store = ensure_split(model_dir, Path(args.work_dir) / f"store-{model_dir.name}-G{args.group_size}", args.group_size)
     counts = [int(n) for n in args.tenants.split(",")]
     keys = {f"t{i}": new_key() for i in range(max(max(counts), 2))}
     prompts = prompts_for(model_dir, 64)

@@ -101,9 +101,9 @@ class NodeServer:
             self.runtime = Runtime(cfg, self.store, self._run_executor)
             self._server = grpc.aio.server(maximum_concurrent_rpcs=cfg.max_concurrent_rpcs, options=[
                 ("grpc.max_concurrent_streams", cfg.max_concurrent_rpcs),
-                ("grpc.keepalive_time_ms", 10_000),            # notice a vanished router within seconds
-                ("grpc.keepalive_timeout_ms", 5_000),
-                ("grpc.http2.min_ping_interval_without_data_ms", 4_000),   # routers ping every 5 s
+                ("grpc.keepalive_time_ms", methods.NODE_PING_MS),    # keepalive: see faasmoe.proto.methods
+                ("grpc.keepalive_timeout_ms", methods.NODE_PING_TIMEOUT_MS),
+                ("grpc.http2.min_ping_interval_without_data_ms", methods.NODE_MIN_PING_INTERVAL_MS),
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.max_receive_message_length", cfg.max_message_bytes),
                 ("grpc.max_send_message_length", cfg.max_message_bytes),

@@ -164,24 +164,25 @@ class Unauthorized(ServingError):
     grpc_code = grpc.StatusCode.UNAUTHENTICATED
 
 
-class RateLimited(ServingError):
+class RetryLater(ServingError):
+    """Refused for now; the caller may retry after ``retry_after_s`` (HTTP Retry-After)."""
     grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
     def __init__(self, message: str, retry_after_s: float):
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class RateLimited(RetryLater):
+    """A tenant's limit (429)."""
 
 
 class UnknownModel(ServingError):
     grpc_code = grpc.StatusCode.NOT_FOUND
 
 
-class Overloaded(ServingError):
-    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
-
-    def __init__(self, message: str, retry_after_s: float):
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
+class Overloaded(RetryLater):
+    """The server's queue is full (503)."""
 
 
 class StepFailed(ServingError):

@@ -16,6 +16,13 @@ from faasmoe.proto import faasmoe_pb2 as pb
 
 SERVICE = "faasmoe.v1.ExpertNode"
 
+# Keepalive, agreed by both sides: routers ping every CLIENT_PING_MS and give up after CLIENT_PING_TIMEOUT_MS (a
+# partitioned or paused node is noticed within ~8 s with nothing in flight); nodes accept pings that often and
+# ping their callers on their own, more slowly.
+CLIENT_PING_MS, CLIENT_PING_TIMEOUT_MS = 5_000, 3_000
+NODE_MIN_PING_INTERVAL_MS = 4_000            # < CLIENT_PING_MS, or the node would answer the pings with GOAWAY
+NODE_PING_MS, NODE_PING_TIMEOUT_MS = 10_000, 5_000
+
 
 @dataclass(frozen=True)
 class Method:

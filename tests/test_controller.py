@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import logging
-import time
 
 from faasmoe.router.control.controller import PlacementController
 from faasmoe.router.control.directory import NodeDirectory
@@ -12,13 +11,7 @@ from faasmoe.router.control.local_mesh import LocalMesh
 from faasmoe.router.control.session import RouterSession
 from faasmoe.router.store.split import split_checkpoint
 from model_factory import make_checkpoint
-
-
-def _wait(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
+from serving_fixtures import wait_for
 
 
 def test_controller_survives_an_unexpected_exception_and_retries(tmp_path, caplog):
@@ -36,12 +29,12 @@ def test_controller_survives_an_unexpected_exception_and_retries(tmp_path, caplo
         directory.start()
         controller.start()
         try:
-            _wait(lambda: controller.last_error is not None, 30, "a failed round")
+            wait_for(lambda: controller.last_error is not None, 30, "a failed round")
             assert "missing from the store" in controller.last_error
             assert controller._thread.is_alive()
             assert any("re-placement" in r.getMessage() for r in caplog.records)
             aside.rename(victim)           # put back: the next round (backoff) succeeds
-            _wait(lambda: controller.replacements >= 1 and controller.last_error is None, 30, "a good round")
+            wait_for(lambda: controller.replacements >= 1 and controller.last_error is None, 30, "a good round")
             assert set(session.placement) == {f.function_id for f in session.manifest.functions}
         finally:
             controller.stop()

@@ -19,6 +19,7 @@ from faasmoe.router.engine.sequence import FinishEvent, Request, TokenEvent
 from faasmoe.router.engine.serving import local_serving
 from faasmoe.router.model.experts import LocalExperts
 from faasmoe.router.model.runner import ModelRunner, Segment
+from node_fixtures import wait_until
 from serving_fixtures import tiny_model
 
 CONFIG = EngineConfig(limits=Limits(max_running=16, max_step_tokens=64, prefill_chunk=6))
@@ -38,8 +39,7 @@ def _ids(tiny, text):
 
 async def _steps_pass(engine, n: int) -> None:
     target = engine.stats.steps + n
-    while engine.stats.steps < target:
-        await asyncio.sleep(0.001)
+    await wait_until(lambda: engine.stats.steps >= target, 60, f"{n} engine steps")
 
 
 def test_tokens_do_not_depend_on_the_batch(mesh_and_model):
@@ -106,7 +106,7 @@ def test_a_failed_step_fails_only_its_requests_and_the_engine_serves_on(mesh_and
             events = engine.events(first)
             await events.__anext__()                               # it runs; the batch is full
             second = asyncio.ensure_future(engine.generate(Request(_ids(tiny, "xyz"), 5)))
-            await asyncio.sleep(0)
+            await wait_until(lambda: len(engine.waiting) == 1, 10, "the second request to queue")
             assert len(engine.waiting) == 1                        # waiting: not in the step that fails
             original, calls = mesh_.collect, {"n": 0}
 

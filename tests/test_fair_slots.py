@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from faasmoe.node.fair_slots import FairSlots, pick_next
+from node_fixtures import wait_until
 
 
 @pytest.mark.parametrize("waiting, last, expected", [
@@ -34,9 +35,9 @@ def test_a_flooding_caller_waits_behind_its_own_calls():
 
         await slots.acquire("x")                                     # the slot is busy
         flood = [asyncio.ensure_future(call("a", i)) for i in range(6)]
-        await asyncio.sleep(0)
+        await wait_until(lambda: slots.waiting == 6, 5, "a's six calls queued")
         light = [asyncio.ensure_future(call("b", i)) for i in range(2)]
-        await asyncio.sleep(0)
+        await wait_until(lambda: slots.waiting == 8, 5, "b's two calls queued behind them")
         slots.release()
         await asyncio.gather(*flood, *light)
         return order, slots.free
@@ -51,7 +52,7 @@ def test_a_cancelled_waiter_gives_up_its_turn():
         slots = FairSlots(1)
         await slots.acquire("x")
         waiter = asyncio.ensure_future(slots.acquire("a"))
-        await asyncio.sleep(0)
+        await wait_until(lambda: slots.waiting == 1, 5, "the waiter queued")
         waiter.cancel()
         await asyncio.gather(waiter, return_exceptions=True)
         slots.release()

@@ -15,6 +15,7 @@ from faasmoe.router.engine.sequence import Request
 from faasmoe.router.engine.serving import local_serving
 from faasmoe.router.tenancy.accounting import Accounting
 from faasmoe.router.tenancy.ledger import Ledger
+from node_fixtures import wait_until
 from serving_fixtures import tiny_model
 
 
@@ -41,8 +42,8 @@ def test_weights_two_to_one_give_two_to_one_throughput_under_saturation(mesh_and
             engine = serving.engine
             seqs = {t: [engine.submit(Request(ids(tiny, f"{t} request {i:02d}"), 20, tenant=t, ignore_eos=True))
                         for i in range(40)] for t in weights}
-            while all(any(s in engine.waiting for s in seqs[t]) for t in weights):    # both still backlogged
-                await asyncio.sleep(0.001)
+            await wait_until(lambda: not all(any(s in engine.waiting for s in seqs[t]) for t in weights), 120,
+                             "one tenant's backlog to drain")
             tokens = {t: sum(len(s.output_ids) for s in seqs[t]) for t in weights}
             for s in [*engine.running, *engine.waiting]:
                 engine.cancel(s)
@@ -81,8 +82,8 @@ def test_a_flooding_tenant_does_not_starve_a_light_one(mesh_and_model):
                     i += 1
 
             heavy = [asyncio.ensure_future(flood(k)) for k in range(16)]
-            while not any(s.request.tenant == "a" for s in engine.waiting):          # A's backlog exists
-                await asyncio.sleep(0.001)
+            await wait_until(lambda: any(s.request.tenant == "a" for s in engine.waiting), 60,
+                             "A's backlog")
             crowded = await light(engine)
             stop.set()
             await asyncio.gather(*heavy)

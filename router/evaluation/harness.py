@@ -61,15 +61,12 @@ def prepare_model(scenario: Scenario, work: Path) -> Path:
 
 
 def _stores(model_dir: Path, work: Path):
-    from faasmoe.router.store.split import split_checkpoint
+    from faasmoe.router.store.split import ensure_split
     made: dict[int, Path] = {}
 
     def store_of(group_size: int) -> Path:
         if group_size not in made:
-            path = work / f"store-G{group_size}"
-            if not (path / "manifest.json").exists():
-                split_checkpoint(model_dir, path, group_size=group_size, progress=False)
-            made[group_size] = path
+            made[group_size] = ensure_split(model_dir, work / f"store-G{group_size}", group_size)
         return made[group_size]
     return store_of
 

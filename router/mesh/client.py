@@ -29,10 +29,8 @@ def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[
         ("grpc.initial_reconnect_backoff_ms", 200),
         ("grpc.min_reconnect_backoff_ms", 200),
         ("grpc.max_reconnect_backoff_ms", 1000),
-        # a partitioned or paused node is noticed within ~8 s even with nothing in flight (the node permits a
-        # ping every 4 s: faasmoe.node.server)
-        ("grpc.keepalive_time_ms", 5_000),
-        ("grpc.keepalive_timeout_ms", 3_000),
+        ("grpc.keepalive_time_ms", methods.CLIENT_PING_MS),             # see faasmoe.proto.methods
+        ("grpc.keepalive_timeout_ms", methods.CLIENT_PING_TIMEOUT_MS),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
     ]

@@ -136,6 +136,15 @@ def _install(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def ensure_split(model_dir: str | Path, out_dir: str | Path, group_size: int | None = None) -> Path:
+    """``out_dir`` as a store of ``model_dir``: split once, reused while its manifest is there (benchmarks and
+    the bench harness keep one store per model and group size in their work folders)."""
+    out_dir = Path(out_dir)
+    if not (out_dir / "manifest.json").exists():
+        split_checkpoint(model_dir, out_dir, group_size=group_size, progress=False)
+    return out_dir
+
+
 def split_checkpoint(model_dir: str | Path, out_dir: str | Path, group_size: int | None = None,
                      progress: bool = True, dtype: str = "float32", overwrite: bool = False) -> Manifest:
     """Split ``model_dir`` into the store ``out_dir`` and return its manifest.
