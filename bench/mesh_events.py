@@ -33,7 +33,6 @@ import threading
 import time
 from pathlib import Path
 
-from faasmoe.proto.function_abi import resident_estimate_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "bench" / "out"
@@ -199,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     split_checkpoint(model_dir, store, group_size=4, progress=False)
     manifest = load_manifest(store)
     function_ids = {f.function_id for f in manifest.functions}
-    total_mb = sum(resident_estimate_bytes(f.bytes) for f in manifest.functions) / 2**20   # as placement counts
+    total_mb = sum(f.footprint_bytes for f in manifest.functions) / 2**20   # as placement counts
     tok = AutoTokenizer.from_pretrained(str(store))
     ref = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     expected = reference_generate(ref, tok, [PROMPT], args.tokens)[0].token_ids

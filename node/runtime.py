@@ -1,11 +1,13 @@
 """The node's function registry and its ONNX Runtime sessions (serverless: load on demand, release when idle).
 
 - *deployed bytes*: file sizes of deployed functions, at most ``memory_budget_bytes x overcommit``.
-- *resident bytes* of a loaded function: a **calibrated factor** over its file size (not a measurement),
-  :func:`resident_estimate_bytes` = 1.02 x file + 1 MiB, known before the load so it can be admitted. Measured
-  with onnxruntime 1.32 / glibc, arena off and ``M_MMAP_THRESHOLD`` 4 MiB (:func:`faasmoe.node.cli.tune_malloc`):
-  process RSS grows by 1.00-1.01 x the file size per loaded session (30, 33, 48 MiB files; the very first
-  load adds ~10 MiB of ORT global state) and falls back to baseline on release. The RSS delta around each
+- *resident bytes* of a loaded function: a **calibrated estimate** from its file size and precision (not a
+  measurement), :func:`function_resident_bytes` = 1.02 x file + 8 bytes per quantization block + 1 MiB,
+  known before the load so it can be admitted. Measured with onnxruntime 1.32 / glibc, arena off and
+  ``M_MMAP_THRESHOLD`` 4 MiB (:func:`faasmoe.node.cli.tune_malloc`): process RSS grows by 1.00-1.02 x the
+  file size per loaded fp32 session, 1.07 x for int8 and 1.13 x for int4 at block 128 (MatMulNBits' prepacked
+  blocks carry 8 more bytes each; the very first load adds ~10 MiB of ORT global state) and falls back to
+  baseline on release. The RSS delta around each
   load is kept in :class:`FunctionStats` and logged (a warning when far above the estimate). A load peaks
   transiently at ~1.7 x its file; loads run one at a time, which bounds that overshoot.
 - *loaded bytes* (sum of resident bytes) stay within ``memory_budget_bytes``: a load evicts least recently
@@ -57,6 +59,8 @@ class FunctionStats:
     compute_s: float = 0.0                # seconds of session runs, total
     last_used_s: float = field(default_factory=time.monotonic)  # monotonic; last call end, load or deploy
     rss_delta_bytes: int = 0              # RSS change measured around the last load
+    wait_s: float = 0.0                   # seconds calls waited for a run slot (contention, not loading)
+    waits: int = 0                        # calls that waited for a run slot
     heat: HeatWindow = field(default_factory=HeatWindow)   # rows per expert, sliding window
     rows_by_caller: dict[str, int] = field(default_factory=dict)
 
@@ -130,8 +134,7 @@ class Runtime:
     @property
     def deployed_bytes(self) -> int:
         """Memory the deployed functions would hold if all were loaded (what capacity limits)."""
-        return (sum(resident_estimate_bytes(fn.info.size_bytes) for fn in self.deployed.values())
-                + self._pending_deploy_bytes)
+        return sum(fn.info.resident_bytes for fn in self.deployed.values()) + self._pending_deploy_bytes
 
     @property
     def loaded_bytes(self) -> int:
@@ -156,8 +159,9 @@ class Runtime:
         self._changed = asyncio.Event()
 
     # ---- deploy
-    def check_capacity(self, function_id: str, size_bytes: int) -> None:
-        budget, need = self.config.memory_budget_bytes, resident_estimate_bytes(size_bytes)
+    def check_capacity(self, function_id: str, need: int) -> None:
+        """NodeFull unless a function holding ``need`` bytes when loaded fits."""
+        budget = self.config.memory_budget_bytes
         if need > budget:
             raise NodeFull(f"function {function_id} needs ~{need / MIB:.1f} MiB when loaded, more than the whole "
                            f"memory budget of node {self.node_id} ({budget / MIB:.1f} MiB); use smaller functions "
@@ -186,17 +190,20 @@ class Runtime:
         if present and self.store.size_bytes(fid) != size:
             raise InvalidRequest(f"function {fid}: announced {size} bytes but its content is "
                                  f"{self.store.size_bytes(fid)} bytes")
-        self.check_capacity(fid, size)                 # before a byte of data is read
+        announced = max(resident_estimate_bytes(size), header.resident_bytes)
+        self.check_capacity(fid, announced)            # before a byte of data is read
         if not present:
-            self._pending_deploy_bytes += resident_estimate_bytes(size)
+            self._pending_deploy_bytes += announced
             try:
                 await self.store.receive(fid, size, chunks)
             finally:
-                self._pending_deploy_bytes -= resident_estimate_bytes(size)
+                self._pending_deploy_bytes -= announced
                 self._load_pool.submit(trim_malloc)     # upload buffers
         try:
             info = FunctionInfo.from_file(self.store.path(fid), fid, size)     # the function ABI, or refused
-        except InvalidRequest:
+            if fid not in self.deployed and info.resident_bytes > announced:  # its precision needs more
+                self.check_capacity(fid, info.resident_bytes)
+        except (InvalidRequest, NodeFull):
             if fid not in self.deployed:
                 self.store.remove(fid)
             raise
@@ -207,8 +214,8 @@ class Runtime:
             fn.deployed, fn.owners = True, {header.owner}
             self.deployed[fid] = fn
             self.store.pin(fid)
-            log.info("deployed %s (layer %d, experts %s, %.1f MiB)%s", fid[:12], info.layer, list(info.expert_ids),
-                     size / MIB, " from the disk cache" if present else "")
+            log.info("deployed %s (layer %d, experts %s, %s, %.1f MiB)%s", fid[:12], info.layer,
+                     list(info.expert_ids), info.precision.label, size / MIB, " from the disk cache" if present else "")
         return present
 
     def undeploy(self, function_id: str, owner: str = "") -> tuple[bool, bool]:
@@ -247,7 +254,7 @@ class Runtime:
             if fn.broken:
                 raise NodeFull(fn.broken, node=self.node_id)
             async with self._load_lock:
-                need = resident_estimate_bytes(fn.info.size_bytes)
+                need = fn.info.resident_bytes
                 while (victims := eviction.evict_for_load(self._loaded_view(), need,
                                                           self.config.memory_budget_bytes)) is None:
                     self.counters.memory_waits += 1
@@ -390,7 +397,10 @@ class Runtime:
                 try:
                     if fn.session is None:
                         result.cold_start, result.load_s = True, await self._load_once(fn, by_call=True)
+                    waited_from = time.perf_counter() if self._slots.locked() else None
                     await self._slots.acquire(caller)
+                    if waited_from is not None:
+                        st.wait_s, st.waits = st.wait_s + time.perf_counter() - waited_from, st.waits + 1
                 finally:
                     self.queue_depth -= 1
             else:

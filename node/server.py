@@ -301,5 +301,8 @@ class NodeServer:
                 size_bytes=info.size_bytes, loaded=fn.session is not None, idle_s=max(0.0, now - st.last_used_s),
                 invocations=st.invocations, in_flight=st.in_flight, resident_bytes=fn.resident_bytes,
                 model_id=info.model_id, expert_calls_window=st.heat.totals(len(info.expert_ids), now),
-                owners=sorted(fn.owners), rows=st.rows, compute_s=st.compute_s, rows_by_caller=st.rows_by_caller)
+                owners=sorted(fn.owners), rows=st.rows, compute_s=st.compute_s, rows_by_caller=st.rows_by_caller,
+                precision=info.precision.name, block_size=info.precision.block_size,
+                footprint_bytes=info.resident_bytes, rss_delta_bytes=st.rss_delta_bytes, wait_s=st.wait_s,
+                waits=st.waits)
         return reply

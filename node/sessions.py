@@ -19,7 +19,7 @@ INLINE_MAX_MACS = 1_000_000   # calls this small (rows x expert weights) run on 
 
 def is_tiny(call: Call, info: FunctionInfo) -> bool:
     """A run this small costs less than the hand-off to a worker thread."""
-    return len(call.rows) * info.size_bytes // (4 * len(info.expert_ids)) <= INLINE_MAX_MACS
+    return len(call.rows) * info.params_per_expert <= INLINE_MAX_MACS
 
 
 def create_session(info: FunctionInfo, threads: int, proc: psutil.Process):

@@ -210,10 +210,22 @@ class FunctionInfo:
     hidden_size: int
     model_id: str
     path: Path
+    intermediate_size: int = 0
+    precision: abi.Precision = abi.FP32
 
     @functools.cached_property
     def rows_inputs(self) -> tuple[str, ...]:
         return tuple(abi.rows_input(j) for j in range(len(self.expert_ids)))
+
+    @functools.cached_property
+    def resident_bytes(self) -> int:
+        """Memory the function holds when loaded (the ABI's estimate for its size and precision)."""
+        return abi.function_resident_bytes(self.size_bytes, len(self.expert_ids), self.hidden_size,
+                                           self.intermediate_size, self.precision)
+
+    @property
+    def params_per_expert(self) -> int:
+        return 3 * self.hidden_size * self.intermediate_size
 
     @classmethod
     def from_file(cls, path: Path, function_id: str, size_bytes: int) -> FunctionInfo:
@@ -222,4 +234,5 @@ class FunctionInfo:
             spec = check_function(path)
         except InvalidRequest as err:
             raise InvalidRequest(f"function {function_id} refused: {err}") from None
-        return cls(function_id, size_bytes, spec.layer, spec.expert_ids, spec.hidden_size, spec.model_id, path)
+        return cls(function_id, size_bytes, spec.layer, spec.expert_ids, spec.hidden_size, spec.model_id, path,
+                   spec.intermediate_size, spec.precision)

@@ -15,7 +15,7 @@ class TensorSpec(_message.Message):
     def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class FunctionHeader(_message.Message):
-    __slots__ = ("function_id", "size_bytes", "layer", "expert_ids", "model_id", "dtype", "owner")
+    __slots__ = ("function_id", "size_bytes", "layer", "expert_ids", "model_id", "dtype", "owner", "resident_bytes")
     FUNCTION_ID_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -23,6 +23,7 @@ class FunctionHeader(_message.Message):
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
+    RESIDENT_BYTES_FIELD_NUMBER: _ClassVar[int]
     function_id: str
     size_bytes: int
     layer: int
@@ -30,7 +31,8 @@ class FunctionHeader(_message.Message):
     model_id: str
     dtype: str
     owner: str
-    def __init__(self, function_id: _Optional[str] = ..., size_bytes: _Optional[int] = ..., layer: _Optional[int] = ..., expert_ids: _Optional[_Iterable[int]] = ..., model_id: _Optional[str] = ..., dtype: _Optional[str] = ..., owner: _Optional[str] = ...) -> None: ...
+    resident_bytes: int
+    def __init__(self, function_id: _Optional[str] = ..., size_bytes: _Optional[int] = ..., layer: _Optional[int] = ..., expert_ids: _Optional[_Iterable[int]] = ..., model_id: _Optional[str] = ..., dtype: _Optional[str] = ..., owner: _Optional[str] = ..., resident_bytes: _Optional[int] = ...) -> None: ...
 
 class DeployChunk(_message.Message):
     __slots__ = ("header", "data")
@@ -157,7 +159,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class FunctionStatus(_message.Message):
-    __slots__ = ("function_id", "layer", "expert_ids", "size_bytes", "loaded", "idle_s", "invocations", "in_flight", "resident_bytes", "model_id", "expert_calls_window", "owners", "rows", "compute_s", "rows_by_caller")
+    __slots__ = ("function_id", "layer", "expert_ids", "size_bytes", "loaded", "idle_s", "invocations", "in_flight", "resident_bytes", "model_id", "expert_calls_window", "owners", "rows", "compute_s", "rows_by_caller", "precision", "block_size", "footprint_bytes", "rss_delta_bytes", "wait_s", "waits")
     class RowsByCallerEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -180,6 +182,12 @@ class FunctionStatus(_message.Message):
     ROWS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
     ROWS_BY_CALLER_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    FOOTPRINT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RSS_DELTA_BYTES_FIELD_NUMBER: _ClassVar[int]
+    WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    WAITS_FIELD_NUMBER: _ClassVar[int]
     function_id: str
     layer: int
     expert_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -195,7 +203,13 @@ class FunctionStatus(_message.Message):
     rows: int
     compute_s: float
     rows_by_caller: _containers.ScalarMap[str, int]
-    def __init__(self, function_id: _Optional[str] = ..., layer: _Optional[int] = ..., expert_ids: _Optional[_Iterable[int]] = ..., size_bytes: _Optional[int] = ..., loaded: _Optional[bool] = ..., idle_s: _Optional[float] = ..., invocations: _Optional[int] = ..., in_flight: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., model_id: _Optional[str] = ..., expert_calls_window: _Optional[_Iterable[int]] = ..., owners: _Optional[_Iterable[str]] = ..., rows: _Optional[int] = ..., compute_s: _Optional[float] = ..., rows_by_caller: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    precision: str
+    block_size: int
+    footprint_bytes: int
+    rss_delta_bytes: int
+    wait_s: float
+    waits: int
+    def __init__(self, function_id: _Optional[str] = ..., layer: _Optional[int] = ..., expert_ids: _Optional[_Iterable[int]] = ..., size_bytes: _Optional[int] = ..., loaded: _Optional[bool] = ..., idle_s: _Optional[float] = ..., invocations: _Optional[int] = ..., in_flight: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., model_id: _Optional[str] = ..., expert_calls_window: _Optional[_Iterable[int]] = ..., owners: _Optional[_Iterable[str]] = ..., rows: _Optional[int] = ..., compute_s: _Optional[float] = ..., rows_by_caller: _Optional[_Mapping[str, int]] = ..., precision: _Optional[str] = ..., block_size: _Optional[int] = ..., footprint_bytes: _Optional[int] = ..., rss_delta_bytes: _Optional[int] = ..., wait_s: _Optional[float] = ..., waits: _Optional[int] = ...) -> None: ...
 
 class StatusReply(_message.Message):
     __slots__ = ("node_id", "version", "profile", "memory_budget_bytes", "deployed_bytes", "loaded_bytes", "disk_budget_bytes", "disk_used_bytes", "threads", "rss_bytes", "keep_alive_s", "functions", "queue_depth", "capacity_bytes", "heat_window_s", "max_message_bytes", "max_concurrent_rpcs", "max_inflight_bytes")

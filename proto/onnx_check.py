@@ -4,11 +4,13 @@ No onnx package and no weights in memory: the file's protobuf is walked field by
 data. A file passes only if it is exactly what :mod:`faasmoe.proto.function_abi` describes, up to the weight
 values and free-text strings:
 
-- the model: IR version, one opset import (the default domain at ``OPSET``), one graph, the ABI metadata;
-  no local functions, no training info, nothing unknown;
+- the model: IR version, the opset imports of its precision (the default domain at ``OPSET``; quantized
+  functions also ``com.microsoft`` for MatMulNBits), one graph, the ABI metadata; no local functions, no
+  training info, nothing unknown;
 - the graph: the inputs, output, nodes (operator, inputs, outputs, integer attributes) and initializers
   (name, data type, dims) that :func:`graph_ops` and :func:`initializers` list for its experts and sizes;
-  no value_info, no sparse initializers, no subgraphs;
+  no value_info, no sparse initializers, no subgraphs; the precision and block size named in the metadata
+  decide which graph that is (MatMul over float32 weights, or MatMulNBits over packed blocks and scales);
 - every initializer holds its bytes inline (``raw_data`` of exactly dims x item size): **no external data**,
   so a function can never read another file; the int64 constants hold the values the Slices need.
 
@@ -27,10 +29,11 @@ from pathlib import Path
 from typing import BinaryIO, Iterator
 
 from faasmoe.proto import function_abi as abi
-from faasmoe.proto.errors import InvalidRequest
+from faasmoe.proto.errors import ConfigError, InvalidRequest
 
 SMALL_BYTES = 1 << 16            # any message but a tensor's data is smaller than this
-ITEM_BYTES = {abi.FLOAT: 4, abi.INT64: 8}
+ITEM_BYTES = {abi.FLOAT: 4, abi.UINT8: 1, abi.INT64: 8}
+DOMAINS = {"": "", "ai.onnx": "", abi.MS_DOMAIN: abi.MS_DOMAIN}
 VARINT, I64, LEN, I32 = 0, 1, 2, 5
 
 
@@ -41,6 +44,7 @@ class FunctionSpec:
     hidden_size: int
     intermediate_size: int
     model_id: str
+    precision: abi.Precision = abi.FP32
 
 
 def _utf8(value: bytes) -> str:
@@ -155,8 +159,10 @@ ATTRIBUTE_INT = 2
 
 def _node(data: bytes) -> abi.Op:
     f = _message(data, _NODE, "a node")
-    if _text(f.get(7)) not in ("", "ai.onnx"):
-        raise InvalidRequest(f"operator domain {_text(f.get(7))!r}: only the default ONNX domain is allowed")
+    domain = DOMAINS.get(_text(f.get(7)))
+    if domain is None:
+        raise InvalidRequest(f"operator domain {_text(f.get(7))!r}: only the default ONNX domain and "
+                             f"{abi.MS_DOMAIN} (MatMulNBits) are allowed")
     attrs = []
     for raw in f.get(5, []):
         a = _message(raw, _ATTR, "an attribute")
@@ -165,7 +171,7 @@ def _node(data: bytes) -> abi.Op:
         value = _ints(a.get(3))[-1]
         attrs.append((_text(a.get(1)), value - (1 << 64) if value >= 1 << 63 else value))
     return abi.Op(_text(f.get(4)), tuple(_utf8(v) for v in f.get(1, [])), tuple(_utf8(v) for v in f.get(2, [])),
-                  tuple(attrs))
+                  tuple(attrs), domain)
 
 
 def _tensor(fh: BinaryIO, span) -> tuple[str, int, tuple[int, ...], tuple[int, int] | None]:
@@ -231,9 +237,14 @@ def _metadata(pairs: list[bytes]) -> FunctionSpec:
                              f"{meta.get(abi.META_ABI)!r})")
     try:
         experts = tuple(int(e) for e in meta[abi.META_EXPERTS].split(","))
+        precision = abi.FP32
+        if abi.META_PRECISION in meta or abi.META_BLOCK_SIZE in meta:
+            precision = abi.Precision(meta.get(abi.META_PRECISION, ""), int(meta.get(abi.META_BLOCK_SIZE, "0")))
+            if not precision.quantized:
+                raise ConfigError("a float32 function names no precision or block size")
         spec = FunctionSpec(int(meta[abi.META_LAYER]), experts, int(meta[abi.META_HIDDEN]),
-                            int(meta[abi.META_INTERMEDIATE]), meta.get(abi.META_MODEL, ""))
-    except (KeyError, ValueError) as err:
+                            int(meta[abi.META_INTERMEDIATE]), meta.get(abi.META_MODEL, ""), precision)
+    except (KeyError, ValueError, ConfigError) as err:
         raise InvalidRequest(f"bad or missing ABI metadata ({err})") from None
     if not 0 < len(experts) <= abi.MAX_EXPERTS or len(set(experts)) != len(experts) or min(experts) < 0:
         raise InvalidRequest(f"expert ids {meta[abi.META_EXPERTS][:80]!r}: 1 to {abi.MAX_EXPERTS} distinct ids >= 0")
@@ -264,10 +275,12 @@ def check_function(path: str | Path) -> FunctionSpec:
         if _ints(model.get(1)) != [abi.IR_VERSION]:
             raise InvalidRequest(f"IR version {_ints(model.get(1))}, the ABI uses {abi.IR_VERSION}")
         opsets = [_message(_read(fh, s, "opset_import"), _OPSET, "an opset import") for s in model.get(8, [])]
-        if [(_text(o.get(1)), _ints(o.get(2))) for o in opsets] not in ([("", [abi.OPSET])],
-                                                                         [("ai.onnx", [abi.OPSET])]):
-            raise InvalidRequest(f"opset imports must be the default domain at version {abi.OPSET} only")
         spec = _metadata([_read(fh, s, "metadata") for s in model.get(14, [])])
+        imports = [(DOMAINS.get(_text(o.get(1)), "?"), _ints(o.get(2))) for o in opsets]
+        want = [(domain, [version]) for domain, version in abi.opset_imports(spec.precision)]
+        if imports != want:
+            raise InvalidRequest(f"opset imports must be {', '.join(f'{d or chr(34)*2}:{v[0]}' for d, v in want)} "
+                                 f"for a {spec.precision.label} function")
         _check_graph(fh, model[7][0], spec)
     return spec
 
@@ -275,7 +288,7 @@ def check_function(path: str | Path) -> FunctionSpec:
 def _check_graph(fh: BinaryIO, span, spec: FunctionSpec) -> None:
     start, length = span
     ops, inputs, outputs, tensors = [], [], [], {}
-    expected_ops = abi.graph_ops(spec.expert_ids)
+    expected_ops = abi.graph_ops(spec.expert_ids, spec.hidden_size, spec.intermediate_size, spec.precision)
     limit = len(expected_ops) + 2 * len(spec.expert_ids) + 8        # any more parts and it cannot match
     fh.seek(start)
     for number, wire, value in _fields(fh, start + length):
@@ -299,12 +312,15 @@ def _check_graph(fh: BinaryIO, span, spec: FunctionSpec) -> None:
         fh.seek(here)
     experts, hidden, inter = spec.expert_ids, spec.hidden_size, spec.intermediate_size
     if ops != expected_ops:
-        bad = next((op for op, want in zip(ops, expected_ops) if op != want), None)
+        bad, want = next(((op, w) for op, w in zip(ops, expected_ops) if op != w), (None, None))
+        if bad is not None and bad.domain != want.domain:
+            raise InvalidRequest(f"operator {bad.op_type} is in domain {bad.domain or 'ai.onnx'!r}; the ABI's "
+                                 f"{want.op_type} is in {want.domain or 'ai.onnx'!r}")
         known = {o.op_type for o in expected_ops}
         if any(op.op_type not in known for op in ops):
             unknown = sorted({op.op_type for op in ops} - known)
             raise InvalidRequest(f"operators {unknown} are not part of the function ABI")
-        raise InvalidRequest(f"the graph is not the ABI's for experts {list(experts)[:8]}: "
+        raise InvalidRequest(f"the graph is not the ABI's for {spec.precision.label} experts {list(experts)[:8]}: "
                              f"{len(ops)} nodes vs {len(expected_ops)}" + (f", first difference at {bad.op_type} "
                                                                            f"{bad.outputs}" if bad else ""))
     want_inputs = [(abi.HIDDEN_INPUT, abi.FLOAT, 2)] + [(abi.rows_input(j), abi.INT64, 1) for j in range(len(experts))]
@@ -313,7 +329,7 @@ def _check_graph(fh: BinaryIO, span, spec: FunctionSpec) -> None:
                              f"{len(experts) - 1} int64 [n_j]")
     if [(n, t) for n, t, _ in outputs] != [(abi.OUTPUT, abi.FLOAT)] or outputs[0][2][1:] != (hidden,):
         raise InvalidRequest(f"the output must be {abi.OUTPUT} float32 [m, {hidden}]")
-    want = abi.initializers(experts, hidden, inter)
+    want = abi.initializers(experts, hidden, inter, spec.precision)
     if {k: (t, d) for k, (t, d, _) in tensors.items()} != want:
         odd = sorted(set(tensors) ^ set(want)) or sorted(k for k in want if tensors[k][:2] != want[k])
         raise InvalidRequest(f"initializers differ from the ABI's (names, data types or dims): {odd[:4]}")

@@ -25,6 +25,7 @@ from faasmoe.node.config import NodeConfig
 from faasmoe.node.server import NodeServer
 from faasmoe.proto import faasmoe_pb2 as pb
 from faasmoe.proto import frames, methods
+from faasmoe.proto.function_abi import FP32, Precision
 from faasmoe.router.store.onnx_function import build_function, run_reference
 
 MIB = 1024 * 1024
@@ -57,12 +58,13 @@ class Fn:
         return np.concatenate(outs)
 
 
-def make_function(seed: int = 0, layer: int = 0, n_experts: int = 2, hidden: int = 64, inter: int = 128) -> Fn:
+def make_function(seed: int = 0, layer: int = 0, n_experts: int = 2, hidden: int = 64, inter: int = 128,
+                  precision: Precision = FP32) -> Fn:
     rng = np.random.default_rng(seed)
     gate_up = [rng.standard_normal((2 * inter, hidden), dtype=np.float32) * 0.05 for _ in range(n_experts)]
     down = [rng.standard_normal((hidden, inter), dtype=np.float32) * 0.05 for _ in range(n_experts)]
     experts = list(range(seed * 10, seed * 10 + n_experts))
-    data = build_function(layer, experts, gate_up, down, model_id="test")
+    data = build_function(layer, experts, gate_up, down, model_id="test", precision=precision)
     return Fn(data, hashlib.sha256(data).hexdigest(), layer, experts, gate_up, down, hidden)
 
 

@@ -94,7 +94,7 @@ class RouterSession:
                 if status.max_message_bytes:
                     self.max_message_bytes[address] = status.max_message_bytes
                 mine = [f for f in status.functions if f.function_id in self._by_id]
-                foreign = sum(resident_estimate_bytes(f.size_bytes) for f in status.functions
+                foreign = sum(f.footprint_bytes or resident_estimate_bytes(f.size_bytes) for f in status.functions
                               if f.function_id not in self._by_id)
                 views.append(NodeView(address, status, max(status.capacity_bytes - foreign, 0),
                                       frozenset(f.function_id for f in mine),
@@ -104,7 +104,7 @@ class RouterSession:
     # -- placement -------------------------------------------------------------------------------------
     def placement_functions(self) -> list[pl.FunctionSpec]:
         """The functions as placement sees them: sized by the memory they hold when loaded on a node."""
-        return [pl.FunctionSpec(f.function_id, f.layer, resident_estimate_bytes(f.bytes), f.expected_load, f.name)
+        return [pl.FunctionSpec(f.function_id, f.layer, f.footprint_bytes, f.expected_load, f.name)
                 for f in self.manifest.functions]
 
     def plan(self, views: Sequence[NodeView]) -> dict[str, tuple[str, ...]]:
@@ -189,7 +189,7 @@ class RouterSession:
         def one(address: str) -> int:
             chosen, used = [], 0
             for entry in sorted(held[address], key=lambda e: (-e.expected_load, e.layer, e.name)):
-                need = resident_estimate_bytes(entry.bytes)
+                need = entry.footprint_bytes
                 if used + need <= budgets.get(address, 0):
                     chosen.append(entry.function_id)
                     used += need
@@ -322,7 +322,8 @@ def default_router_id(manifest: Manifest) -> str:
 
 def header_of(entry: FunctionEntry, model_id: str, owner: str = "") -> pb.FunctionHeader:
     return pb.FunctionHeader(function_id=entry.function_id, size_bytes=entry.bytes, layer=entry.layer,
-                             expert_ids=list(entry.expert_ids), model_id=model_id, dtype=entry.dtype, owner=owner)
+                             expert_ids=list(entry.expert_ids), model_id=model_id, dtype=entry.dtype, owner=owner,
+                             resident_bytes=entry.footprint_bytes)
 
 
 def node_specs(views: Sequence[NodeView]) -> list[pl.NodeSpec]:

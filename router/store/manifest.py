@@ -7,6 +7,9 @@
       tokenizer*, special_tokens_map.json, generation_config.json   copied when present
       functions/L{layer:02d}_E{first:02d}-{last:02d}.onnx   one file per expert function
 
+Every function of a store has the store's precision (``experts_precision``, ``block_size``); stores written
+before quantization existed have neither field and are fp32.
+
 A function is identified by the sha256 of its file (content addressing): two routers deploying the same
 split share a node's copy, and a node verifies what it receives.
 """
@@ -17,7 +20,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from faasmoe.proto.errors import CheckpointError
+from faasmoe.proto.errors import CheckpointError, ConfigError
+from faasmoe.proto.function_abi import Precision, resident_estimate_bytes
 
 FORMAT = "faasmoe-store/1"
 MANIFEST = "manifest.json"
@@ -32,9 +36,17 @@ class FunctionEntry:
     expert_ids: tuple[int, ...]
     bytes: int                # file size
     sha256: str
-    dtype: str                # weights dtype inside the ONNX file
+    dtype: str                # weights dtype inside the ONNX file (float32, int8, int4)
     opset: int
     expected_load: float = 0.0   # share of the layer's routed (token, expert) pairs; 0 = unknown
+    precision: str = "fp32"      # fp32 | int8 | int4 (function_abi.Precision)
+    block_size: int = 0          # weights per quantization block; 0 for fp32
+    resident_bytes: int = 0      # memory when loaded on a node (function_abi estimate); 0 = older store
+
+    @property
+    def footprint_bytes(self) -> int:
+        """What placement counts for this function on a node: the memory it holds when loaded."""
+        return self.resident_bytes or resident_estimate_bytes(self.bytes)
 
 
 @dataclass(frozen=True)
@@ -52,6 +64,12 @@ class Manifest:
     dense_file: str
     dense_bytes: int
     functions: tuple[FunctionEntry, ...] = field(default_factory=tuple)
+    experts_precision: str = "fp32"      # every function's precision (a store has one)
+    block_size: int = 0
+
+    @property
+    def precision(self) -> Precision:
+        return Precision(self.experts_precision, self.block_size)
 
     def layer_functions(self, layer: int) -> list[FunctionEntry]:
         return [f for f in self.functions if f.layer == layer]
@@ -82,7 +100,8 @@ def load_manifest(store: str | Path) -> Manifest:
     try:
         functions = tuple(FunctionEntry(**{**f, "expert_ids": tuple(f["expert_ids"])}) for f in data.pop("functions"))
         manifest = Manifest(**{**data, "moe_layers": tuple(data["moe_layers"]), "functions": functions})
-    except (KeyError, TypeError) as exc:
+        manifest.precision
+    except (KeyError, TypeError, ConfigError) as exc:
         raise CheckpointError(f"{path}: manifest fields do not match {FORMAT} ({exc})") from None
     for layer in manifest.moe_layers:
         covered = sorted(e for f in manifest.layer_functions(layer) for e in f.expert_ids)

@@ -12,17 +12,19 @@ from onnx import TensorProto, helper, numpy_helper
 
 from faasmoe.proto import function_abi as abi
 from faasmoe.proto.errors import CheckpointError
+from faasmoe.router.store.quantize import quantize_matrix
 
 PROTOBUF_LIMIT_BYTES = 2**31 - 1
 OPSET = abi.OPSET
 
 
 def build_function(layer: int, expert_ids: Sequence[int], gate_up: Sequence[np.ndarray],
-                   down: Sequence[np.ndarray], model_id: str = "") -> bytes:
+                   down: Sequence[np.ndarray], model_id: str = "", precision: abi.Precision = abi.FP32) -> bytes:
     """Serialized ONNX for experts ``expert_ids`` of ``layer``.
 
     ``gate_up[j]``: [2I, H] (gate rows first, then up rows, as transformers' fused ``gate_up_proj``);
-    ``down[j]``: [H, I]. Weights are stored transposed as float32 so each projection is one MatMul.
+    ``down[j]``: [H, I]. fp32: weights stored transposed as float32, so each projection is one MatMul;
+    int8 / int4: each transposed weight is quantized (:mod:`faasmoe.router.store.quantize`) for MatMulNBits.
     """
     if not (len(expert_ids) == len(gate_up) == len(down)) or not expert_ids:
         raise CheckpointError(f"layer {layer}: need one gate_up and one down matrix per expert")
@@ -36,25 +38,36 @@ def build_function(layer: int, expert_ids: Sequence[int], gate_up: Sequence[np.n
             raise CheckpointError(f"layer {layer} expert {expert}: shapes {gate_up[j].shape} / {down[j].shape} "
                                   f"do not match [{two_i}, {hidden}] / [{hidden}, {inter}]")
         inputs.append(helper.make_tensor_value_info(abi.rows_input(j), TensorProto.INT64, [f"n{j}"]))
-        gate_up_name, down_name = abi.weight_names(expert)
-        inits.append(numpy_helper.from_array(np.ascontiguousarray(gate_up[j].T, dtype=np.float32), gate_up_name))
-        inits.append(numpy_helper.from_array(np.ascontiguousarray(down[j].T, dtype=np.float32), down_name))
-    nodes = [helper.make_node(op.op_type, list(op.inputs), list(op.outputs), **dict(op.attrs))
-             for op in abi.graph_ops(expert_ids)]
+        for name, weight in zip(abi.weight_names(expert), (gate_up[j], down[j])):
+            inits += _weight_tensors(name, weight.T, precision)
+    nodes = [helper.make_node(op.op_type, list(op.inputs), list(op.outputs), domain=op.domain or None,
+                              **dict(op.attrs))
+             for op in abi.graph_ops(expert_ids, hidden, inter, precision)]
     graph = helper.make_graph(nodes, f"faasmoe_L{layer}", inputs,
                               [helper.make_tensor_value_info(abi.OUTPUT, TensorProto.FLOAT, ["m", hidden])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", abi.OPSET)], producer_name="faasmoe")
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in abi.opset_imports(precision)],
+                              producer_name="faasmoe")
     model.ir_version = abi.IR_VERSION
-    helper.set_model_props(model, {
-        abi.META_ABI: abi.ABI_VERSION, abi.META_LAYER: str(layer),
-        abi.META_EXPERTS: ",".join(str(e) for e in expert_ids), abi.META_HIDDEN: str(hidden),
-        abi.META_INTERMEDIATE: str(inter), abi.META_MODEL: model_id,
-    })
-    weight_bytes = sum(g.size + d.size for g, d in zip(gate_up, down)) * 4
+    props = {abi.META_ABI: abi.ABI_VERSION, abi.META_LAYER: str(layer),
+             abi.META_EXPERTS: ",".join(str(e) for e in expert_ids), abi.META_HIDDEN: str(hidden),
+             abi.META_INTERMEDIATE: str(inter), abi.META_MODEL: model_id}
+    if precision.quantized:
+        props.update({abi.META_PRECISION: precision.name, abi.META_BLOCK_SIZE: str(precision.block_size)})
+    helper.set_model_props(model, props)
+    weight_bytes = sum(t.ByteSize() for t in inits)
     if weight_bytes >= PROTOBUF_LIMIT_BYTES:
         raise CheckpointError(f"layer {layer}: {len(expert_ids)} experts are {weight_bytes / 2**30:.2f} GiB, over "
                               "ONNX's 2 GiB file limit; use a smaller --group-size")
     return model.SerializeToString()
+
+
+def _weight_tensors(name: str, b_kn: np.ndarray, precision: abi.Precision) -> list[TensorProto]:
+    """The initializers of one projection's weight ``B`` [K, N]: itself (fp32), or its blocks and scales."""
+    if not precision.quantized:
+        return [numpy_helper.from_array(np.ascontiguousarray(b_kn, dtype=np.float32), name)]
+    packed, scales = quantize_matrix(b_kn, precision)
+    packed_name, scales_name = abi.quant_names(name)
+    return [numpy_helper.from_array(packed, packed_name), numpy_helper.from_array(scales, scales_name)]
 
 
 def run_reference(gate_up: np.ndarray, down: np.ndarray, x: np.ndarray) -> np.ndarray:

@@ -5,6 +5,9 @@ chunk at a time, original names and dtype), and each function reads only its G e
 tensor at a time), so peak memory is about one function group (its float32 weights, about three copies while
 ONNX serialises them), whatever the checkpoint size.
 
+``--experts int8|int4`` quantizes each expert matrix as it is read (:mod:`faasmoe.router.store.quantize`,
+blocks of ``--block-size``), so a quantized split holds even less at a time.
+
 Group size G defaults to 4 (:data:`DEFAULT_GROUP_SIZE`, capped at num_experts): a 4-expert function
 shares one ONNX session (less memory and load time per expert than single-expert sessions, DESIGN.md §7)
 while leaving placement enough pieces to spread a layer over several nodes. When G does not divide
@@ -29,9 +32,11 @@ from pathlib import Path
 from typing import Callable
 
 from faasmoe.proto.errors import CheckpointError, ConfigError
+from faasmoe.proto.function_abi import FP32, Precision, function_resident_bytes
 from faasmoe.router.store.checkpoint import ARCHITECTURE, Checkpoint
 from faasmoe.router.store.manifest import FORMAT, MANIFEST, FunctionEntry, Manifest
 from faasmoe.router.store.onnx_function import OPSET, build_function
+from faasmoe.router.store.quantize import PRECISIONS, parse_precision
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +92,7 @@ def write_dense(ckpt: Checkpoint, path: Path, on_bytes: Callable[[int], None] = 
     return path.stat().st_size
 
 
-def _write_function(ckpt: Checkpoint, store: Path, layer: int, expert_ids: tuple[int, ...], dtype: str,
+def _write_function(ckpt: Checkpoint, store: Path, layer: int, expert_ids: tuple[int, ...], precision: Precision,
                     on_bytes: Callable[[int], None]) -> FunctionEntry:
     gate_up, down = [], []
     for expert in expert_ids:
@@ -95,14 +100,22 @@ def _write_function(ckpt: Checkpoint, store: Path, layer: int, expert_ids: tuple
         gate_up.append(g)
         down.append(d)
         on_bytes(ckpt.expert_source_bytes(layer, expert))
-    data = build_function(layer, expert_ids, gate_up, down, model_id=ckpt.config.name)
+    data = build_function(layer, expert_ids, gate_up, down, model_id=ckpt.config.name, precision=precision)
     del gate_up, down
     name, rel = function_paths(layer, expert_ids)
     (store / rel).write_bytes(data)
     digest = hashlib.sha256(data).hexdigest()
     log.debug("%s: %d bytes, sha256 %s", name, len(data), digest[:12])
+    cfg = ckpt.config
+    resident = function_resident_bytes(len(data), len(expert_ids), cfg.hidden_size, cfg.moe_intermediate_size,
+                                       precision)
     return FunctionEntry(function_id=digest, name=name, file=rel, layer=layer, expert_ids=expert_ids,
-                         bytes=len(data), sha256=digest, dtype=dtype, opset=OPSET)
+                         bytes=len(data), sha256=digest, dtype=_dtype(precision), opset=OPSET,
+                         precision=precision.name, block_size=precision.block_size, resident_bytes=resident)
+
+
+def _dtype(precision: Precision) -> str:
+    return "float32" if not precision.quantized else precision.name
 
 
 def _copy_side_files(src: Path, dst: Path) -> list[str]:
@@ -136,28 +149,28 @@ def _install(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def ensure_split(model_dir: str | Path, out_dir: str | Path, group_size: int | None = None) -> Path:
+def ensure_split(model_dir: str | Path, out_dir: str | Path, group_size: int | None = None,
+                 precision: Precision = FP32) -> Path:
     """``out_dir`` as a store of ``model_dir``: split once, reused while its manifest is there (benchmarks and
-    the bench harness keep one store per model and group size in their work folders)."""
+    the bench harness keep one store per model, group size and precision in their work folders)."""
     out_dir = Path(out_dir)
     if not (out_dir / "manifest.json").exists():
-        split_checkpoint(model_dir, out_dir, group_size=group_size, progress=False)
+        split_checkpoint(model_dir, out_dir, group_size=group_size, progress=False, precision=precision)
     return out_dir
 
 
 def split_checkpoint(model_dir: str | Path, out_dir: str | Path, group_size: int | None = None,
-                     progress: bool = True, dtype: str = "float32", overwrite: bool = False) -> Manifest:
+                     progress: bool = True, precision: Precision = FP32, overwrite: bool = False) -> Manifest:
     """Split ``model_dir`` into the store ``out_dir`` and return its manifest.
 
     ``group_size``: experts per function, 1..num_experts (``None`` → :data:`DEFAULT_GROUP_SIZE`);
-    ``dtype``: weights dtype inside the functions (only ``"float32"``); ``overwrite``: replace an existing
-    store at ``out_dir`` (a non-empty ``out_dir`` is otherwise a :class:`ConfigError`; a non-empty directory
-    that is not a store is never replaced). Raises :class:`CheckpointError` for a bad checkpoint
-    or group size. The functions carry the config-derived model name (not the final ``model_id``, which
-    hashes the function ids) so the same model split anywhere yields byte-identical functions.
+    ``precision``: how the functions store the expert weights (fp32, the exact default, or int8 / int4 in
+    blocks); ``overwrite``: replace an existing store at ``out_dir`` (a non-empty ``out_dir`` is otherwise a
+    :class:`ConfigError`; a non-empty directory that is not a store is never replaced). Raises
+    :class:`CheckpointError` for a bad checkpoint or group size. The functions carry the config-derived model
+    name (not the final ``model_id``, which hashes the function ids) so the same model split anywhere yields
+    byte-identical functions.
     """
-    if dtype != "float32":
-        raise ConfigError(f"dtype {dtype!r} is not supported; expert functions are float32")
     start_s, out = time.perf_counter(), Path(out_dir)
     with Checkpoint(model_dir) as ckpt:
         cfg = ckpt.config
@@ -175,12 +188,14 @@ def split_checkpoint(model_dir: str | Path, out_dir: str | Path, group_size: int
                 entries = []
                 for layer, ids in groups:
                     bar.set_postfix_str(function_paths(layer, ids)[0], refresh=False)
-                    entries.append(_write_function(ckpt, tmp, layer, ids, dtype, bar.update))
+                    entries.append(_write_function(ckpt, tmp, layer, ids, precision, bar.update))
             ids_hash = hashlib.sha256("\n".join(e.function_id for e in entries).encode()).hexdigest()[:12]
             manifest = Manifest(format=FORMAT, model_id=f"{cfg.name}-{ids_hash}", architecture=ARCHITECTURE,
                                 num_layers=cfg.num_layers, num_experts=cfg.num_experts, top_k=cfg.top_k,
-                                hidden_size=cfg.hidden_size, moe_layers=cfg.moe_layers, group_size=g, dtype=dtype,
-                                dense_file=DENSE_FILE, dense_bytes=dense_bytes, functions=tuple(entries))
+                                hidden_size=cfg.hidden_size, moe_layers=cfg.moe_layers, group_size=g,
+                                dtype=_dtype(precision), dense_file=DENSE_FILE, dense_bytes=dense_bytes,
+                                functions=tuple(entries), experts_precision=precision.name,
+                                block_size=precision.block_size)
             manifest.save(tmp)
             _install(tmp, out)
         except OSError as exc:
@@ -206,6 +221,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", metavar="STORE", type=Path, required=True, help="store directory to write")
     parser.add_argument("--group-size", metavar="G", type=int, default=None,
                         help=f"experts per function, 1..num_experts (default {DEFAULT_GROUP_SIZE})")
+    parser.add_argument("--experts", choices=PRECISIONS, default="fp32",
+                        help="how functions store the expert weights: fp32 (default, exact), or int8 / int4 "
+                             "weight-only blocks run by ONNX Runtime's MatMulNBits (not exact; see BENCHMARKS.md "
+                             "for their fidelity)")
+    parser.add_argument("--block-size", metavar="B", type=int, default=None,
+                        help="weights per quantization block for int8 / int4: 16, 32, 64, 128 (default) or 256")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     parser.add_argument("--force", action="store_true", help="replace STORE if it exists and is not empty")
 
@@ -213,12 +234,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Split and print a one-line summary; :class:`FaasmoeError` propagates to the umbrella's handler."""
     start_s = time.perf_counter()
+    precision = parse_precision(args.experts, args.block_size)
     m = split_checkpoint(args.model_dir, args.out, group_size=args.group_size, progress=not args.no_progress,
-                         overwrite=getattr(args, "force", False))
+                         overwrite=getattr(args, "force", False), precision=precision)
     elapsed_s = time.perf_counter() - start_s
-    print(f"split {args.model_dir} -> {args.out}: {len(m.functions)} functions ({len(m.moe_layers)} MoE layers x "
-          f"{m.num_experts} experts, G={m.group_size}), functions {_mib(m.function_bytes)}, "
-          f"dense {_mib(m.dense_bytes)}, {elapsed_s:.1f} s")
+    print(f"split {args.model_dir} -> {args.out}: {len(m.functions)} functions ({precision.label}, "
+          f"{len(m.moe_layers)} MoE layers x {m.num_experts} experts, G={m.group_size}), functions "
+          f"{_mib(m.function_bytes)}, dense {_mib(m.dense_bytes)}, {elapsed_s:.1f} s")
     return 0
 
 
