@@ -104,7 +104,8 @@ class NodeTelemetry:
             "functions": [{"function_id": f.function_id, "layer": f.layer, "expert_ids": list(f.expert_ids),
                            "size_bytes": f.size_bytes, "loaded": f.loaded, "idle_s": round(f.idle_s, 3),
                            "resident_bytes": f.resident_bytes, "invocations": f.invocations,
-                           "in_flight": f.in_flight, "expert_calls_window": list(f.expert_calls_window)}
+                           "in_flight": f.in_flight, "expert_calls_window": list(f.expert_calls_window),
+                           "precision": f.precision, "block_size": f.block_size}
                           for f in st.functions],
             "counters": {"loads": counters.loads, "cold_starts": counters.cold_starts,
                          "evictions_keep_alive": counters.evictions_keep_alive,

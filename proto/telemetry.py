@@ -20,7 +20,8 @@ Status (``"online": true``)::
      "keep_alive_s": float (-1 = never evict), "queue_depth": int, "heat_window_s": float,
      "functions": [{"function_id": str (sha256), "layer": int, "expert_ids": [int], "size_bytes": int,
                     "loaded": bool, "idle_s": float, "resident_bytes": int, "invocations": int,
-                    "in_flight": int, "expert_calls_window": [int] (rows per expert in the heat window)}],
+                    "in_flight": int, "expert_calls_window": [int] (rows per expert in the heat window),
+                    "precision": "fp32" | "int8" | "int4", "block_size": int (0 for fp32)}],
      "counters": {"loads", "cold_starts", "evictions_keep_alive", "evictions_memory", "backpressure",
                   "memory_waits", "events_dropped": int}}
 
@@ -71,7 +72,7 @@ STATUS_KEYS = {"schema": str, "node_id": str, "online": bool, "ts": float, "addr
                "heat_window_s": float, "functions": list, "counters": dict}
 FUNCTION_KEYS = {"function_id": str, "layer": int, "expert_ids": list, "size_bytes": int, "loaded": bool,
                  "idle_s": float, "resident_bytes": int, "invocations": int, "in_flight": int,
-                 "expert_calls_window": list}
+                 "expert_calls_window": list, "precision": str, "block_size": int}
 COUNTER_KEYS = ("loads", "cold_starts", "evictions_keep_alive", "evictions_memory", "backpressure",
                 "memory_waits", "events_dropped")
 OFFLINE_KEYS = {"schema": str, "node_id": str, "online": bool, "reason": str}

@@ -42,8 +42,12 @@ def client(server):
     return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
 
 
+FP32_LABEL = {"experts": "fp32", "block_size": 0, "dense": "float32", "exact": True}
+
+
 def test_models_health_and_metrics(server, client):
     assert [m.id for m in client.models.list().data] == [server.model] == ["store"]
+    assert client.models.list().data[0].model_extra["faasmoe_precision"] == FP32_LABEL
     health = httpx.get(f"{server.url}/health")
     assert health.status_code == 200 and health.json()["status"] == "ok"
     metrics = httpx.get(f"{server.url}/metrics")
@@ -58,14 +62,16 @@ def test_greedy_text_equals_transformers_and_the_cli(mesh_and_model, server, cli
     assert out.choices[0].text == expected
     assert out.usage.prompt_tokens == len(ref.prompt_token_ids) and out.usage.completion_tokens == len(ref.token_ids)
     assert out.choices[0].finish_reason == ("stop" if ref.token_ids[-1] == 0 else "length")
+    assert out.model_extra["faasmoe_precision"] == FP32_LABEL
     chunks = list(client.completions.create(model="store", prompt=PROMPT, max_tokens=N, temperature=0, stream=True))
     assert "".join(c.choices[0].text for c in chunks) == expected
+    assert all(c.model_extra["faasmoe_precision"] == FP32_LABEL for c in chunks)
     assert chunks[-1].choices[0].finish_reason == out.choices[0].finish_reason
     cli = subprocess.run([sys.executable, "-m", "faasmoe.router", "generate", "--store", str(tiny.store),
                           "--nodes", ",".join(mesh.addresses), "--prompt", PROMPT, "--max-new-tokens", str(N),
                           "--json"], capture_output=True, text=True, timeout=240)
     assert cli.returncode == 0, cli.stderr
-    assert json.loads(cli.stdout)["text"] == expected
+    assert json.loads(cli.stdout)["text"] == expected and json.loads(cli.stdout)["faasmoe_precision"] == FP32_LABEL
 
 
 def test_chat_uses_the_plain_template_and_equals_transformers(mesh_and_model, client):

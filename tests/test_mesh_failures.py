@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from faasmoe.proto.errors import NodeUnavailable, PlacementError, StepFailed
 from faasmoe.router.control.local_mesh import LocalMesh
+from faasmoe.router.control.replicas import ReplicaPolicy
 from faasmoe.router.control.session import RouterSession
 from faasmoe.router.engine.engine import EngineConfig
 from faasmoe.router.engine.generate import generate
@@ -118,14 +119,19 @@ def _kill_after_calls(serving, node, calls: int):
     serving.mesh.submit = submit
 
 
-def test_killed_node_is_replaced_by_survivors_same_tokens(tmp_path, model_and_store):
+@pytest.mark.parametrize("replicas", ["1", "2"])
+def test_killed_node_is_replaced_by_survivors_same_tokens(tmp_path, model_and_store, replicas):
+    """With one copy of each function the killed node's functions are re-placed on the survivors mid-generation
+    (make-before-break); with two, the survivors' copies take over. Either way the tokens stay exact."""
     model_dir, store = model_and_store
     tok = AutoTokenizer.from_pretrained(str(store))
     ref = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     expected = reference_generate(ref, tok, ["hello mesh"], 10)[0].token_ids
 
     async def run(mesh):
-        async with local_serving(store, mesh.addresses, EngineConfig(step_timeout_s=10)) as serving:
+        async with local_serving(store, mesh.addresses, EngineConfig(step_timeout_s=10),
+                                 replica_policy=ReplicaPolicy(replicas)) as serving:
+            assert {len(nodes) for nodes in serving.session.placement.values()} == {int(replicas)}
             _kill_after_calls(serving, mesh.nodes[1], calls=7)
             out = (await generate(serving.engine, tok, ["hello mesh"], 10))[0]
             session = serving.session

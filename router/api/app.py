@@ -101,8 +101,10 @@ def create_app(api: openai.ApiContext, health: Callable[[], tuple[bool, str]],
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": api.model_name, "object": "model", "created": api.created,
-                                            "owned_by": "faasmoe"}]}
+        model = {"id": api.model_name, "object": "model", "created": api.created, "owned_by": "faasmoe"}
+        if api.precision is not None:
+            model["faasmoe_precision"] = api.precision.label()
+        return {"object": "list", "data": [model]}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: HttpRequest):

@@ -38,6 +38,7 @@ class ServeOptions:
     tenants_poll_s: float = 1.0         # how often the tenants file is checked for changes
     cluster_dir: str | None = None      # with enroll_listen: serve node enrolment for this cluster too
     enroll_listen: str | None = None    # HOST:PORT of the enrolment endpoint
+    dense_dtype: str = "float32"        # the router's dense part: float32 (exact) or bfloat16
 
 
 class HttpFront:

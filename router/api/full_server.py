@@ -18,6 +18,7 @@ from faasmoe.router.api.openai import ApiContext
 from faasmoe.router.engine.engine import Engine, EngineConfig
 from faasmoe.router.engine.serving import eos_ids_of, load_tokenizer
 from faasmoe.router.model.experts import LocalExperts
+from faasmoe.router.model.precision import ServedPrecision
 from faasmoe.router.model.runner import ModelRunner
 from faasmoe.router.observe.metrics import RouterMetrics
 from faasmoe.router.tenancy.ledger import LedgerCollector
@@ -60,7 +61,8 @@ class FullModelServer:
             metrics.watch(_NoMesh(), self.engine)
             await self.engine.start()
             name = self.options.model_name or self.model_dir.name
-            api = ApiContext(self._engine, name, tokenizer, int(time.time()), front.registry, front.ledger)
+            api = ApiContext(self._engine, name, tokenizer, int(time.time()), front.registry, front.ledger,
+                             ServedPrecision.of_full_model(self.dtype))
             app = create_app(api, self._health, metrics.registry)
             await front.serve(app, name, {"full_model": True}, f"the whole model in one process, {self.dtype}")
         finally:

@@ -25,6 +25,8 @@ from faasmoe.router.api.schemas import ChatCompletionRequest, CompletionRequest
 from faasmoe.router.engine.engine import Engine
 from faasmoe.router.engine.sampling import Choice, SamplingParams
 from faasmoe.router.engine.sequence import FinishEvent, Request, TokenEvent
+from faasmoe.router.model.precision import HEADER as PRECISION_HEADER
+from faasmoe.router.model.precision import ServedPrecision
 from faasmoe.router.tenancy.config import Tenant
 from faasmoe.router.tenancy.registry import TenantRegistry
 
@@ -39,6 +41,10 @@ class ApiContext:
     created: int = 0
     registry: TenantRegistry = field(default_factory=lambda: TenantRegistry(None))
     ledger: object = None             # the usage ledger (GET /v1/usage)
+    precision: ServedPrecision | None = None   # named in every response (body field and header)
+
+    def precision_headers(self) -> dict[str, str]:
+        return {PRECISION_HEADER: self.precision.header()} if self.precision else {}
 
 
 def degraded_label(dropped: dict) -> dict:
@@ -106,8 +112,11 @@ class _Call:
     def _envelope(self, choices: list[dict], usage: dict | None, chunk: bool) -> dict:
         obj = self.kind if not chunk else ("text_completion" if self.kind == "text_completion"
                                            else "chat.completion.chunk")
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.api.model_name,
+        body = {"id": self.id, "object": obj, "created": self.created, "model": self.api.model_name,
                 "choices": choices, "usage": usage}
+        if self.api.precision is not None:
+            body["faasmoe_precision"] = self.api.precision.label()
+        return body
 
     # -- responses -------------------------------------------------------------------------------------
     async def respond(self, http: HttpRequest) -> Response:
@@ -128,7 +137,8 @@ class _Call:
         body = self._envelope([self._choice(text, events, finish.reason, False)], _usage(finish), False)
         if finish.dropped:
             body["faasmoe_degraded"] = degraded_label(finish.dropped)
-        return JSONResponse(body, headers={"x-faasmoe-degraded": "true"} if finish.dropped else None)
+        headers = self.api.precision_headers() | ({"x-faasmoe-degraded": "true"} if finish.dropped else {})
+        return JSONResponse(body, headers=headers)
 
     async def _collect(self) -> tuple[list[TokenEvent], FinishEvent]:
         events = []
@@ -139,7 +149,8 @@ class _Call:
 
     def stream(self) -> StreamingResponse:
         return StreamingResponse(self._chunks(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+                                          **self.api.precision_headers()})
 
     async def _chunks(self) -> AsyncIterator[str]:
         try:

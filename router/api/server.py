@@ -22,6 +22,7 @@ from faasmoe.router.control.directory import NodeDirectory
 from faasmoe.router.control.session import RouterSession
 from faasmoe.router.engine.engine import EngineConfig
 from faasmoe.router.engine.serving import Serving, start_serving
+from faasmoe.router.model.precision import dense_dtype
 from faasmoe.router.observe.metrics import RouterMetrics
 from faasmoe.router.tenancy.ledger import LedgerCollector
 from faasmoe.router.tenancy.memory import MemoryPoller
@@ -104,7 +105,8 @@ class RouterServer:
         self.controller = PlacementController(session, self.directory, settle_s=options.settle_s)
         self.controller.start()
         try:
-            serving = readiness.serving = await start_serving(session, self.config, accounting=self.accounting)
+            serving = readiness.serving = await start_serving(session, self.config, dense_dtype(options.dense_dtype),
+                                                              accounting=self.accounting)
             serving.engine.tenant_of = self.registry.tenant
             metrics.watch(serving.mesh, serving.engine)
             poller.start()
@@ -115,10 +117,12 @@ class RouterServer:
                     await asyncio.sleep(0.1)
                 await asyncio.to_thread(session.warm)
             name = options.model_name or session.store.name
-            api = ApiContext(readiness.engine, name, serving.tokenizer, int(time.time()), self.registry, self.ledger)
+            api = ApiContext(readiness.engine, name, serving.tokenizer, int(time.time()), self.registry, self.ledger,
+                             serving.precision)
             app = create_app(api, readiness.health, metrics.registry)
-            await self.front.serve(app, name, {"router_id": session.router_id},
-                                   f"{len(session.manifest.functions)} expert functions on the mesh")
+            await self.front.serve(app, name, {"router_id": session.router_id, "precision": serving.precision.label()},
+                                   f"{len(session.manifest.functions)} {serving.precision.header()} expert "
+                                   "functions on the mesh")
         finally:
             if enrolment is not None:
                 enrolment[0].should_exit = True

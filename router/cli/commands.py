@@ -8,7 +8,6 @@ import time
 from contextlib import contextmanager
 
 from faasmoe.proto.errors import ConfigError
-from faasmoe.router.control import placement as pl
 from faasmoe.router.control.directory import NodeDirectory, parse_address
 from faasmoe.router.control.placement_format import format_plan, plan_to_dict
 
@@ -50,11 +49,12 @@ def node_addresses(args):
 def _session(args):
     from faasmoe.router.control.session import RouterSession, default_router_id
     from faasmoe.router.store.manifest import load_manifest
-    options = pl.PlacementOptions(replicate=not getattr(args, "no_replicas", False))
+    from faasmoe.router.control.replicas import ReplicaPolicy
+    policy = ReplicaPolicy(args.replicas, interval_s=getattr(args, "replica_interval_s", 10.0))
     router_id = getattr(args, "router_id", None)
     if router_id is None and getattr(args, "tenant", None):            # a private router: its own leases
         router_id = f"{default_router_id(load_manifest(args.store))}/{args.tenant}"
-    return RouterSession(args.store, router_id=router_id, placement_options=options, tls=cluster_tls(args))
+    return RouterSession(args.store, router_id=router_id, replica_policy=policy, tls=cluster_tls(args))
 
 
 def engine_config(args):
@@ -113,6 +113,7 @@ def generate(args) -> int:
     from faasmoe.router.api.openai import degraded_label
     from faasmoe.router.engine.generate import generate as run
     from faasmoe.router.engine.serving import start_serving
+    from faasmoe.router.model.precision import dense_dtype
 
     config = engine_config(args)
     session = _session(args)
@@ -125,7 +126,7 @@ def generate(args) -> int:
             await asyncio.to_thread(session.place_and_deploy, addresses)
             warmed = await asyncio.to_thread(session.warm) if args.warm else 0
             t1 = time.perf_counter()
-            serving = await start_serving(session, config)
+            serving = await start_serving(session, config, dense_dtype(args.dense_dtype))
             try:
                 t2 = time.perf_counter()
                 results = await run(serving.engine, serving.tokenizer, args.prompt, args.max_new_tokens,
@@ -133,10 +134,10 @@ def generate(args) -> int:
                 t3 = time.perf_counter()
             finally:
                 await serving.close()
-        return results, serving.mesh.stats, warmed, (t0, t1, t2, t3)
+        return results, serving.mesh.stats, warmed, (t0, t1, t2, t3), serving.precision
 
     try:
-        results, stats, warmed, (t0, t1, t2, t3) = asyncio.run(main())
+        results, stats, warmed, (t0, t1, t2, t3), precision = asyncio.run(main())
     finally:
         session.close()
     if args.json:
@@ -145,7 +146,8 @@ def generate(args) -> int:
                  | ({"faasmoe_degraded": degraded_label(r.dropped)} if r.dropped else {}) for r in results]
         out = dict(items[0]) if len(items) == 1 else {"results": items}
         out.update(deploy_s=round(t1 - t0, 3), load_model_s=round(t2 - t1, 3), generate_s=round(t3 - t2, 3),
-                   rpcs=stats.rpcs, cold_starts=stats.cold_starts, retries=stats.retries, warmed=warmed)
+                   rpcs=stats.rpcs, cold_starts=stats.cold_starts, retries=stats.retries, warmed=warmed,
+                   faasmoe_precision=precision.label())
         print(json.dumps(out))
     else:
         for r in results:
@@ -154,7 +156,8 @@ def generate(args) -> int:
                 print(f"warning: degraded, NOT exact: {sum(r.dropped.values())} expert calls were dropped "
                       f"({len(r.dropped)} experts had no answering replica)", file=sys.stderr)
         print(f"[{sum(len(r.token_ids) for r in results)} tokens in {t3 - t2:.2f} s; "
-              f"{stats.rpcs} RPCs, {stats.cold_starts} cold starts]", file=sys.stderr)
+              f"{stats.rpcs} RPCs, {stats.cold_starts} cold starts; precision {precision.header()}"
+              f"{'' if precision.exact else ', NOT exact'}]", file=sys.stderr)
     return 0
 
 
@@ -197,7 +200,7 @@ def serve_full(args) -> int:
         raise ConfigError("--tenant NAME needs --tenants FILE")
     options = ServeOptions(host=args.host, port=args.port, model_name=args.model_name, tenants_file=args.tenants,
                            private_tenant=args.tenant, usage_log=args.usage_log)
-    server = FullModelServer(args.model, engine_config(args), options, getattr(torch, args.dtype),
+    server = FullModelServer(args.model, engine_config(args), options, getattr(torch, args.dense_dtype),
                              announce=lambda line: print(line, flush=True))
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: server.stop())
@@ -221,13 +224,14 @@ def serve(args) -> int:
                               tls=session.tls)
     if args.tenant and not args.tenants:
         raise ConfigError("--tenant NAME (private mode) needs --tenants FILE")
-    if args.usage_poll_s <= 0 or args.tenants_poll_s <= 0:
-        raise ConfigError("--usage-poll-s and --tenants-poll-s must be > 0")
+    if args.usage_poll_s <= 0 or args.tenants_poll_s <= 0 or args.replica_interval_s <= 0:
+        raise ConfigError("--usage-poll-s, --tenants-poll-s and --replica-interval-s must be > 0")
     options = ServeOptions(host=args.host, port=args.port, model_name=args.model_name, warm=args.warm,
                            settle_s=args.settle_s, mqtt_url=args.mqtt, tenants_file=args.tenants,
                            private_tenant=args.tenant, usage_log=args.usage_log, usage_poll_s=args.usage_poll_s,
                            tenants_poll_s=args.tenants_poll_s, cluster_dir=args.cluster,
-                           enroll_listen=None if args.enroll_listen == "off" else args.enroll_listen or "default")
+                           enroll_listen=None if args.enroll_listen == "off" else args.enroll_listen or "default",
+                           dense_dtype=args.dense_dtype)
     server = RouterServer(session, directory, config, options, announce=lambda line: print(line, flush=True))
     for sig in (signal.SIGINT, signal.SIGTERM):      # uvicorn shuts down on them, then re-raises them here
         signal.signal(sig, lambda *_: server.stop())

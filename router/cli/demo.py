@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from faasmoe.proto.errors import ConfigError
+from faasmoe.router.store.quantize import PRECISIONS
 
 DEMO_PROMPT = "def fibonacci(n):"
 DEMO_MODEL_NAME = "faasmoe-demo"
@@ -38,6 +39,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--serve", action="store_true",
                    help="keep the mesh up behind the OpenAI-compatible API (Ctrl-C stops)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port with --serve (default 8000; 0 = any free)")
+    p.add_argument("--experts", choices=PRECISIONS, default="fp32",
+                   help="precision of the expert functions: fp32 (default, exact), int8 or int4 (not exact)")
+    p.add_argument("--block-size", type=int, default=None, help="quantization block of int8 / int4 (default 128)")
+    p.add_argument("--dense-dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="dtype of the router's dense part (default float32, exact; bfloat16 is not exact)")
 
 
 def _reference_tokens(model_dir: Path, tokenizer, prompt: str, max_new_tokens: int) -> list[int]:
@@ -57,7 +63,11 @@ def run(args) -> int:
     from transformers.utils import logging as hf_logging
 
     from faasmoe.router.control.local_mesh import LocalMesh
+    from faasmoe.router.model.precision import dense_dtype
+    from faasmoe.router.store.quantize import parse_precision
     from faasmoe.router.store.split import split_checkpoint
+
+    precision, dtype = parse_precision(args.experts, args.block_size), dense_dtype(args.dense_dtype)
 
     hf_logging.disable_progress_bar()
     with tempfile.TemporaryDirectory(prefix="faasmoe-demo-") as tmp:
@@ -69,20 +79,22 @@ def run(args) -> int:
             from faasmoe.router.store.tiny_model import make_checkpoint
             model_dir = make_checkpoint(tmp / "model", **DEMO_MODEL)
         store = tmp / "store"
-        manifest = split_checkpoint(model_dir, store, group_size=args.group_size, progress=False)
+        manifest = split_checkpoint(model_dir, store, group_size=args.group_size, progress=False, precision=precision)
         t1 = time.perf_counter()
         with LocalMesh(args.nodes, tmp / "nodes", memory_budget_mb=args.memory_budget_mb) as mesh:
             t2 = time.perf_counter()
             if args.serve:
                 return _serve(args, store, mesh.addresses)
-            out, stats, copies, t3 = asyncio.run(_generate(args, store, mesh.addresses))
+            out, stats, copies, t3, served = asyncio.run(_generate(args, store, mesh.addresses, dtype))
         from transformers import AutoTokenizer
         tokenizer = AutoTokenizer.from_pretrained(str(store))
         reference = _reference_tokens(model_dir, tokenizer, args.prompt, args.max_new_tokens)
     decode_s = out.step_s[1:]
+    first_difference = next((i for i, (a, b) in enumerate(zip(out.token_ids, reference)) if a != b), None)
     report = {
         "text": out.text, "token_ids": out.token_ids, "prompt_token_ids": out.prompt_token_ids,
-        "matches_transformers": out.token_ids == reference,
+        "matches_transformers": out.token_ids == reference, "first_difference": first_difference,
+        "faasmoe_precision": served.label(),
         "nodes": args.nodes, "functions": len(manifest.functions), "group_size": manifest.group_size,
         "function_copies": copies,
         "split_s": round(t1 - t0, 3), "start_nodes_s": round(t2 - t1, 3), "deploy_s": round(t3 - t2, 3),
@@ -105,20 +117,22 @@ def run(args) -> int:
               f"token; per step (ms): {' '.join(str(s) for s in report['step_ms'])}")
         print(f"{stats.rpcs} RPCs, {stats.cold_starts} cold starts, dispatch share of mesh time "
               f"{report['dispatch_share']}")
-        print("tokens match transformers: " + ("yes" if report["matches_transformers"] else "NO"))
+        print(f"precision: {served.header()}" + ("" if served.exact else " (opt-in, NOT exact)"))
+        print("tokens match transformers float32: " + ("yes" if report["matches_transformers"] else
+                                                       f"NO (first difference at token {first_difference})"))
         print("next: `faasmoe demo --serve` keeps this mesh up behind an OpenAI-compatible API")
-    return 0 if report["matches_transformers"] else 1
+    return 0 if report["matches_transformers"] or not served.exact else 1
 
 
-async def _generate(args, store: Path, addresses):
+async def _generate(args, store: Path, addresses, dtype):
     from faasmoe.router.engine.generate import generate
     from faasmoe.router.engine.serving import local_serving
 
-    async with local_serving(store, addresses) as serving:
+    async with local_serving(store, addresses, dtype=dtype) as serving:
         t3 = time.perf_counter()
         copies = sum(len(nodes) for nodes in serving.session.placement.values())
         out = (await generate(serving.engine, serving.tokenizer, [args.prompt], args.max_new_tokens))[0]
-        return out, serving.mesh.stats, copies, t3
+        return out, serving.mesh.stats, copies, t3, serving.precision
 
 
 def _serve(args, store: Path, addresses) -> int:
@@ -128,7 +142,7 @@ def _serve(args, store: Path, addresses) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    options = ServeOptions(host="127.0.0.1", port=args.port, model_name=DEMO_MODEL_NAME)
+    options = ServeOptions(host="127.0.0.1", port=args.port, model_name=DEMO_MODEL_NAME, dense_dtype=args.dense_dtype)
     with ServerThread(RouterSession(store), addresses, options=options) as server:
         print(usage(server.url, args.prompt), flush=True)
         stop.wait()

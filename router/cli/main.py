@@ -93,6 +93,22 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                    help="intra-op threads of the router's dense part (default: torch's, one per core)")
 
 
+def add_dense_dtype_argument(p: argparse.ArgumentParser, *aliases: str) -> None:
+    p.add_argument("--dense-dtype", *aliases, dest="dense_dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="dtype of the router's dense part (attention, norms, gate, shared expert, lm_head): "
+                        "float32 (default, exact) or bfloat16 (half the memory, NOT exact; responses say so)")
+
+
+def add_replicas_argument(p: argparse.ArgumentParser) -> None:
+    from faasmoe.router.control.replicas import DEFAULT_MODE as DEFAULT_REPLICAS
+    p.add_argument("--replicas", choices=["1", "2", "auto"], default=DEFAULT_REPLICAS,
+                   help="copies of each expert function: 1 (one copy; a lost node's functions are re-placed), 2 (a "
+                        "second copy of hot functions while memory is left), auto (a second copy only while a "
+                        "function's calls queue at its node, within a quarter of each node's capacity; with "
+                        f"serve). Default {DEFAULT_REPLICAS}")
+    p.add_argument("--no-replicas", dest="replicas", action="store_const", const="1", help=argparse.SUPPRESS)
+
+
 def add_mesh_engine_arguments(p: argparse.ArgumentParser) -> None:
     """What only an engine over the mesh has (generate, serve)."""
     p.add_argument("--frame-timeout-s", type=float, default=10.0,
@@ -118,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     add_engine_arguments(gen)
     add_mesh_engine_arguments(gen)
-    gen.add_argument("--no-replicas", action="store_true", help="place one copy of each function only")
+    add_dense_dtype_argument(gen)
+    add_replicas_argument(gen)
     gen.add_argument("--router-id", default=None, help=ROUTER_ID_HELP)
     gen.add_argument("--warm", action="store_true",
                      help="load the placed functions on their nodes before generating (no cold starts; each node "
@@ -127,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     place = sub.add_parser("place", help="plan where functions go (table) and deploy the difference")
     add_mesh_arguments(place)
     place.add_argument("--dry-run", action="store_true", help="show the plan, change nothing")
-    place.add_argument("--no-replicas", action="store_true", help="place one copy of each function only")
+    add_replicas_argument(place)
     place.add_argument("--router-id", default=None, help=ROUTER_ID_HELP)
 
     serve = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API and keep it placed on "
@@ -153,7 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "can be rotated at any time)")
     serve.add_argument("--usage-poll-s", type=float, default=5.0,
                        help="how often the nodes' loaded memory is read and attributed to tenants (default 5)")
-    serve.add_argument("--no-replicas", action="store_true", help="place one copy of each function only")
+    add_dense_dtype_argument(serve)
+    add_replicas_argument(serve)
+    serve.add_argument("--replica-interval-s", type=float, default=10.0,
+                       help="with --replicas auto: how often the nodes' slot waits are surveyed (default 10)")
     serve.add_argument("--warm", action="store_true", help="load the placed functions before serving")
     serve.add_argument("--mqtt", default=None, help="MQTT broker to read node telemetry from: mqtt://HOST[:PORT] or mqtts://USER@HOST[:PORT]?ca=CA.pem "
                             "(password from $FAASMOE_MQTT_PASSWORD)")
@@ -163,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     full = sub.add_parser("serve-full", help="serve a whole model in this process over the same API (the "
                                              "full-model baseline of the benchmarks; no mesh)")
     full.add_argument("--model", required=True, help="Qwen2MoeForCausalLM directory")
-    full.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    add_dense_dtype_argument(full, "--dtype")
     full.add_argument("--host", default="127.0.0.1", help="address of the HTTP API (default 127.0.0.1)")
     full.add_argument("--port", type=int, default=8000, help="port of the HTTP API (default 8000; 0 = any free)")
     full.add_argument("--model-name", default=None, help="the model id clients ask for (default: the directory's name)")

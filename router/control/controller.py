@@ -1,5 +1,7 @@
 """Keep a store placed on the live mesh: when the directory reports a node joining, leaving, dying or
-coming back, wait for the mesh to settle, re-place (moving little) and deploy the difference."""
+coming back, wait for the mesh to settle, re-place (moving little) and deploy the difference. With the
+``auto`` replica policy it also surveys the nodes' slot waits every interval and re-places when the set of
+functions that warrant a second copy changes (:mod:`faasmoe.router.control.replicas`)."""
 
 from __future__ import annotations
 
@@ -65,10 +67,20 @@ class PlacementController:
                 self._done.wait(left)
         return True
 
+    def _survey_interval_s(self) -> float | None:
+        policy = self.session.replica_policy
+        return policy.interval_s if policy.mode == "auto" else None
+
     def _run(self) -> None:
         failures = 0
+        interval_s = self._survey_interval_s()
+        next_survey_s = time.monotonic() + (interval_s or 0.0)
         while not self._stop.is_set():
-            self._changed.wait()
+            timeout_s = None if interval_s is None else max(0.0, next_survey_s - time.monotonic())
+            if not self._changed.wait(timeout_s):          # the auto replica policy's survey is due
+                next_survey_s = time.monotonic() + interval_s
+                if not self._contention_changed():
+                    continue
             if self._stop.is_set():
                 return
             # settle: let a burst of events (several nodes starting) land before planning
@@ -82,6 +94,13 @@ class PlacementController:
             failures += 1
             if not self._stop.wait(RETRY.delay_s(failures - 1)):
                 self._changed.set()
+
+    def _contention_changed(self) -> bool:
+        try:
+            return self.session.contention_round([s.address for s in self.directory.up_nodes()])
+        except Exception:  # noqa: BLE001 - a failed survey changes nothing; the next one retries
+            log.exception("the replica survey failed")
+            return False
 
     def reconcile(self) -> bool:
         addresses = [s.address for s in self.directory.up_nodes()]

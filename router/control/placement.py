@@ -22,9 +22,12 @@ Hard constraint: on every node the bytes of the functions deployed there (every 
 4. **Replicate hot functions.** With memory left over, extra copies go to other nodes (never two copies of one
    function on a node), largest marginal gain first: ``load / (k (k + 1))`` for a function with k copies, so
    the hottest function gets its second copy first. Replicas use at most ``1 - replica_headroom_fraction``
-   of a node's capacity, so a departed node's functions can usually land without undeploying replicas.
-   Existing replicas are kept first, within capacity but ignoring the headroom (movement beats
-   everything), as long as their function still has expected load > 0 and the copy limit allows.
+   of a node's capacity, so a departed node's functions can usually land without undeploying replicas, and
+   at most ``replica_share`` of it for replica copies. ``replicate_only`` restricts extra copies to the
+   functions it names (the ``auto`` replica policy: those whose calls were measured queueing at their node,
+   :mod:`faasmoe.router.control.replicas`). Existing replicas are kept first, within capacity but ignoring
+   the headroom (movement beats everything), as long as their function still has expected load > 0, is
+   still eligible and the copy limit and share allow.
 
 Expected load is a share of its layer's traffic: per layer, loads are normalised to sum 1; a layer whose
 loads are all 0 (unknown) counts as uniform. If the preferred packing fails, best-fit-decreasing is tried,
@@ -77,6 +80,8 @@ class PlacementOptions:
     replicate: bool = True                  # add copies of hot functions (False: drop existing extras)
     replica_headroom_fraction: float = 0.1  # share of each node's capacity replicas never use
     rebalance_on_join: bool = True          # may move functions onto joined nodes (rule 1 above)
+    replicate_only: frozenset[str] | None = None   # only these functions may get extra copies (None: any)
+    replica_share: float = 1.0              # share of each node's capacity extra copies may take at most
 
 
 def mib(n_bytes: float) -> str:
@@ -146,6 +151,8 @@ def _check_options(opts: PlacementOptions) -> None:
     if not 0.0 <= opts.replica_headroom_fraction < 1.0:
         raise ConfigError("replica_headroom_fraction must be in [0, 1), "
                           f"got {opts.replica_headroom_fraction!r}")
+    if not 0.0 <= opts.replica_share <= 1.0:
+        raise ConfigError(f"replica_share must be in [0, 1], got {opts.replica_share!r}")
 
 
 def _check_inputs(funcs: list[FunctionLike], nodes: list[NodeSpec]) -> None:
@@ -217,6 +224,7 @@ class _State:
         self.holders: list[list[int]] = [[] for _ in funcs]
         self.count = {fn.layer: [0] * len(nodes) for fn in funcs}   # functions of a layer per node
         self.members: dict[tuple[int, int], set[int]] = {}          # (node, layer) -> functions
+        self.replica_bytes = [0] * len(nodes)       # bytes of extra copies added by the replica phases
 
     def share(self, f: int) -> float:
         """The load one copy of ``f`` carries."""
@@ -350,24 +358,37 @@ def _move_one(st: _State, layer: int, joined: list[int]) -> bool:
     return False
 
 
+def _eligible(st: _State, f: int, opts: PlacementOptions) -> bool:
+    return st.w[f] > 0 and (opts.replicate_only is None or st.funcs[f].function_id in opts.replicate_only)
+
+
+def _within_share(st: _State, f: int, n: int, opts: PlacementOptions) -> bool:
+    return st.replica_bytes[n] + st.funcs[f].bytes <= opts.replica_share * st.nodes[n].capacity_bytes
+
+
+def _add_replica(st: _State, f: int, n: int) -> None:
+    st.add(f, n)
+    st.replica_bytes[n] += st.funcs[f].bytes
+
+
 def _keep_replicas(st: _State, previous: list[tuple[int, int]], opts: PlacementOptions) -> None:
-    """Existing extra copies stay (within capacity, headroom ignored) while their function is hot."""
+    """Existing extra copies stay (within capacity, headroom ignored) while their function is hot and eligible."""
     for f, n in sorted(previous, key=lambda p: (-st.w[p[0]], p)):
-        if (st.w[f] > 0 and len(st.holders[f]) < opts.max_replicas and n not in st.holders[f]
-                and st.free[n] >= st.funcs[f].bytes):
-            st.add(f, n)
+        if (_eligible(st, f, opts) and len(st.holders[f]) < opts.max_replicas and n not in st.holders[f]
+                and st.free[n] >= st.funcs[f].bytes and _within_share(st, f, n, opts)):
+            _add_replica(st, f, n)
 
 
 def _replicate(st: _State, opts: PlacementOptions) -> None:
-    """New copies, largest marginal gain first, within capacity minus the replica headroom."""
+    """New copies, largest marginal gain first, within capacity minus the replica headroom and the share."""
     limit = [n.capacity_bytes * (1.0 - opts.replica_headroom_fraction) for n in st.nodes]
 
     def room(f: int, n: int) -> bool:
         used = st.nodes[n].capacity_bytes - st.free[n]
-        return n not in st.holders[f] and used + st.funcs[f].bytes <= limit[n]
+        return n not in st.holders[f] and used + st.funcs[f].bytes <= limit[n] and _within_share(st, f, n, opts)
 
     heap = [(-round(st.w[f] / (k * (k + 1)), 12), st.funcs[f].layer, f)
-            for f in range(len(st.funcs)) if st.w[f] > 0 and (k := len(st.holders[f])) < opts.max_replicas]
+            for f in range(len(st.funcs)) if _eligible(st, f, opts) and (k := len(st.holders[f])) < opts.max_replicas]
     heapq.heapify(heap)
     while heap:
         _, layer, f = heapq.heappop(heap)
@@ -376,6 +397,6 @@ def _replicate(st: _State, opts: PlacementOptions) -> None:
         if not fits:
             continue                     # free space only shrinks from here on
         share = st.w[f] / (k + 1)
-        st.add(f, min(fits, key=lambda n: (counts[n], st.norm(n, share), -st.free[n], n)))
+        _add_replica(st, f, min(fits, key=lambda n: (counts[n], st.norm(n, share), -st.free[n], n)))
         if k + 1 < opts.max_replicas:
             heapq.heappush(heap, (-round(st.w[f] / ((k + 1) * (k + 2)), 12), layer, f))

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import socket
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from faasmoe.proto.credentials import TlsMaterial
 from faasmoe.proto.errors import MeshError, NodeUnavailable, PlacementError
 from faasmoe.proto.function_abi import resident_estimate_bytes
 from faasmoe.router.control import placement as pl
+from faasmoe.router.control.replicas import Contention, ReplicaPolicy, decide, waits_of
 from faasmoe.router.control.transition import Transition, transition
 from faasmoe.router.mesh.client import NodeClient
 from faasmoe.router.mesh.grouping import LayerFunctions
@@ -43,13 +45,17 @@ class NodeView:
 
 class RouterSession:
     def __init__(self, store: str | Path, *, router_id: str | None = None, status_timeout_s: float = 5.0,
-                 placement_options: pl.PlacementOptions | None = None, tls: TlsMaterial | None = None):
+                 placement_options: pl.PlacementOptions | None = None, tls: TlsMaterial | None = None,
+                 replica_policy: ReplicaPolicy | None = None):
         self.store = Path(store)
         self.tls = tls                             # cluster credentials: mutual TLS to every node (None: plaintext)
         self.manifest: Manifest = load_manifest(self.store)
         self.router_id = router_id or default_router_id(self.manifest)
         self.status_timeout_s = status_timeout_s
-        self.placement_options = placement_options or pl.PlacementOptions()
+        self.replica_policy = replica_policy or ReplicaPolicy()
+        self.placement_options = placement_options or self.replica_policy.options()   # explicit options win
+        self.contention = Contention()             # the auto replica policy's memory
+        self._contention_at_s: float | None = None
         self.clients: dict[str, NodeClient] = {}
         self.placement: dict[str, tuple[str, ...]] = {}
         self.budgets: dict[str, int] = {}          # address -> memory budget bytes, from the last survey
@@ -100,6 +106,24 @@ class RouterSession:
                                       frozenset(f.function_id for f in mine),
                                       frozenset(f.function_id for f in mine if self.router_id in f.owners)))
         return views
+
+    def contention_round(self, addresses: Sequence[str]) -> bool:
+        """``--replicas auto``: read the nodes' slot waits and update which functions hold a second copy.
+        Returns True when that set changed (the caller re-places); a no-op for the other policies."""
+        policy = self.replica_policy
+        if policy.mode != "auto":
+            return False
+        views = self.survey(addresses)
+        now = time.monotonic()
+        interval_s = now - self._contention_at_s if self._contention_at_s is not None else policy.interval_s
+        self._contention_at_s = now
+        new = decide(self.contention, waits_of([v.status for v in views], self._by_id), interval_s, policy)
+        changed, self.contention = new.contended != self.contention.contended, new
+        if changed:
+            log.info("replicas auto: %d functions contended (%s)", len(new.contended),
+                     ", ".join(sorted(self._by_id[f].name for f in new.contended)[:8]) or "none")
+            self.placement_options = policy.options(new.contended)
+        return changed
 
     # -- placement -------------------------------------------------------------------------------------
     def placement_functions(self) -> list[pl.FunctionSpec]:

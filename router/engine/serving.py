@@ -24,6 +24,7 @@ from faasmoe.router.mesh.dispatch import ExpertMesh
 from faasmoe.router.mesh.transport import Transport
 from faasmoe.router.model.build import build_mesh_model
 from faasmoe.router.model.experts import MeshExperts
+from faasmoe.router.model.precision import ServedPrecision
 from faasmoe.router.model.runner import ModelRunner
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,10 @@ class Serving:
     mesh: ExpertMesh
     engine: Engine
 
+    @property
+    def precision(self) -> ServedPrecision:
+        return ServedPrecision.of_mesh(self.session.manifest, self.model.dtype)
+
     async def close(self) -> None:
         if self._on_down in self.session.down_listeners:
             self.session.down_listeners.remove(self._on_down)
@@ -93,15 +98,15 @@ async def start_serving(session: RouterSession, config: EngineConfig = EngineCon
 
 @contextlib.asynccontextmanager
 async def local_serving(store, addresses, config: EngineConfig = EngineConfig(), *, router_id: str | None = None,
-                        warm: bool = False, accounting=None):
+                        warm: bool = False, accounting=None, dtype: torch.dtype = torch.float32, replica_policy=None):
     """Place ``store`` on the nodes at ``addresses`` and serve it on the running loop (tests, benchmarks, the
     demo): ``async with local_serving(store, mesh.addresses) as serving: ...``."""
-    session = RouterSession(store, router_id=router_id)
+    session = RouterSession(store, router_id=router_id, replica_policy=replica_policy)
     try:
         await asyncio.to_thread(session.place_and_deploy, list(addresses))
         if warm:
             await asyncio.to_thread(session.warm)
-        serving = await start_serving(session, config, accounting=accounting)
+        serving = await start_serving(session, config, dtype, accounting=accounting)
         try:
             yield serving
         finally:

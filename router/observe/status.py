@@ -22,11 +22,28 @@ _FUNCTION_KEYS = ("function_id", "layer", "size_bytes", "loaded", "invocations",
 
 
 def _function(f, names: dict) -> dict:
-    get = f.get if isinstance(f, dict) else lambda key: getattr(f, key)
+    get = f.get if isinstance(f, dict) else lambda key: getattr(f, key, None)
     out = {key: get(key) for key in _FUNCTION_KEYS}
+    precision, block = get("precision") or "fp32", get("block_size") or 0
     out.update(name=names.get(out["function_id"], out["function_id"][:12]), expert_ids=list(get("expert_ids")),
-               idle_s=round(get("idle_s"), 3), expert_calls_window=[int(c) for c in get("expert_calls_window")])
+               idle_s=round(get("idle_s"), 3), expert_calls_window=[int(c) for c in get("expert_calls_window")],
+               precision=f"{precision}-b{block}" if block else precision, footprint_bytes=get("footprint_bytes") or 0,
+               rss_delta_bytes=get("rss_delta_bytes") or 0, wait_s=round(get("wait_s") or 0.0, 3))
     return out
+
+
+def _count_copies(nodes: list[dict]) -> dict:
+    """How many live nodes hold each function (the replica count), written into every function entry."""
+    copies: dict[str, int] = {}
+    for n in nodes:
+        if n["healthy"]:
+            for f in n.get("functions", []):
+                copies[f["function_id"]] = copies.get(f["function_id"], 0) + 1
+    for n in nodes:
+        for f in n.get("functions", []):
+            f["copies"] = copies.get(f["function_id"], 0)
+    counts = list(copies.values())
+    return {"functions": len(counts), "copies": sum(counts), "with_replicas": sum(c > 1 for c in counts)}
 
 
 def _probe(address: str, names: dict, timeout_s: float, tls=None) -> dict:
@@ -94,6 +111,7 @@ def collect(addresses: Sequence[str], store: str | None = None, timeout_s: float
     finally:
         if collector is not None:
             collector.stop()
+    report["replicas"] = _count_copies(nodes)
     live = [n for n in nodes if n["healthy"] and "functions" in n]
     report["heat"] = heat_matrix(live, manifest.moe_layers if manifest else None,
                                  manifest.num_experts if manifest else None)
@@ -108,24 +126,30 @@ def _health(n: dict) -> str:
 
 def render(report: dict, heat: bool = False) -> str:
     lines = [f"{'node':<24} {'address':<21} {'health':<7} {'profile':<16} {'budget':>9} {'deployed':>9} "
-             f"{'loaded':>9} {'fns':>4} {'live':>4} {'rss':>8}"]
+             f"{'loaded':>9} {'fns':>4} {'live':>4} {'repl':>4} {'rss':>8}  precision"]
     for n in report["nodes"]:
         if "functions" not in n:
             lines.append(f"{n.get('node_id', '?')[:24]:<24} {n['address']:<21} {_health(n):<7} {n['error']}")
             continue
         live = sum(f["loaded"] for f in n["functions"])
+        shared = sum(f.get("copies", 1) > 1 for f in n["functions"])
+        precisions = ",".join(sorted({f["precision"] for f in n["functions"]})) or "-"
         lines.append(f"{n['node_id'][:24]:<24} {n['address']:<21} {_health(n):<7} {n['profile'] or '-':<16} "
                      f"{n['memory_budget_bytes'] / MIB:>8.0f}M {n['deployed_bytes'] / MIB:>8.1f}M "
-                     f"{n['loaded_bytes'] / MIB:>8.1f}M {len(n['functions']):>4} {live:>4} "
-                     f"{n['rss_bytes'] / MIB:>7.0f}M")
+                     f"{n['loaded_bytes'] / MIB:>8.1f}M {len(n['functions']):>4} {live:>4} {shared:>4} "
+                     f"{n['rss_bytes'] / MIB:>7.0f}M  {precisions}")
+    r = report.get("replicas")
+    if r:
+        lines.append(f"{r['functions']} functions, {r['copies']} copies ({r['with_replicas']} with a second copy)")
     for n in report["nodes"]:
         loaded = [f for f in n.get("functions", []) if f["loaded"]]
         if loaded:
             lines.append(f"\n{n['node_id']}: {len(loaded)} loaded functions, "
                          f"{sum(f['resident_bytes'] for f in loaded) / MIB:.1f} MiB resident")
             for f in sorted(loaded, key=lambda f: (f["layer"], f["name"])):
-                lines.append(f"  {f['name']:<16} layer {f['layer']:>3}  idle {f['idle_s']:>7.1f} s  "
-                             f"{f['resident_bytes'] / MIB:>7.1f} MiB  {f['invocations']} calls"
+                lines.append(f"  {f['name']:<16} layer {f['layer']:>3}  {f['precision']:<9} idle {f['idle_s']:>7.1f} s  "
+                             f"{f['resident_bytes'] / MIB:>7.1f} MiB (RSS +{f['rss_delta_bytes'] / MIB:.1f})  "
+                             f"{f['invocations']} calls, {f.get('copies', 1)} copies"
                              + (f", {f['in_flight']} in flight" if f["in_flight"] else ""))
     mqtt = report.get("mqtt")
     if mqtt is not None:
