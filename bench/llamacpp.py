@@ -35,11 +35,11 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import psutil
+
 from report import print_flat, save
 
-CONVERT_OUTTYPE = {"q8_0": "q8_0", "bf16": "bf16", "f16": "f16"}   # written by the converter directly
-QUANTIZE_FTYPE = {"q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
-                  "q5_0": "LLAMA_FTYPE_MOSTLY_Q5_0", "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K"}  # via llama_model_quantize
+CONVERTER_TYPES = ("q8_0", "bf16", "f16")   # by the converter; others (q4_0, q4_k_m, ...) by llama_model_quantize
 
 
 def prompt_ids(n: int) -> list[int]:
@@ -107,21 +107,18 @@ def convert(checkpoint: Path, outtype: str, out: Path, src: Path) -> None:
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         view = Path(tmp)
         for f in checkpoint.iterdir():
-            if not f.name.startswith("tokenizer"):
-                (view / f.name).symlink_to(f.resolve())
+            (view / f.name).symlink_to(f.resolve())
         if not (checkpoint / "tokenizer.json").exists():
             write_synthetic_tokenizer(view, json.loads((checkpoint / "config.json").read_text())["vocab_size"])
-        else:
-            for f in checkpoint.glob("tokenizer*"):
-                (view / f.name).symlink_to(f.resolve())
         subprocess.run(["nice", "-n", "10", sys.executable, __file__, "--phase", "convert", "--llama-src", str(src),
-                        "--", str(view), "--outtype", outtype, "--outfile", str(out)], check=True)
+                        "--", str(view), "--outtype", outtype, "--outfile", str(out), "--model-name", checkpoint.name],
+                       check=True)
 
 
 def quantize(inp: str, out: str, quant: str, threads: int) -> None:
     import llama_cpp
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, QUANTIZE_FTYPE[quant])
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{quant.upper()}")   # Q4_0 keeps output.weight Q6_K
     params.nthread = threads
     rc = llama_cpp.llama_model_quantize(inp.encode(), out.encode(), params)
     if rc != 0:
@@ -134,17 +131,19 @@ def ensure_gguf(args, quant: str, src: Path) -> Path:
     if out.exists():
         return out
     tmp = out.with_suffix(".partial")
-    if quant in CONVERT_OUTTYPE:
-        convert(ckpt, CONVERT_OUTTYPE[quant], tmp, src)
+    if quant in CONVERTER_TYPES:
+        convert(ckpt, quant, tmp, src)
     else:
         bf16 = work / f"{ckpt.name}-bf16.gguf"
         made = not bf16.exists()
-        if made:
-            convert(ckpt, "bf16", bf16, src)
-        subprocess.run(["nice", "-n", "10", sys.executable, __file__, "--phase", "quantize", str(bf16), str(tmp),
-                        quant, str(args.threads)], check=True)
-        if made:
-            bf16.unlink()        # disk: a 24-layer checkpoint is 28.6 GB in bf16
+        try:
+            if made:
+                convert(ckpt, "bf16", bf16, src)
+            subprocess.run(["nice", "-n", "10", sys.executable, __file__, "--phase", "quantize", str(bf16), str(tmp),
+                            quant, str(args.threads)], check=True)
+        finally:
+            if made:
+                bf16.unlink(missing_ok=True)    # disk: a 24-layer checkpoint is 28.6 GB in bf16
     tmp.rename(out)
     return out
 
@@ -164,6 +163,7 @@ def phase_measure(args) -> dict:
         llm.reset()
         t = time.perf_counter()
         llm.eval(ids)
+        llama_cpp.llama_synchronize(llm.ctx)
         prompt_s, out, steps = time.perf_counter() - t, [], []
         for i in range(n):
             logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,))
@@ -171,6 +171,7 @@ def phase_measure(args) -> dict:
             if i + 1 < n:
                 t = time.perf_counter()
                 llm.eval([out[-1]])
+                llama_cpp.llama_synchronize(llm.ctx)
                 steps.append(time.perf_counter() - t)
         return out, prompt_s, steps
 
@@ -196,13 +197,7 @@ def build_server(src: Path, work: Path) -> Path:
     return exe
 
 
-def _post(url: str, body: dict, timeout: float) -> dict:
-    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        return json.loads(r.read())
-
-
-def run_server(exe: Path, gguf: Path, args) -> dict:
+def run_server(exe: Path, gguf: Path, args, inprocess_tokens: list[int]) -> dict:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -227,11 +222,15 @@ def run_server(exe: Path, gguf: Path, args) -> dict:
             time.sleep(0.5)
         rss_loaded = _peak_rss_bytes(proc.pid)
 
-        def one(i: int) -> dict:    # a distinct prompt per client, so no slot reuses another's cache
-            ids = [(t + 31 * i) % 1000 + 10 for t in prompt_ids(args.prompt_tokens)]
-            return _post(base + "/completion", dict(prompt=ids, n_predict=args.new_tokens, temperature=0, top_k=1,
-                                                    ignore_eos=True, cache_prompt=False), timeout=600)
-        one(0)                                                    # warm-up
+        def one(i: int) -> dict:    # client 0 sends prompt_ids(); the others shifted ones (no shared cache)
+            ids = [(t - 10 + 31 * i) % 1000 + 10 for t in prompt_ids(args.prompt_tokens)]
+            body = dict(prompt=ids, n_predict=args.new_tokens, temperature=0, top_k=1, ignore_eos=True,
+                        cache_prompt=False, return_tokens=True)
+            t = time.perf_counter()
+            with urllib.request.urlopen(urllib.request.Request(base + "/completion", json.dumps(body).encode(),
+                                                               {"Content-Type": "application/json"}), timeout=600) as r:
+                return dict(json.loads(r.read()), client_s=time.perf_counter() - t)
+        alone = one(0)                                            # warm-up, and one request on its own
         t = time.perf_counter()
         with ThreadPoolExecutor(n) as pool:
             replies = list(pool.map(one, range(n)))
@@ -245,8 +244,13 @@ def run_server(exe: Path, gguf: Path, args) -> dict:
     produced = sum(tm["predicted_n"] for tm in timings)
     return dict(server_parallel=n, server_wall_s=round(wall, 3), server_tokens=produced,
                 server_tokens_per_s=round(produced / wall, 2),
-                server_ms_per_token_per_request=round(statistics.median(tm["predicted_per_token_ms"] for tm in timings), 2),
+                server_ms_per_token_per_request=round(statistics.median(t["predicted_per_token_ms"] for t in timings), 2),
                 server_prompt_ms_median=round(statistics.median(tm["prompt_ms"] for tm in timings), 1),
+                server_request_s_median=round(statistics.median(r["client_s"] for r in replies), 3),
+                server_alone_ms_per_token=round(alone["timings"]["predicted_per_token_ms"], 2),
+                server_tokens_alone_eq_batched=alone.get("tokens") == replies[0].get("tokens"),
+                server_tokens_eq_inprocess=alone.get("tokens") == inprocess_tokens,
+                server_first_tokens=replies[0].get("tokens", [])[:8],
                 server_rss_loaded_mib=round(rss_loaded / 2**20, 1), server_peak_rss_mib=round(peak / 2**20, 1))
 
 
@@ -271,7 +275,8 @@ def main() -> int:
         return 0
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", help="Hugging Face Qwen2MoeForCausalLM directory (bf16 safetensors)")
-    p.add_argument("--quant", default="q8_0,q4_0", help=f"comma-separated: {', '.join([*CONVERT_OUTTYPE, *QUANTIZE_FTYPE])}")
+    p.add_argument("--quant", default="q8_0,q4_0", help="comma-separated: q8_0, bf16, f16 (converter), q4_0, "
+                                                         "q4_k_m, ... (llama_model_quantize)")
     p.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "faasmoe-llamacpp"))
     p.add_argument("--llama-src", help="llama.cpp source tree (default: the installed sdist's vendored copy)")
     p.add_argument("--new-tokens", type=int, default=32)
@@ -296,8 +301,12 @@ def main() -> int:
                   threads=args.threads, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, mmap=False)
     for quant in args.quant.split(","):
         gguf = ensure_gguf(args, quant, src)
+        busy = psutil.cpu_percent(interval=1.0)               # others on the machine skew llama.cpp's threads
+        if busy > 20:
+            print(f"warning: CPUs {busy:.0f}% busy before measuring {quant}: timings will suffer", file=sys.stderr)
         m = measure(args, gguf)
         result.update({
+            f"{quant}_cpu_busy_pct_before": busy,
             f"{quant}_gguf_mib": round(gguf.stat().st_size / 2**20, 1),
             f"{quant}_ms_per_token": round(1000 * statistics.median(m["decode_s"]), 2),
             f"{quant}_ms_per_token_mean": round(1000 * statistics.mean(m["decode_s"]), 2),
@@ -309,7 +318,7 @@ def main() -> int:
             f"{quant}_first_tokens": m["token_ids"][:8],
         })
     if args.parallel:
-        result.update(run_server(build_server(src, Path(args.work_dir)), gguf, args))
+        result.update(run_server(build_server(src, Path(args.work_dir)), gguf, args, m["token_ids"]))
     save(f"llamacpp-{result['name']}", result)
     print_flat(result)
     return 0

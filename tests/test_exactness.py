@@ -17,6 +17,7 @@ from faasmoe.router.control.local_mesh import LocalMesh
 from faasmoe.router.engine.reference import reference_generate
 from faasmoe.router.engine.sampling import SamplingParams
 from faasmoe.router.engine.sequence import Request
+from faasmoe.router.control.replicas import ReplicaPolicy
 from faasmoe.router.engine.serving import local_serving
 from faasmoe.router.store.split import split_checkpoint
 from model_factory import make_checkpoint
@@ -32,7 +33,7 @@ def mesh(tmp_path_factory):
 
 
 async def _serve_all(store, addresses, prompt_ids):
-    async with local_serving(store, addresses) as serving:
+    async with local_serving(store, addresses, replica_policy=ReplicaPolicy("2")) as serving:   # every node busy
         results = await asyncio.gather(*(serving.engine.generate(Request(tuple(ids), MAX_NEW, SamplingParams(),
                                                                            keep_logits=True))
                                          for ids in prompt_ids))

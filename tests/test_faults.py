@@ -18,6 +18,7 @@ from faasmoe.router.control.local_mesh import LocalMesh
 from faasmoe.router.engine.engine import EngineConfig
 from faasmoe.router.engine.generate import generate
 from faasmoe.router.engine.reference import reference_generate
+from faasmoe.router.control.replicas import ReplicaPolicy
 from faasmoe.router.engine.serving import local_serving
 from faasmoe.router.evaluation.faults import FaultProxy
 from faasmoe.router.mesh.retry import MAX_ATTEMPTS, RetryBudget
@@ -132,7 +133,7 @@ def test_blackholed_node_is_answered_by_its_replica_same_tokens(tmp_path, model)
     config = EngineConfig(step_timeout_s=20, frame_timeout_s=1.0)
 
     async def run(addresses, proxy):
-        async with local_serving(store, addresses, config) as serving:
+        async with local_serving(store, addresses, config, replica_policy=ReplicaPolicy("2")) as serving:
             placement = serving.session.placement
             assert all(len(nodes) == 2 for nodes in placement.values())     # room for a copy on each node
             seen = _fault_after_steps(serving, 5, lambda: proxy.set(blackhole=True))
