@@ -4,7 +4,9 @@
 
 Every configuration runs the store's own expert functions (the ONNX files ``faasmoe split --experts P`` wrote,
 through ONNX Runtime exactly as a node runs them) inside transformers' model of the checkpoint, whose dense part
-is float32 or bfloat16; rows and outputs cross as float32, as on the mesh. The reference is fp32 experts with a
+is float32 or the router's bfloat16 (weights of the attention and shared-expert projections and the embedding
+table in bfloat16, activations and ``lm_head`` float32: router/model/bf16.py); rows and outputs cross as float32,
+as on the mesh. The reference is fp32 experts with a
 float32 dense part, which is token-identical to transformers (checked here too: its row must read 100 % / 0).
 
 - Teacher-forced, on held-out Python source (windows of CPython's standard library, which this interpreter
@@ -73,8 +75,11 @@ def load_model(model_dir: Path, store: Path, dtype: torch.dtype, threads: int):
     import onnxruntime as ort
     from transformers import AutoModelForCausalLM
 
+    from faasmoe.router.model.bf16 import store_in_bfloat16
     from faasmoe.router.store.manifest import load_manifest
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, attn_implementation="sdpa").eval()
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, attn_implementation="sdpa").eval()
+    if dtype == torch.bfloat16:
+        store_in_bfloat16(model)                      # the router's bfloat16 dense part (router/model/bf16.py)
     manifest = load_manifest(store)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.log_severity_level = threads, 3

@@ -6,6 +6,7 @@ mesh's, co-batched, and transformers' own padded batch's).
 
     python bench/serving.py --model ../shared/models/qwen2moe-tiny-code          # the trained tiny model
     python bench/serving.py --qwen-dims --layers 4                                # Qwen1.5-MoE dims, 4 layers
+    python bench/serving.py --model DIR --experts int8 --dense-dtype bfloat16 --clients 1   # precision choices
 
 Each client is a closed loop: it sends ``--rounds`` streamed requests one after the other (greedy,
 ``--max-tokens`` tokens each, end-of-sequence ignored so every request has the same length). The transformers
@@ -121,7 +122,7 @@ def phase_mesh(args) -> dict:
         router = subprocess.Popen([sys.executable, "-m", "faasmoe.router", "serve", "--store", str(store),
                                    "--nodes", ",".join(mesh.addresses), "--port", "0", "--warm", "--model-name",
                                    "bench", "--max-batch", "32", "--torch-threads", str(args.torch_threads),
-                                   *(["--no-replicas"] if args.no_replicas else [])],
+                                   "--replicas", args.replicas, "--dense-dtype", args.dense_dtype],
                                   stdout=subprocess.PIPE, text=True)
         try:
             line = router.stdout.readline()
@@ -149,7 +150,7 @@ def phase_transformers(args) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
     torch.set_num_threads(args.torch_threads)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.tf_dtype)).eval()
     prompts = prompts_for(Path(args.model), 64)
     tokenizer = None
     if (Path(args.model) / "tokenizer.json").exists():
@@ -269,7 +270,12 @@ def main() -> int:
     p.add_argument("--clients", default="1,2,4,8,16")
     p.add_argument("--rounds", type=int, default=2, help="requests per client (closed loop)")
     p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--no-replicas", action="store_true", help="one copy of each function (large models)")
+    p.add_argument("--replicas", choices=["1", "2", "auto"], default="auto", help="the router's replica policy")
+    p.add_argument("--no-replicas", dest="replicas", action="store_const", const="1", help=argparse.SUPPRESS)
+    p.add_argument("--experts", choices=["fp32", "int8", "int4"], default="fp32", help="expert precision of the split")
+    p.add_argument("--block-size", type=int, default=None, help="quantization block (int8 / int4)")
+    p.add_argument("--dense-dtype", choices=["float32", "bfloat16"], default="float32", help="the router's dense part")
+    p.add_argument("--tf-dtype", choices=["float32", "bfloat16"], default="float32", help="transformers' dtype")
     p.add_argument("--transformers-cb", action="store_true", help="also time transformers' generate_batch")
     p.add_argument("--name")
     p.add_argument("--phase", choices=["mesh", "transformers", "transformers_cb"], help=argparse.SUPPRESS)
@@ -288,31 +294,36 @@ def main() -> int:
             make_checkpoint(model_dir, num_layers=args.layers, with_tokenizer=False, **QWEN_DIMS)
     else:
         model_dir = Path(args.model)
-    name = args.name or (model_dir.name if not args.qwen_dims else f"qwen-dims-{args.layers}l")
-    store = Path(args.store) if args.store else work / f"store-{name}-G{args.group_size}"
+    from faasmoe.router.store.quantize import parse_precision
     from faasmoe.router.store.split import ensure_split
-    ensure_split(model_dir, store, args.group_size)
+    precision = parse_precision(args.experts, args.block_size)
+    name = args.name or (model_dir.name if not args.qwen_dims else f"qwen-dims-{args.layers}l")
+    store = Path(args.store) if args.store else work / f"store-{model_dir.name}-G{args.group_size}-{precision.label}"
+    ensure_split(model_dir, store, args.group_size, precision)
     common = ["--model", str(model_dir), "--store", str(store), "--nodes", str(args.nodes),
               "--node-threads", str(args.node_threads), "--torch-threads", str(args.torch_threads),
               "--node-budget-mb", str(args.node_budget_mb), "--clients", ",".join(map(str, args.clients)),
-              "--rounds", str(args.rounds), "--max-tokens", str(args.max_tokens)] + (
-                  ["--no-replicas"] if args.no_replicas else [])
+              "--rounds", str(args.rounds), "--max-tokens", str(args.max_tokens), "--replicas", args.replicas,
+              "--dense-dtype", args.dense_dtype, "--tf-dtype", args.tf_dtype]
     mesh = run_phase("mesh", common)
     tf = run_phase("transformers", common)
     rows = summarize(mesh, tf, args)
     result = dict(name=name, group_size=args.group_size, nodes=args.nodes, node_threads=args.node_threads,
-                  torch_threads=args.torch_threads, rounds=args.rounds, max_tokens=args.max_tokens, by_clients=rows)
+                  torch_threads=args.torch_threads, rounds=args.rounds, max_tokens=args.max_tokens,
+                  experts=precision.label, dense_dtype=args.dense_dtype, transformers_dtype=args.tf_dtype,
+                  replicas=args.replicas, by_clients=rows)
     if args.transformers_cb:
         cb = run_phase("transformers_cb", common)
         batched8 = rows.get(8, {}).get("transformers_tokens_per_s")
         result["transformers_cb_8_tokens_per_s"] = round(cb["tokens"] / cb["wall_s"], 2)
         result["transformers_cb_over_padded_batch_8"] = round(cb["tokens"] / cb["wall_s"] / batched8, 3) if batched8 else None
-    save(f"serving-{name}", result)
+    save(f"serving-{name}-{precision.label}-{args.dense_dtype}", result)
     cols = ["mesh_tokens_per_s", "transformers_tokens_per_s", "mesh_over_transformers", "mesh_over_single_client",
             "mesh_ttft_ms_p50", "mesh_ttft_ms_p99", "mesh_tpot_ms_p50", "mesh_tpot_ms_p99",
             "transformers_ttft_ms_p50", "transformers_tpot_ms_p50", "rpcs_per_decode_step", "texts_identical",
             "transformers_batch_texts_identical", "requests"]
-    print(f"{name}: G={args.group_size}, {args.nodes} nodes, {args.rounds} requests per client of {args.max_tokens} "
+    print(f"{name}: experts {precision.label}, dense {args.dense_dtype} (transformers {args.tf_dtype}), "
+          f"G={args.group_size}, {args.nodes} nodes, {args.rounds} requests per client of {args.max_tokens} "
           f"tokens; RPC bound per decode step (nodes x MoE layers) = {mesh['nodes'] * mesh['moe_layers']}")
     print("clients " + " ".join(f"{c:>10.10}" for c in cols))
     for clients, row in rows.items():

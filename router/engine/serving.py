@@ -60,10 +60,11 @@ class Serving:
     transport: Transport
     mesh: ExpertMesh
     engine: Engine
+    dense_dtype: torch.dtype = torch.float32
 
     @property
     def precision(self) -> ServedPrecision:
-        return ServedPrecision.of_mesh(self.session.manifest, self.model.dtype)
+        return ServedPrecision.of_mesh(self.session.manifest, self.dense_dtype)
 
     async def close(self) -> None:
         if self._on_down in self.session.down_listeners:
@@ -93,7 +94,7 @@ async def start_serving(session: RouterSession, config: EngineConfig = EngineCon
     engine = Engine(ModelRunner(model, MeshExperts(mesh)), tokenizer, mesh=mesh, config=config,
                     eos_ids=eos_ids_of(session.store, model.config, tokenizer), accounting=accounting)
     await engine.start()
-    return Serving(session, tokenizer, model, transport, mesh, engine)
+    return Serving(session, tokenizer, model, transport, mesh, engine, dtype)
 
 
 @contextlib.asynccontextmanager

@@ -2,19 +2,27 @@
 replaced by a weightless :class:`RemoteExperts`. Only dense tensors are loaded, so the router never holds
 routed-expert weights; the engine's runner drives transformers' own modules (norms, attention projections,
 RoPE, attention kernel, gate, shared expert, lm_head) and sends the routed experts' rows to the mesh.
+
+The dense part is float32 (exact), or bfloat16 (``--dense-dtype bfloat16``, opt-in, not exact): the attention
+and shared-expert projections and the embedding table are stored in bfloat16 (:mod:`~faasmoe.router.model.bf16`)
+while the residual stream, norms, the gate and ``lm_head`` stay float32. Measured on the trained model
+(teacher-forced top-1 against float32): everything in bfloat16 98.85 %, float32 residual 99.02 %, and with a
+float32 ``lm_head`` 99.66 %: bfloat16 logits cannot tell close candidates apart.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from transformers import AutoConfig
 from transformers.models.qwen2_moe import modeling_qwen2_moe as qm
 
 from faasmoe.proto.errors import CheckpointError, FaasmoeError
+from faasmoe.router.model.bf16 import store_in_bfloat16
+from faasmoe.router.store.checkpoint import read_header, read_tensor
 from faasmoe.router.store.manifest import Manifest
 
 log = logging.getLogger(__name__)
@@ -34,20 +42,29 @@ class RemoteExperts(torch.nn.Module):
                            "faasmoe.router.engine, not with the model's own forward")
 
 
-def load_dense(store: Path, manifest: Manifest, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    path = Path(store) / manifest.dense_file
+def load_dense(model: torch.nn.Module, path: Path) -> tuple[list[str], list[str]]:
+    """Copy the store's dense tensors into ``model``'s parameters one at a time, each converted to its
+    parameter's dtype (positioned reads, no whole-file copy). Returns (missing, unexpected) names."""
+    state = model.state_dict()
+    infos = read_header(path)
+    fd = os.open(path, os.O_RDONLY)
     try:
-        with safe_open(str(path), framework="pt") as fh:
-            return {k: fh.get_tensor(k).to(dtype) for k in fh.keys()}
-    except Exception as exc:  # OSError, or safetensors' own error types
-        raise CheckpointError(f"{path}: cannot read the dense weights ({exc})") from None
+        with torch.inference_mode():
+            for name, info in infos.items():
+                if name in state:
+                    state[name].copy_(read_tensor(fd, info))
+    finally:
+        os.close(fd)
+    return sorted(set(state) - set(infos)), sorted(set(infos) - set(state))
 
 
 def build_mesh_model(store: str | Path, manifest: Manifest,
                      dtype: torch.dtype = torch.float32) -> qm.Qwen2MoeForCausalLM:
     """transformers' model of ``store`` with only its dense weights: each MoE layer's routed experts are a
-    weightless :class:`RemoteExperts` (they run on the mesh)."""
+    weightless :class:`RemoteExperts` (they run on the mesh). ``dtype`` float32 or bfloat16 (see above)."""
     store = Path(store)
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise CheckpointError(f"the dense part is float32 or bfloat16, not {dtype}")
     # the runner relies on SDPA's semantics (no mask = causal prefill, boolean masks); transformers' default
     config = AutoConfig.from_pretrained(str(store), attn_implementation="sdpa")
     if config.model_type != "qwen2_moe":
@@ -60,10 +77,14 @@ def build_mesh_model(store: str | Path, manifest: Manifest,
             raise CheckpointError(f"{store / 'manifest.json'}: layer {i} has expert functions but no MoE block "
                                   "in config.json; the store does not match its config")
         mlp.experts = RemoteExperts(i)
+    if dtype == torch.bfloat16:
+        store_in_bfloat16(model)
     model.to_empty(device="cpu")
-    model.to(dtype)
-    dense = load_dense(store, manifest, dtype)
-    missing, unexpected = model.load_state_dict(dense, strict=False)
+    path = store / manifest.dense_file
+    try:
+        missing, unexpected = load_dense(model, path)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read the dense weights ({exc})") from None
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
         missing = [k for k in missing if k != "lm_head.weight"]

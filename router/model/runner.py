@@ -53,7 +53,7 @@ class ModelRunner:
         self.attention = ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, qm.eager_attention_forward)
         attn = self.layers[0].self_attn
         self.head_dim, self.kv_heads = attn.head_dim, config.num_key_value_heads
-        self.dtype = self.embed.weight.dtype
+        self.dtype = getattr(self.embed, "compute_dtype", self.embed.weight.dtype)   # activations and KV cache
         self.max_positions = config.max_position_embeddings
         self.kv_bytes_per_token = (len(self.layers) * 2 * self.kv_heads * self.head_dim
                                    * torch.tensor([], dtype=self.dtype).element_size())

@@ -267,23 +267,8 @@ class Checkpoint:
 
     def _read(self, name: str, index: int | None = None):
         """Tensor ``name`` (or its ``index``-th slice along the first axis) as a torch tensor of its own dtype."""
-        import torch
         info = self.tensors[name]
-        shape = info.shape if index is None else info.shape[1:]
-        nbytes = info.nbytes if index is None else info.nbytes // info.shape[0]
-        offset = info.start + (0 if index is None else index * nbytes)
-        try:
-            data = os.pread(self._fd(info.file), nbytes, offset)
-        except OSError as exc:
-            raise CheckpointError(f"{info.file}: cannot read {name} ({exc.strerror})") from None
-        if len(data) != nbytes:
-            raise CheckpointError(f"{info.file}: ended inside tensor {name} (file changed while reading?)")
-        dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                 "BOOL": torch.bool}.get(info.dtype)
-        if dtype is None:
-            raise CheckpointError(f"{info.file}: {name} has dtype {info.dtype}, which cannot be read as a tensor")
-        return torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape) if nbytes else torch.empty(shape, dtype=dtype)
+        return read_tensor(self._fd(info.file), info, index)
 
     def expert_weights(self, layer: int, expert: int) -> tuple[np.ndarray, np.ndarray]:
         """Expert ``expert`` of ``layer`` as float32 ``(gate_up [2I, H], down [H, I])``."""
@@ -326,6 +311,29 @@ class Checkpoint:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+TORCH_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64",
+                "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+def read_tensor(fd: int, info: TensorInfo, index: int | None = None):
+    """The tensor ``info`` locates (or its ``index``-th slice along the first axis), read from the open file
+    ``fd`` with one positioned read, as a torch tensor of its own dtype."""
+    import torch
+    shape = info.shape if index is None else info.shape[1:]
+    nbytes = info.nbytes if index is None else info.nbytes // info.shape[0]
+    offset = info.start + (0 if index is None else index * nbytes)
+    dtype = getattr(torch, TORCH_DTYPES.get(info.dtype, ""), None)
+    if dtype is None:
+        raise CheckpointError(f"{info.file}: {info.name} has dtype {info.dtype}, which cannot be read as a tensor")
+    try:
+        data = os.pread(fd, nbytes, offset)
+    except OSError as exc:
+        raise CheckpointError(f"{info.file}: cannot read {info.name} ({exc.strerror})") from None
+    if len(data) != nbytes:
+        raise CheckpointError(f"{info.file}: ended inside tensor {info.name} (file changed while reading?)")
+    return torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape) if nbytes else torch.empty(shape, dtype=dtype)
 
 
 def open_checkpoint(model_dir: str | Path) -> Checkpoint:

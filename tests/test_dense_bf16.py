@@ -1,0 +1,54 @@
+"""``--dense-dtype bfloat16``: the router stores the attention and shared-expert projections and the embedding
+table in bfloat16 and keeps activations, norms, the gate and ``lm_head`` in float32. It is not exact against
+float32 (its fidelity is a benchmark), but it is exactly what it says: greedy tokens through real nodes equal
+transformers' own model with the same modules swapped, and the big matrices really take half the bytes."""
+
+from __future__ import annotations
+
+import asyncio
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from faasmoe.router.control.local_mesh import LocalMesh
+from faasmoe.router.engine.reference import reference_generate
+from faasmoe.router.engine.sampling import SamplingParams
+from faasmoe.router.engine.sequence import Request
+from faasmoe.router.engine.serving import local_serving
+from faasmoe.router.model.bf16 import Bf16Embedding, Bf16Linear, store_in_bfloat16
+from faasmoe.router.model.build import build_mesh_model, dense_bytes
+from faasmoe.router.store.split import split_checkpoint
+from model_factory import make_checkpoint
+
+PROMPTS = ["def add(a, b):", "the quick brown fox jumps over"]
+
+
+def test_bf16_dense_part_equals_transformers_with_the_same_modules(tmp_path):
+    model_dir = make_checkpoint(tmp_path / "model", num_layers=3, hidden_size=64, moe_intermediate_size=32,
+                                num_experts=8, top_k=2, vocab_size=260, mlp_only_layers=(1,), seed=9)
+    store = tmp_path / "store"
+    manifest = split_checkpoint(model_dir, store, group_size=4, progress=False)
+    fp32, bf16 = build_mesh_model(store, manifest), build_mesh_model(store, manifest, torch.bfloat16)
+    assert isinstance(bf16.model.layers[0].self_attn.q_proj, Bf16Linear)
+    assert isinstance(bf16.model.layers[1].mlp.down_proj, Bf16Linear)              # a dense layer's MLP too
+    assert isinstance(bf16.model.embed_tokens, Bf16Embedding) and bf16.lm_head.weight.dtype == torch.float32
+    assert bf16.model.layers[0].mlp.gate.weight.dtype == torch.float32
+    assert dense_bytes(bf16) < 0.8 * dense_bytes(fp32)
+
+    tok = AutoTokenizer.from_pretrained(str(store))
+    reference = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    store_in_bfloat16(reference)
+    expected = reference_generate(reference, tok, PROMPTS, 8)
+
+    async def run(addresses):
+        async with local_serving(store, addresses, dtype=torch.bfloat16) as serving:
+            assert serving.precision.label() == {"experts": "fp32", "block_size": 0, "dense": "bfloat16",
+                                                 "exact": False}
+            return [await serving.engine.generate(Request(tuple(r.prompt_token_ids), 8, SamplingParams(),
+                                                          keep_logits=True)) for r in expected]
+
+    with LocalMesh(2, tmp_path / "nodes", memory_budget_mb=128) as mesh:
+        results = asyncio.run(run(mesh.addresses))
+    for ref, res in zip(expected, results):
+        assert res.token_ids == ref.token_ids
+        assert (res.logits - ref.logits).abs().max().item() <= 1e-3
