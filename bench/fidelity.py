@@ -186,6 +186,9 @@ def main() -> int:
             finally:
                 abi.ACCURACY_LEVEL = written
             configs += [(tag, dense, store) for dense in args.dense.split(",")]
+    if ("fp32", "float32") not in [(e, d) for e, d, _ in configs]:        # the reference is always measured
+        configs.append(("fp32", "float32", ensure_split(model_dir, Path(args.work_dir) /
+                                                        f"fidelity-{model_dir.name}-fp32-G60", 60, parse_precision("fp32"))))
     rows, ref = [], None
     for experts, dense, store in sorted(configs, key=lambda c: (c[0] != "fp32" or c[1] != "float32")):
         t0 = time.perf_counter()

@@ -26,17 +26,16 @@ import logging
 import math
 import time
 from concurrent.futures import Executor, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import AsyncIterator, Sequence
 
 import numpy as np
-import onnxruntime as ort
 import psutil
 
 from faasmoe.node import eviction
 from faasmoe.node.config import NodeConfig, default_threads
+from faasmoe.node.functions import Function, NodeCounters
 from faasmoe.node.fair_slots import FairSlots
-from faasmoe.node.metrics import HeatWindow, Listeners
+from faasmoe.node.metrics import Listeners
 from faasmoe.node.sessions import create_session, is_tiny, run_session, trim_malloc
 from faasmoe.node.store import ContentStore, FunctionInfo, check_function_id
 from faasmoe.proto import faasmoe_pb2 as pb
@@ -48,44 +47,6 @@ log = logging.getLogger(__name__)
 MIB = 1024 * 1024
 RSS_SLACK_BYTES = 16 * MIB                  # allocator noise around a load
 RSS_FIRST_LOAD_SLACK_BYTES = 48 * MIB       # the first load also initialises ONNX Runtime
-@dataclass
-class FunctionStats:
-    invocations: int = 0
-    rows: int = 0
-    in_flight: int = 0                    # calls running or waiting on this function
-    cold_starts: int = 0                  # loads caused by calls
-    loads: int = 0                        # all loads (calls and prefetch)
-    load_s: float = 0.0                   # seconds, last load including warm-up
-    compute_s: float = 0.0                # seconds of session runs, total
-    last_used_s: float = field(default_factory=time.monotonic)  # monotonic; last call end, load or deploy
-    rss_delta_bytes: int = 0              # RSS change measured around the last load
-    wait_s: float = 0.0                   # seconds calls waited for a run slot (contention, not loading)
-    waits: int = 0                        # calls that waited for a run slot
-    heat: HeatWindow = field(default_factory=HeatWindow)   # rows per expert, sliding window
-    rows_by_caller: dict[str, int] = field(default_factory=dict)
-
-
-@dataclass
-class NodeCounters:
-    loads: int = 0
-    cold_starts: int = 0
-    evictions_keep_alive: int = 0
-    evictions_memory: int = 0
-    backpressure: int = 0                 # calls refused with Backpressure
-    memory_waits: int = 0                 # loads that had to wait for in-flight calls to free memory
-
-
-@dataclass
-class Function:
-    info: FunctionInfo
-    stats: FunctionStats = field(default_factory=FunctionStats)
-    session: ort.InferenceSession | None = None
-    resident_bytes: int = 0               # accounted while loaded or loading
-    deployed: bool = True
-    owners: set[str] = field(default_factory=set)   # routers holding a lease; undeployed when none is left
-    breaches: int = 0                     # loads that grew RSS past the estimate
-    broken: str = ""                      # why it may not load again (it broke its memory estimate twice)
-    loading: asyncio.Future | None = None
 
 
 class Runtime:

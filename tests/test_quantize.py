@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
 from faasmoe.proto import faasmoe_pb2 as pb
 from faasmoe.proto import frames
