@@ -1,151 +1,24 @@
 """Write a Qwen1.5-MoE-A2.7B-dimension checkpoint with random weights, tensor by tensor (never whole in memory).
 
-    python bench/qwen_checkpoint.py --out /work/scratch/qwen-24L --layers 24            # 14.3 B parameters, 28.6 GB
+    python bench/qwen_checkpoint.py --out /work/scratch/qwen-24L --layers 24            # 14.3 B parameters, 26.7 GiB
     python bench/qwen_checkpoint.py --out DIR --layers 4 --popularity-from ../shared/models/qwen2moe-tiny-code
 
-The model is ``Qwen2MoeForCausalLM`` at Qwen1.5-MoE-A2.7B's dimensions (hidden 2048, 16 heads, 60 routed experts
-of 1408, top-4, a gated shared expert of 5632, vocabulary 151,936, q/k/v biases), in bfloat16, in shards of
-``--shard-gb`` with ``model.safetensors.index.json`` and the per-expert key layout of the released checkpoint.
-Every tensor comes from its own generator (seeded by ``--seed`` and its name), so any subset of layers is the
-same weights; the scheme is the tests' tiny models' (norms 1 + N(0, 0.1), biases N(0, 0.02), embeddings
-N(0, 1), matrices N(0, 1 / fan_in)).
-
-Random gates route almost uniformly, which keeps every expert busy. ``--popularity-from MODEL`` builds gates that
-route like a trained model instead: it counts how often each expert of that model's layers is picked on held-out
-Python source (the standard library), then scales each gate row so that top-4 of the random-hidden-state
-logits picks experts with those frequencies (layer l of this model takes the popularity of the trained model's
-layer ``l * L_trained // layers``). transformers runs the same weights, so outputs stay comparable; the routing
-that results is measured (``--check-routing``) and written to ``routing.json``.
+See :mod:`faasmoe.router.evaluation.qwen_weights` for the weights and the gates that route like a trained model;
+``--check-routing`` loads the written model (bfloat16; small layer counts) and records how its gates route.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import math
 import sys
-import sysconfig
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-DIMS = dict(vocab_size=151936, hidden_size=2048, intermediate_size=5632, moe_intermediate_size=1408,
-            shared_expert_intermediate_size=5632, num_attention_heads=16, num_key_value_heads=16, num_experts=60,
-            num_experts_per_tok=4, norm_topk_prob=False, max_position_embeddings=8192, rope_theta=1000000.0,
-            rms_norm_eps=1e-6, qkv_bias=True, tie_word_embeddings=False, decoder_sparse_step=1, mlp_only_layers=[],
-            use_sliding_window=False, hidden_act="silu", bos_token_id=151643, eos_token_id=151643)
-
-
-def tensor_specs(layers: int) -> list[tuple[str, tuple[int, ...]]]:
-    """(name, shape) of every tensor, in file order."""
-    h, v, i, s, e = (DIMS[k] for k in ("hidden_size", "vocab_size", "moe_intermediate_size",
-                                       "shared_expert_intermediate_size", "num_experts"))
-    specs = [("model.embed_tokens.weight", (v, h))]
-    for layer in range(layers):
-        p = f"model.layers.{layer}."
-        specs += [(p + "input_layernorm.weight", (h,)), (p + "post_attention_layernorm.weight", (h,))]
-        for proj in ("q", "k", "v"):
-            specs += [(p + f"self_attn.{proj}_proj.weight", (h, h)), (p + f"self_attn.{proj}_proj.bias", (h,))]
-        specs += [(p + "self_attn.o_proj.weight", (h, h)), (p + "mlp.gate.weight", (e, h)),
-                  (p + "mlp.shared_expert_gate.weight", (1, h)), (p + "mlp.shared_expert.gate_proj.weight", (s, h)),
-                  (p + "mlp.shared_expert.up_proj.weight", (s, h)), (p + "mlp.shared_expert.down_proj.weight", (h, s))]
-        for x in range(e):
-            specs += [(p + f"mlp.experts.{x}.gate_proj.weight", (i, h)), (p + f"mlp.experts.{x}.up_proj.weight", (i, h)),
-                      (p + f"mlp.experts.{x}.down_proj.weight", (h, i))]
-    return specs + [("model.norm.weight", (h,)), ("lm_head.weight", (v, h))]
-
-
-def make_tensor(name: str, shape: tuple[int, ...], seed: int, gate_scales: dict[int, np.ndarray]) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed ^ int.from_bytes(hashlib.sha256(name.encode()).digest()[:7], "little"))
-    if name.endswith("norm.weight"):
-        return (1 + 0.1 * torch.randn(shape, generator=gen)).to(torch.bfloat16)
-    if len(shape) == 1:
-        return (0.02 * torch.randn(shape, generator=gen)).to(torch.bfloat16)
-    out = torch.empty(shape, dtype=torch.bfloat16)
-    scale = 1.0 if "embed_tokens" in name else shape[-1] ** -0.5
-    for lo in range(0, shape[0], 8192):                  # bounded temporaries for the 151936-row matrices
-        hi = min(shape[0], lo + 8192)
-        out[lo:hi] = (scale * torch.randn((hi - lo, *shape[1:]), generator=gen)).to(torch.bfloat16)
-    layer = int(name.split(".")[2]) if name.endswith("mlp.gate.weight") else None
-    if layer is not None and layer in gate_scales:
-        out = (out.float() * torch.from_numpy(gate_scales[layer]).float()[:, None]).to(torch.bfloat16)
-    return out
-
-
-def write_shards(out: Path, specs, seed: int, shard_bytes: int, gate_scales) -> int:
-    """Safetensors shards written tensor by tensor: each header is computed from the shapes, then every tensor is
-    generated, written and freed. Returns the number of parameters."""
-    shards, current, size = [], [], 0
-    for name, shape in specs:
-        nbytes = 2 * math.prod(shape)
-        if current and size + nbytes > shard_bytes:
-            shards.append(current)
-            current, size = [], 0
-        current.append((name, shape))
-        size += nbytes
-    shards.append(current)
-    weight_map, total = {}, 0
-    for k, shard in enumerate(shards, 1):
-        fname = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-        header, offset = {"__metadata__": {"format": "pt"}}, 0
-        for name, shape in shard:
-            nbytes = 2 * math.prod(shape)
-            header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-            offset += nbytes
-            weight_map[name] = fname
-        blob = json.dumps(header, separators=(",", ":")).encode()
-        blob += b" " * (-len(blob) % 8)
-        with open(out / fname, "wb") as fh:
-            fh.write(len(blob).to_bytes(8, "little"))
-            fh.write(blob)
-            for name, shape in shard:
-                fh.write(make_tensor(name, shape, seed, gate_scales).view(torch.uint8).numpy().tobytes())
-                total += math.prod(shape)
-        print(f"  {fname}: {len(shard)} tensors, {offset / 2**30:.2f} GiB", file=sys.stderr, flush=True)
-    index = {"metadata": {"total_size": 2 * total}, "weight_map": weight_map}
-    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
-    return total
-
-
-def measure_popularity(model_dir: Path, tokens: int = 20000) -> np.ndarray:
-    """[layers, experts]: how often each expert of a trained model is picked, on standard-library source."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
-    ids = []
-    for path in files[1::7]:
-        ids += tok(path.read_text(errors="replace"))["input_ids"][:1024]
-        if len(ids) >= tokens:
-            break
-    cfg = model.config
-    counts = np.zeros((cfg.num_hidden_layers, cfg.num_experts))
-    hooks = []
-    for i, layer in enumerate(model.model.layers):
-        def hook(module, args, output, i=i):
-            np.add.at(counts[i], output[2].reshape(-1).numpy(), 1)
-        hooks.append(layer.mlp.gate.register_forward_hook(hook))
-    with torch.inference_mode():
-        for lo in range(0, len(ids), 512):
-            model(torch.tensor([ids[lo:lo + 512]]))
-    return counts / counts.sum(axis=1, keepdims=True)
-
-
-def fit_scales(target: np.ndarray, top_k: int, rng: np.random.Generator, samples: int = 40000) -> np.ndarray:
-    """Per-expert scales s such that top-k of independent N(0, s_e^2) logits picks expert e with frequency target_e."""
-    target = np.maximum(target, 1e-4)
-    target = target / target.sum()
-    scales = np.ones(len(target))
-    z = rng.standard_normal((samples, len(target)))
-    for _ in range(300):
-        picked = np.argpartition(-(z * scales), top_k, axis=1)[:, :top_k]
-        freq = np.bincount(picked.ravel(), minlength=len(target)) / picked.size
-        scales *= (target / np.maximum(freq, 1e-6)) ** 0.25
-        scales /= np.exp(np.mean(np.log(scales)))
-    return scales
+REPO = Path(__file__).resolve().parents[1]
 
 
 def check_routing(out: Path, tokens: int = 2048, seed: int = 0) -> np.ndarray:
@@ -176,30 +49,15 @@ def main() -> int:
     if args.out.exists() and any(args.out.iterdir()):
         print(f"error: {args.out} exists and is not empty", file=sys.stderr)
         return 2
-    args.out.mkdir(parents=True, exist_ok=True)
+    sys.path.insert(0, str(REPO))
+    from faasmoe.router.evaluation.qwen_weights import experts_for, write_checkpoint
     t0 = time.perf_counter()
-    gate_scales, routing = {}, None
-    if args.popularity_from:
-        popularity = measure_popularity(args.popularity_from)
-        rng = np.random.default_rng(args.seed)
-        trained = popularity.shape[0]
-        for layer in range(args.layers):
-            gate_scales[layer] = fit_scales(popularity[layer * trained // args.layers], DIMS["num_experts_per_tok"], rng)
-        routing = {"popularity_from": str(args.popularity_from), "popularity": popularity.round(5).tolist(),
-                   "experts_for_80_percent": [int(np.searchsorted(np.cumsum(np.sort(p)[::-1]), 0.8)) + 1
-                                              for p in popularity]}
-        (args.out / "routing.json").write_text(json.dumps(routing))
-    config = {"architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe", "num_hidden_layers": args.layers,
-              "torch_dtype": "bfloat16", "layer_types": ["full_attention"] * args.layers, **DIMS}
-    (args.out / "config.json").write_text(json.dumps(config, indent=1))
-    (args.out / "generation_config.json").write_text(json.dumps({"bos_token_id": DIMS["bos_token_id"],
-                                                                 "eos_token_id": DIMS["eos_token_id"],
-                                                                 "do_sample": False}))
-    total = write_shards(args.out, tensor_specs(args.layers), args.seed, int(args.shard_gb * 2**30), gate_scales)
+    written = write_checkpoint(args.out, args.layers, args.seed, args.popularity_from, int(args.shard_gb * 2**30))
+    total, routing = written["parameters"], written["routing"]
     if args.check_routing:
         measured = check_routing(args.out)
-        routing = (routing or {}) | {"measured": measured.round(5).tolist(), "measured_experts_for_80_percent": [
-            int(np.searchsorted(np.cumsum(np.sort(m)[::-1]), 0.8)) + 1 for m in measured]}
+        routing = (routing or {}) | {"measured": measured.round(5).tolist(),
+                                     "measured_experts_for_80_percent": [experts_for(m, 0.8) for m in measured]}
         (args.out / "routing.json").write_text(json.dumps(routing))
         print(f"routing: experts for 80 % of picks per layer {routing['measured_experts_for_80_percent']}"
               + (f" (trained model: {routing['experts_for_80_percent']})" if args.popularity_from else ""))

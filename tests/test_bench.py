@@ -29,7 +29,7 @@ def test_quick_bench(tmp_path):
     assert result["requests"] > 4
     expected_roles = {"full-per-tenant": {"full-coder", "full-writer"}, "full-shared": {"full"},
                       "mesh-shared-G4-kainf": {"router", "node-0", "node-1", "node-2"},
-                      "mesh-private-G4-ka2s": {"router-coder", "router-writer", "node-0", "node-1", "node-2"}}
+                      "mesh-private-G4-ka2s-r2": {"router-coder", "router-writer", "node-0", "node-1", "node-2"}}
     for d in result["deployments"]:
         assert set(d["roles"]) == set(d["sampled_roles"]) == expected_roles[d["label"]]
         assert d["errors"] == 0 and d["identical"] == result["requests"]       # outputs identical to (a)'s
@@ -40,8 +40,11 @@ def test_quick_bench(tmp_path):
         assert f["mean_gb"] * f["duration_s"] == pytest.approx(f["gb_s"])
         assert 0 < f["mean_gb"] <= f["peak_gb"]
         assert all(p["gb_s"] > 0 for p in f["processes"].values())
+    copies = {d["label"]: d["copies"] for d in result["deployments"]}
+    assert copies["full-shared"] == {} and copies["mesh-shared-G4-kainf"]["max"] >= 4    # the tiny model: 4 functions
+    assert copies["mesh-private-G4-ka2s-r2"]["max"] > copies["mesh-shared-G4-kainf"]["max"]   # --replicas 2
     table = (out / "report.md").read_text()
-    assert all(d["label"] in table for d in result["deployments"]) and "gb_s_vs_a" in table
+    assert all(d["label"] in table for d in result["deployments"]) and "gb_s_vs_a" in table and "copies" in table
     for png in ("memory_over_time.png", "gb_s_core_s.png", "ttft_cdf.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -54,6 +57,10 @@ def test_quick_bench(tmp_path):
      "rate_per_s"),
     ('model = "random:tiny"\n[[tenants]]\ncorpus = "prose"\narrival = {process = "poisson"}\n'
      '[[deployments]]\nkind = "mesh"\nkeep_alive_s = "soon"\n', "keep_alive_s"),
+    ('model = "random:tiny"\n[[tenants]]\ncorpus = "prose"\narrival = {process = "poisson"}\n'
+     '[[deployments]]\nkind = "mesh"\nreplicas = "3"\n', "replicas must be one of 1, 2, auto"),
+    ('model = "random:tiny"\npopularity_from = "x"\n[[tenants]]\ncorpus = "prose"\n'
+     'arrival = {process = "poisson"}\n[[deployments]]\nkind = "mesh"\n', "popularity_from"),
 ])
 def test_bad_scenarios_are_one_line_errors(tmp_path, text, needle):
     path = tmp_path / "s.toml"

@@ -93,6 +93,22 @@ class Running:
                     total += int(float(line.split()[1]))
         return total
 
+    def copies(self) -> int:
+        """Function copies deployed on the mesh's nodes right now (every function counts once per node)."""
+        if self._mesh is None:
+            return 0
+        from faasmoe.router.mesh.client import NodeClient
+        total = 0
+        for address in self._mesh.addresses:
+            client = NodeClient(address)
+            try:
+                total += len(client.status(5.0).functions)
+            except FaasmoeError:
+                pass
+            finally:
+                client.close()
+        return total
+
     def stop(self) -> None:
         for proc in self._servers:
             stop_process(proc)
@@ -129,7 +145,7 @@ def start_deployment(spec: DeploymentSpec, *, model_dir: Path, store_of, tenants
                 run.roles[node.process.pid] = f"node-{i}"
             serve = [*router, "serve", "--store", str(store_of(spec.group_size)), "--nodes",
                      ",".join(run._mesh.addresses), "--port", "0", "--model-name", "bench", "--tenants",
-                     str(tenants_file), "--settle-s", "0.2"]
+                     str(tenants_file), "--settle-s", "0.2", "--replicas", spec.replicas]
             groups = [(None, tenants)] if spec.routers == "shared" else [(t, [t]) for t in tenants]
             for private, served in groups:
                 extra = ["--tenant", private] if private else []

@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import math
+import threading
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -51,10 +52,15 @@ def prepare_model(scenario: Scenario, work: Path) -> Path:
     if model_dir is not None:
         return model_dir
     from faasmoe.router.store.tiny_model import make_checkpoint
-    target = work / f"model-{scenario.model.split(':')[1]}-{scenario.random_layers}l"
+    popularity = scenario.popularity_dir()
+    target = work / (f"model-{scenario.model.split(':')[1]}-{scenario.random_layers}l"
+                     + (f"-routed-like-{popularity.name}" if popularity else ""))
     if not (target / "config.json").exists():
         if scenario.model == "random:tiny":
             make_checkpoint(target, **{**TINY, "num_layers": scenario.random_layers})
+        elif popularity is not None:             # bfloat16 weights; float32 deployments upcast the same values
+            from faasmoe.router.evaluation.qwen_weights import write_checkpoint
+            write_checkpoint(target, scenario.random_layers, seed=QWEN_DIMS["seed"], popularity_from=popularity)
         else:
             make_checkpoint(target, num_layers=scenario.random_layers, with_tokenizer=False, **QWEN_DIMS)
     return target
@@ -111,12 +117,14 @@ def _run_one(spec: DeploymentSpec, scenario: Scenario, items, model_dir, store_o
                            tenants_file=tenants_file, workdir=work, dtype=scenario.baseline_dtype, cgroup=cgroup)
     try:
         sampler = ProcessSampler(run.roles, hz=4.0, cgroup=cgroup).start()
+        copies = CopiesWatch(run).start()
         t0 = time.monotonic()
         outcomes = asyncio.run(replay(items, run.urls, run.keys))
         end_s = max(scenario.duration_s, time.monotonic() - t0) + TAIL_S    # the window, idle memory included
         while time.monotonic() - t0 < end_s:
             time.sleep(0.05)
         samples = sampler.stop()
+        copies.stop()
         cold_starts = run.cold_starts()
     finally:
         run.stop()
@@ -126,12 +134,38 @@ def _run_one(spec: DeploymentSpec, scenario: Scenario, items, model_dir, store_o
     ok = [o for o in outcomes if o.error is None]
     identical = sum(reference is None or reference.get(o.request_id) == o.output for o in ok)
     return dict(label=spec.label, spec=asdict(spec), figures=figures, roles=sorted(run.roles.values()),
-                sampled_roles=sorted(samples.roles.values()), cold_starts=cold_starts,
+                sampled_roles=sorted(samples.roles.values()), cold_starts=cold_starts, copies=copies.summary(),
                 errors=len(outcomes) - len(ok), identical=identical if reference is not None else len(ok),
                 outcomes=[asdict(o) for o in outcomes],
                 series=dict(times_s=samples.times_s,
                             total_gb=[sum(samples.rss[p][k] for p in samples.rss) / 1e9
                                       for k in range(len(samples.times_s))]))
+
+
+class CopiesWatch:
+    """The mesh's function copies every ``period_s`` while a deployment runs (the replica count over time)."""
+
+    def __init__(self, run, period_s: float = 2.0):
+        self.run, self.period_s, self.seen = run, period_s, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="faasmoe-copies", daemon=True)
+
+    def start(self) -> CopiesWatch:
+        if self.run.spec.kind == "mesh":
+            self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.period_s):
+            self.seen.append(self.run.copies())
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def summary(self) -> dict:
+        return {"min": min(self.seen), "max": max(self.seen), "last": self.seen[-1]} if self.seen else {}
 
 
 def save_json(result: dict, path: Path) -> None:

@@ -23,7 +23,8 @@ def summary(result: dict) -> list[dict]:
                    peak_gb=round(f["peak_gb"], 3), mean_gb=round(f["mean_gb"], 3), mean_cores=round(f["mean_cores"], 3),
                    ttft_ms_p50=_ms(pct([o["ttft_s"] for o in ok], 50)), ttft_ms_p99=_ms(pct([o["ttft_s"] for o in ok], 99)),
                    tpot_ms_p50=_ms(pct([o["tpot_s"] for o in ok], 50)), tpot_ms_p99=_ms(pct([o["tpot_s"] for o in ok], 99)),
-                   cold_starts=d["cold_starts"], errors=d["errors"], identical=f"{d['identical']}/{len(d['outcomes'])}")
+                   cold_starts=d["cold_starts"], errors=d["errors"], identical=f"{d['identical']}/{len(d['outcomes'])}",
+                   copies=_copies(d.get("copies")))
         for key, ref in (("a", base["full-per-tenant"]), ("b", base["full-shared"])):
             faithful = d["identical"] == len(d["outcomes"]) and not d["errors"]
             if ref is not None and faithful:
@@ -33,6 +34,13 @@ def summary(result: dict) -> list[dict]:
                 row[f"gb_s_vs_{key}"] = row[f"core_s_vs_{key}"] = "outputs differ"
         rows.append(row)
     return rows
+
+
+def _copies(copies: dict | None) -> str:
+    """The mesh's function copies during the run (min-max), '-' for a full model."""
+    if not copies:
+        return "-"
+    return str(copies["min"]) if copies["min"] == copies["max"] else f"{copies['min']}-{copies['max']}"
 
 
 def _ms(seconds):

@@ -4,6 +4,8 @@
     model = "../../shared/models/qwen2moe-tiny-code"   # a model directory (relative to this file), or
                                                          # "random:tiny" / "random:qwen-dims" (seeded weights)
     random_layers = 4               # layers of a random model
+    popularity_from = "../../shared/models/qwen2moe-tiny-code"   # random:qwen-dims only: gates that route like
+                                    # this trained model (relative to this file; router/evaluation/qwen_weights.py)
     seed = 7
     duration_s = 240                # requests arrive over this window
     max_prompt_tokens = 192         # every prompt is cut to this
@@ -27,6 +29,7 @@
     keep_alive_s = "inf"            # or seconds
     nodes = 3
     node_memory_mb = 2048
+    replicas = "auto"               # the router's --replicas policy: 1 | 2 | auto
 
 Every value is checked; a wrong one is a ConfigError naming the file and the key.
 """
@@ -39,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from faasmoe.proto.errors import ConfigError
+from faasmoe.router.control.replicas import DEFAULT_MODE, MODES
 
 CORPORA = ("python", "prose", "json", "shell")
 TRACES = ("code", "conv")
@@ -80,13 +84,15 @@ class DeploymentSpec:
     keep_alive_s: float = math.inf
     nodes: int = 3
     node_memory_mb: float = 2048.0
+    replicas: str = DEFAULT_MODE
 
     @property
     def label(self) -> str:
         if self.kind != "mesh":
             return self.kind
         ka = "inf" if math.isinf(self.keep_alive_s) else f"{self.keep_alive_s:g}s"
-        return f"mesh-{self.routers}-G{self.group_size}-ka{ka}"
+        return f"mesh-{self.routers}-G{self.group_size}-ka{ka}" + (f"-r{self.replicas}" if self.replicas != DEFAULT_MODE
+                                                                     else "")
 
 
 @dataclass(frozen=True)
@@ -102,6 +108,13 @@ class Scenario:
     baseline_dtype: str = "float32"
     tenants: tuple[TenantSpec, ...] = ()
     deployments: tuple[DeploymentSpec, ...] = field(default_factory=tuple)
+    popularity_from: str = ""        # random:qwen-dims: a trained model whose routing the gates imitate
+
+    def popularity_dir(self) -> Path | None:
+        if not self.popularity_from:
+            return None
+        path = Path(self.popularity_from)
+        return path if path.is_absolute() else (self.path.parent / path).resolve()
 
     def model_dir(self) -> Path | None:
         """The model's directory, None for a random model."""
@@ -178,15 +191,20 @@ def load_scenario(path: str | Path) -> Scenario:
             raise ConfigError(f"{dw}: kind must be one of {', '.join(KINDS)}")
         if d.get("routers", "shared") not in ("shared", "private"):
             raise ConfigError(f"{dw}: routers must be shared or private")
+        if str(d.get("replicas", DEFAULT_MODE)) not in MODES:
+            raise ConfigError(f"{dw}: replicas must be one of {', '.join(MODES)}")
         deployments.append(DeploymentSpec(
             d["kind"], d.get("routers", "shared"), int(_number(dw, d, "group_size", 4)),
             _number(dw, d, "keep_alive_s", "inf", strict=False, inf=True), int(_number(dw, d, "nodes", 3)),
-            float(_number(dw, d, "node_memory_mb", 2048.0))))
+            float(_number(dw, d, "node_memory_mb", 2048.0)), str(d.get("replicas", DEFAULT_MODE))))
     if not deployments:
         raise ConfigError(f"{where}: no [[deployments]]")
     if raw.get("baseline_dtype", "float32") not in ("float32", "bfloat16"):
         raise ConfigError(f"{where}: baseline_dtype must be float32 or bfloat16")
+    popularity = raw.get("popularity_from", "")
+    if popularity and (model != "random:qwen-dims" or not isinstance(popularity, str)):
+        raise ConfigError(f"{where}: popularity_from (a model directory) goes with model = \"random:qwen-dims\"")
     return Scenario(raw.get("name", path.stem), model, path, int(_number(where, raw, "seed", 0, strict=False)),
                     float(_number(where, raw, "duration_s", 60.0)), int(_number(where, raw, "max_prompt_tokens", 128)),
                     int(_number(where, raw, "max_output_tokens", 32)), int(_number(where, raw, "random_layers", 2)),
-                    raw.get("baseline_dtype", "float32"), tuple(tenants), tuple(deployments))
+                    raw.get("baseline_dtype", "float32"), tuple(tenants), tuple(deployments), popularity)
