@@ -8,7 +8,8 @@ closed-loop clients send streamed greedy completions of ``--max-tokens`` tokens 
 one node is killed with SIGKILL while they go on for ``--after-s`` more. Every process is sampled at 4 Hz.
 Reported: the nodes' memory (GB·s over the steady phase, mean and peak GB), function copies at the end of the
 steady phase, TTFT and TPOT p50 / p99 of the steady phase, and for the kill: failed requests, the slowest request
-that overlapped it, and when every function had a live node again (/health).
+that overlapped it, how soon /health noticed that some function had no live node, and for how long (with a
+surviving copy of everything it never does).
 
 Prints a table; writes bench/out/<name>.json.
 """
@@ -28,6 +29,10 @@ from pathlib import Path
 from report import save
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def ms(seconds):
+    return round(1e3 * seconds, 1) if seconds is not None else None
 
 
 def pct(values, q):
@@ -100,14 +105,17 @@ def run_policy(args, store: Path, policy: str, prompts) -> dict:
                 await asyncio.sleep(1.0)                                       # noqa: load under way before the kill
                 killed_at = time.perf_counter()
                 mesh.nodes[0].kill()
-                healthy_at = None
+                unhealthy_at = healthy_at = None          # /health: 503 while some function has no live node
                 async with httpx.AsyncClient(timeout=5) as http:
                     while healthy_at is None and time.perf_counter() - killed_at < args.after_s:
-                        if (await http.get(f"{url}/health")).status_code == 200 and time.perf_counter() - killed_at > 0.05:
+                        ok = (await http.get(f"{url}/health")).status_code == 200
+                        if not ok and unhealthy_at is None:
+                            unhealthy_at = time.perf_counter()
+                        elif ok and unhealthy_at is not None:
                             healthy_at = time.perf_counter()
-                        await asyncio.sleep(0.05)
-                return killed_at, healthy_at, await task
-            killed_at, healthy_at, after = asyncio.run(kill_phase())
+                        await asyncio.sleep(0.02)
+                return killed_at, unhealthy_at, healthy_at, await task
+            killed_at, unhealthy_at, healthy_at, after = asyncio.run(kill_phase())
         finally:
             router.send_signal(signal.SIGTERM)
             router.wait(60)
@@ -116,13 +124,13 @@ def run_policy(args, store: Path, policy: str, prompts) -> dict:
     return {"policy": policy, "node_gb_s": round(usage["gb_s"], 2), "node_mean_gb": round(usage["mean_gb"], 3),
             "node_peak_gb": round(usage["peak_gb"], 3), "copies": n_copies, "requests": len(steady),
             "steady_failed": len(steady) - len(ok), "tokens_per_s": round(len(ok) * args.max_tokens / args.steady_s, 1),
-            "ttft_ms_p50": round(1e3 * pct([r["ttft_s"] for r in ok], 50), 1),
-            "ttft_ms_p99": round(1e3 * pct([r["ttft_s"] for r in ok], 99), 1),
-            "tpot_ms_p50": round(1e3 * pct([r["tpot_s"] for r in ok], 50), 2),
-            "tpot_ms_p99": round(1e3 * pct([r["tpot_s"] for r in ok], 99), 2),
+            "ttft_ms_p50": ms(pct([r["ttft_s"] for r in ok], 50)), "ttft_ms_p99": ms(pct([r["ttft_s"] for r in ok], 99)),
+            "tpot_ms_p50": ms(pct([r["tpot_s"] for r in ok], 50)), "tpot_ms_p99": ms(pct([r["tpot_s"] for r in ok], 99)),
             "kill_failed": sum(not r["ok"] for r in after),
             "kill_slowest_overlapping_s": round(max((r["end"] - r["start"] for r in overlapping), default=0), 2),
-            "kill_health_back_s": round(healthy_at - killed_at, 2) if healthy_at else None}
+            "kill_unhealthy_s": ("never" if unhealthy_at is None else
+                                 round(healthy_at - unhealthy_at, 2) if healthy_at else f">{args.after_s:g}"),
+            "kill_noticed_s": round(unhealthy_at - killed_at, 2) if unhealthy_at else None}
 
 
 def main() -> int:

@@ -23,8 +23,14 @@ class FunctionStats:
     compute_s: float = 0.0                # seconds of session runs, total
     last_used_s: float = field(default_factory=time.monotonic)  # monotonic; last call end, load or deploy
     rss_delta_bytes: int = 0              # RSS change measured around the last load
-    wait_s: float = 0.0                   # seconds calls waited for a run slot (contention, not loading)
+    wait_s: float = 0.0                   # seconds finished calls waited for a run slot (contention, not loading)
     waits: int = 0                        # calls that waited for a run slot
+    waiting: int = 0                      # calls waiting for a run slot right now
+    waiting_since_sum_s: float = 0.0      # sum of their perf_counter() at the start of the wait
+
+    def wait_s_now(self, now_s: float) -> float:
+        """Seconds calls waited for a run slot, including the calls still waiting."""
+        return self.wait_s + self.waiting * now_s - self.waiting_since_sum_s
     heat: HeatWindow = field(default_factory=HeatWindow)   # rows per expert, sliding window
     rows_by_caller: dict[str, int] = field(default_factory=dict)
 

@@ -1,15 +1,17 @@
 """The node's function registry and its ONNX Runtime sessions (serverless: load on demand, release when idle).
 
-- *deployed bytes*: file sizes of deployed functions, at most ``memory_budget_bytes x overcommit``.
-- *resident bytes* of a loaded function: a **calibrated estimate** from its file size and precision (not a
-  measurement), :func:`function_resident_bytes` = 1.02 x file + 8 bytes per quantization block + 1 MiB,
-  known before the load so it can be admitted. Measured with onnxruntime 1.32 / glibc, arena off and
-  ``M_MMAP_THRESHOLD`` 4 MiB (:func:`faasmoe.node.cli.tune_malloc`): process RSS grows by 1.00-1.02 x the
-  file size per loaded fp32 session, 1.07 x for int8 and 1.13 x for int4 at block 128 (MatMulNBits' prepacked
-  blocks carry 8 more bytes each; the very first load adds ~10 MiB of ORT global state) and falls back to
-  baseline on release. The RSS delta around each
-  load is kept in :class:`FunctionStats` and logged (a warning when far above the estimate). A load peaks
-  transiently at ~1.7 x its file; loads run one at a time, which bounds that overshoot.
+- *deployed bytes*: what the deployed functions would hold if all were loaded (their footprint estimates, below),
+  at most ``memory_budget_bytes x overcommit``.
+- *footprint* of a function: what it holds when loaded, a **calibrated estimate** from its file size and
+  precision (not a measurement), :func:`function_resident_bytes` = 1.02 x file + 8 bytes per quantization
+  block + 1 MiB, known before the load so it can be admitted; a loaded function's *resident bytes* are its
+  footprint. Measured with onnxruntime 1.32 / glibc, arena off and ``M_MMAP_THRESHOLD`` 4 MiB
+  (:func:`faasmoe.node.cli.tune_malloc`), with the freed heap trimmed right after each load: process RSS grows by
+  1.00-1.02 x the file per loaded fp32 session, 1.07 x for int8 and 1.13 x for int4 at block 128 (MatMulNBits'
+  prepacked blocks carry 8 more bytes each; the very first load adds ~10 MiB of ORT global state) and falls back
+  to baseline on release. The RSS delta around each load is kept in :class:`FunctionStats`, reported in Status
+  and logged (a warning when far above the estimate). Before the trim a load holds up to ~2.2 x its file (the
+  parsed file, freed but not returned); loads run one at a time, which bounds that overshoot.
 - *loaded bytes* (sum of resident bytes) stay within ``memory_budget_bytes``: a load evicts least recently
   used idle sessions, never one with calls in flight; when that cannot make room, it waits.
 
@@ -95,7 +97,7 @@ class Runtime:
     @property
     def deployed_bytes(self) -> int:
         """Memory the deployed functions would hold if all were loaded (what capacity limits)."""
-        return sum(fn.info.resident_bytes for fn in self.deployed.values()) + self._pending_deploy_bytes
+        return sum(fn.info.footprint_bytes for fn in self.deployed.values()) + self._pending_deploy_bytes
 
     @property
     def loaded_bytes(self) -> int:
@@ -151,7 +153,10 @@ class Runtime:
         if present and self.store.size_bytes(fid) != size:
             raise InvalidRequest(f"function {fid}: announced {size} bytes but its content is "
                                  f"{self.store.size_bytes(fid)} bytes")
-        announced = max(resident_estimate_bytes(size), header.resident_bytes)
+        if not 0 <= header.footprint_bytes <= 4 * MAX_FUNCTION_BYTES:
+            raise InvalidRequest(f"function {fid}: footprint_bytes {header.footprint_bytes} is not a plausible "
+                                 "memory estimate")
+        announced = max(resident_estimate_bytes(size), header.footprint_bytes)
         self.check_capacity(fid, announced)            # before a byte of data is read
         if not present:
             self._pending_deploy_bytes += announced
@@ -162,8 +167,8 @@ class Runtime:
                 self._load_pool.submit(trim_malloc)     # upload buffers
         try:
             info = FunctionInfo.from_file(self.store.path(fid), fid, size)     # the function ABI, or refused
-            if fid not in self.deployed and info.resident_bytes > announced:  # its precision needs more
-                self.check_capacity(fid, info.resident_bytes)
+            if fid not in self.deployed and info.footprint_bytes > announced:  # its precision needs more
+                self.check_capacity(fid, info.footprint_bytes)
         except (InvalidRequest, NodeFull):
             if fid not in self.deployed:
                 self.store.remove(fid)
@@ -215,7 +220,7 @@ class Runtime:
             if fn.broken:
                 raise NodeFull(fn.broken, node=self.node_id)
             async with self._load_lock:
-                need = fn.info.resident_bytes
+                need = fn.info.footprint_bytes
                 while (victims := eviction.evict_for_load(self._loaded_view(), need,
                                                           self.config.memory_budget_bytes)) is None:
                     self.counters.memory_waits += 1
@@ -359,9 +364,14 @@ class Runtime:
                     if fn.session is None:
                         result.cold_start, result.load_s = True, await self._load_once(fn, by_call=True)
                     waited_from = time.perf_counter() if self._slots.locked() else None
-                    await self._slots.acquire(caller)
                     if waited_from is not None:
-                        st.wait_s, st.waits = st.wait_s + time.perf_counter() - waited_from, st.waits + 1
+                        st.waiting, st.waiting_since_sum_s = st.waiting + 1, st.waiting_since_sum_s + waited_from
+                    try:
+                        await self._slots.acquire(caller)
+                    finally:
+                        if waited_from is not None:
+                            st.waiting, st.waiting_since_sum_s = st.waiting - 1, st.waiting_since_sum_s - waited_from
+                            st.wait_s, st.waits = st.wait_s + time.perf_counter() - waited_from, st.waits + 1
                 finally:
                     self.queue_depth -= 1
             else:

@@ -303,6 +303,6 @@ class NodeServer:
                 model_id=info.model_id, expert_calls_window=st.heat.totals(len(info.expert_ids), now),
                 owners=sorted(fn.owners), rows=st.rows, compute_s=st.compute_s, rows_by_caller=st.rows_by_caller,
                 precision=info.precision.name, block_size=info.precision.block_size,
-                footprint_bytes=info.resident_bytes, rss_delta_bytes=st.rss_delta_bytes, wait_s=st.wait_s,
-                waits=st.waits)
+                footprint_bytes=info.footprint_bytes, rss_delta_bytes=st.rss_delta_bytes,
+                wait_s=st.wait_s_now(time.perf_counter()), waits=st.waits)
         return reply

@@ -218,7 +218,7 @@ class FunctionInfo:
         return tuple(abi.rows_input(j) for j in range(len(self.expert_ids)))
 
     @functools.cached_property
-    def resident_bytes(self) -> int:
+    def footprint_bytes(self) -> int:
         """Memory the function holds when loaded (the ABI's estimate for its size and precision)."""
         return abi.function_resident_bytes(self.size_bytes, len(self.expert_ids), self.hidden_size,
                                            self.intermediate_size, self.precision)

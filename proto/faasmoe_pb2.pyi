@@ -15,7 +15,7 @@ class TensorSpec(_message.Message):
     def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class FunctionHeader(_message.Message):
-    __slots__ = ("function_id", "size_bytes", "layer", "expert_ids", "model_id", "dtype", "owner", "resident_bytes")
+    __slots__ = ("function_id", "size_bytes", "layer", "expert_ids", "model_id", "dtype", "owner", "footprint_bytes")
     FUNCTION_ID_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -23,7 +23,7 @@ class FunctionHeader(_message.Message):
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
-    RESIDENT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FOOTPRINT_BYTES_FIELD_NUMBER: _ClassVar[int]
     function_id: str
     size_bytes: int
     layer: int
@@ -31,8 +31,8 @@ class FunctionHeader(_message.Message):
     model_id: str
     dtype: str
     owner: str
-    resident_bytes: int
-    def __init__(self, function_id: _Optional[str] = ..., size_bytes: _Optional[int] = ..., layer: _Optional[int] = ..., expert_ids: _Optional[_Iterable[int]] = ..., model_id: _Optional[str] = ..., dtype: _Optional[str] = ..., owner: _Optional[str] = ..., resident_bytes: _Optional[int] = ...) -> None: ...
+    footprint_bytes: int
+    def __init__(self, function_id: _Optional[str] = ..., size_bytes: _Optional[int] = ..., layer: _Optional[int] = ..., expert_ids: _Optional[_Iterable[int]] = ..., model_id: _Optional[str] = ..., dtype: _Optional[str] = ..., owner: _Optional[str] = ..., footprint_bytes: _Optional[int] = ...) -> None: ...
 
 class DeployChunk(_message.Message):
     __slots__ = ("header", "data")

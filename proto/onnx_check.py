@@ -289,7 +289,8 @@ def _check_graph(fh: BinaryIO, span, spec: FunctionSpec) -> None:
     start, length = span
     ops, inputs, outputs, tensors = [], [], [], {}
     expected_ops = abi.graph_ops(spec.expert_ids, spec.hidden_size, spec.intermediate_size, spec.precision)
-    limit = len(expected_ops) + 2 * len(spec.expert_ids) + 8        # any more parts and it cannot match
+    limit = (len(expected_ops) + len(spec.expert_ids) + 2      # nodes, inputs, output
+             + len(abi.initializers(spec.expert_ids, 1, 1, spec.precision)))   # any more parts and it cannot match
     fh.seek(start)
     for number, wire, value in _fields(fh, start + length):
         if len(ops) + len(inputs) + len(outputs) + len(tensors) > 2 * limit:

@@ -21,7 +21,8 @@ Status (``"online": true``)::
      "functions": [{"function_id": str (sha256), "layer": int, "expert_ids": [int], "size_bytes": int,
                     "loaded": bool, "idle_s": float, "resident_bytes": int, "invocations": int,
                     "in_flight": int, "expert_calls_window": [int] (rows per expert in the heat window),
-                    "precision": "fp32" | "int8" | "int4", "block_size": int (0 for fp32)}],
+                    "precision": "fp32" | "int8" | "int4", "block_size": int (0 for fp32); these two
+                    optional: older nodes send neither, which means fp32}],
      "counters": {"loads", "cold_starts", "evictions_keep_alive", "evictions_memory", "backpressure",
                   "memory_waits", "events_dropped": int}}
 
@@ -72,7 +73,8 @@ STATUS_KEYS = {"schema": str, "node_id": str, "online": bool, "ts": float, "addr
                "heat_window_s": float, "functions": list, "counters": dict}
 FUNCTION_KEYS = {"function_id": str, "layer": int, "expert_ids": list, "size_bytes": int, "loaded": bool,
                  "idle_s": float, "resident_bytes": int, "invocations": int, "in_flight": int,
-                 "expert_calls_window": list, "precision": str, "block_size": int}
+                 "expert_calls_window": list}
+FUNCTION_OPTIONAL_KEYS = {"precision": str, "block_size": int}     # nodes before int8 / int4 functions send neither
 COUNTER_KEYS = ("loads", "cold_starts", "evictions_keep_alive", "evictions_memory", "backpressure",
                 "memory_waits", "events_dropped")
 OFFLINE_KEYS = {"schema": str, "node_id": str, "online": bool, "reason": str}
@@ -172,9 +174,11 @@ def parse_broker_url(url: str) -> BrokerAddress:
     return BrokerAddress(parts.hostname, port, tls, username, password, ca_file)
 
 
-def _check_types(payload: dict, keys: dict, what: str) -> None:
+def _check_types(payload: dict, keys: dict, what: str, optional: bool = False) -> None:
     for key, kind in keys.items():
         if key not in payload:
+            if optional:
+                continue
             raise ValueError(f"{what}: missing {key!r}")
         value = payload[key]
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else \
@@ -202,6 +206,7 @@ def validate_status(payload: dict) -> dict:
         _check_types(payload, STATUS_KEYS, "status")
         for fn in payload["functions"]:
             _check_types(fn, FUNCTION_KEYS, "status.functions[]")
+            _check_types(fn, FUNCTION_OPTIONAL_KEYS, "status.functions[]", optional=True)
         missing = [k for k in COUNTER_KEYS if not isinstance(payload["counters"].get(k), int)]
         if missing:
             raise ValueError(f"status.counters: missing or not int: {missing}")

@@ -54,6 +54,17 @@ def test_demo_serve_prints_a_curl_line_and_an_openai_snippet_that_work_as_printe
     assert code == 0, demo.stderr.read()
 
 
+@pytest.mark.parametrize("argv,needle", [
+    (["--experts", "int3"], "invalid choice"), (["--experts", "int4", "--block-size", "48"], "--block-size 48"),
+    (["--block-size", "32"], "int8 or int4 only")], ids=["precision", "block-size", "block-size-fp32"])
+def test_split_precision_flags_are_checked(tmp_path, argv, needle):
+    model_dir = make_checkpoint(tmp_path / "model")
+    proc = run("faasmoe.router.cli.umbrella", "split", str(model_dir), "--out", str(tmp_path / "store"), *argv)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], proc.stderr
+    assert not (tmp_path / "store").exists()
+
+
 def test_split_of_a_malformed_checkpoint_is_one_line(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     proc = run("faasmoe.router.cli.umbrella", "split", str(tmp_path), "--out", str(tmp_path / "store"))
@@ -68,7 +79,12 @@ def test_split_of_a_malformed_checkpoint_is_one_line(tmp_path):
     (["generate", "--store", "{store}", "--nodes", "nohost", "--prompt", "x"], 2, "host:port"),
     (["generate", "--store", "{missing}", "--nodes", "127.0.0.1:1", "--prompt", "x"], 1, "manifest"),
     (["generate", "--store", "{store}", "--nodes", "127.0.0.1:1", "--prompt", "x"], 1, "no reachable node"),
-], ids=["no-nodes", "bad-address", "missing-store", "unreachable"])
+    (["serve", "--store", "{store}", "--nodes", "127.0.0.1:1", "--replica-interval-s", "0"], 2, "--replica-interval-s"),
+    (["generate", "--store", "{store}", "--nodes", "127.0.0.1:1", "--prompt", "x", "--replicas", "3"], 2,
+     "invalid choice"),
+    (["generate", "--store", "{store}", "--nodes", "127.0.0.1:1", "--prompt", "x", "--dense-dtype", "fp8"], 2,
+     "invalid choice"),
+], ids=["no-nodes", "bad-address", "missing-store", "unreachable", "replica-interval", "replicas", "dense-dtype"])
 def test_router_errors_are_one_line(tmp_path, argv, code, needle):
     model_dir = make_checkpoint(tmp_path / "model")
     split_checkpoint(model_dir, tmp_path / "store", group_size=4, progress=False)

@@ -52,3 +52,20 @@ def test_bf16_dense_part_equals_transformers_with_the_same_modules(tmp_path):
     for ref, res in zip(expected, results):
         assert res.token_ids == ref.token_ids
         assert (res.logits - ref.logits).abs().max().item() <= 1e-3
+
+
+def test_a_dense_tensor_of_the_wrong_shape_is_a_one_line_error(tmp_path):
+    import pytest
+    from safetensors.torch import load_file, save_file
+
+    from faasmoe.proto.errors import CheckpointError
+    model_dir = make_checkpoint(tmp_path / "model", num_layers=2, hidden_size=64, moe_intermediate_size=32,
+                                num_experts=8, top_k=2, vocab_size=260, seed=9)
+    store = tmp_path / "store"
+    manifest = split_checkpoint(model_dir, store, group_size=4, progress=False)
+    dense = load_file(str(store / manifest.dense_file))
+    dense["model.norm.weight"] = torch.ones(3)                  # copy_ would broadcast [3] silently into [64]?
+    save_file(dense, str(store / manifest.dense_file))
+    for dtype in (torch.float32, torch.bfloat16):
+        with pytest.raises(CheckpointError, match=r"model.norm.weight is \[3\], the config makes it \[64\]"):
+            build_mesh_model(store, manifest, dtype)

@@ -213,7 +213,7 @@ def test_split_names_its_precision_and_every_function_passes_validation(checkpoi
         assert spec.precision == precision and (entry.precision, entry.block_size) == (precision.name,
                                                                                         precision.block_size)
         assert entry.function_id == hashlib.sha256((tmp_path / "q" / entry.file).read_bytes()).hexdigest()
-        assert entry.resident_bytes == abi.function_resident_bytes(entry.bytes, len(entry.expert_ids), 128, 128,
+        assert entry.footprint_bytes == abi.function_resident_bytes(entry.bytes, len(entry.expert_ids), 128, 128,
                                                                    precision)
     assert quant.function_bytes < fp32.function_bytes / (3 if precision.bits == 8 else 4)
 
@@ -228,7 +228,7 @@ async def test_node_serves_and_describes_a_quantized_function(tmp_path):
         status = await stub.status(pb.StatusRequest())
         entry = fn_status(status, fn.function_id)
         assert (entry.precision, entry.block_size) == ("int4", 128)
-        assert entry.footprint_bytes == node.runtime.deployed[fn.function_id].info.resident_bytes > len(fn.data)
+        assert entry.footprint_bytes == node.runtime.deployed[fn.function_id].info.footprint_bytes > len(fn.data)
         assert status.deployed_bytes == entry.footprint_bytes
         hidden = np.random.default_rng(8).standard_normal((5, 64)).astype(np.float32)
         _, outputs = frames.decode_reply(await stub.invoke(frame(hidden, [fn.call([0, 1, 2, 3, 4], [3, 2])])))

@@ -29,18 +29,27 @@ def _state(wait=None, score=None, contended=()):
     return Contention(dict(wait or {}), dict(score or {}), frozenset(contended))
 
 
+N1, N2 = "10.0.0.1:1", "10.0.0.2:1"
+
+
 @pytest.mark.parametrize("previous,waits,interval_s,want_contended,want_score", [
-    pytest.param(_state(), {"a": 5.0}, 10, set(), {"a": 0.0}, id="first-sighting-is-a-baseline"),
-    pytest.param(_state({"a": 1.0}), {"a": 3.0}, 10, {"a"}, {"a": 0.2}, id="growth-over-threshold"),
-    pytest.param(_state({"a": 1.0}), {"a": 1.5}, 10, set(), {"a": 0.05}, id="growth-under-threshold"),
-    pytest.param(_state({"a": 3.0}, {"a": 0.2}, {"a"}), {"a": 3.0}, 10, {"a"}, {"a": 0.1}, id="decays-keeps-copy"),
-    pytest.param(_state({"a": 3.0}, {"a": 0.08}, {"a"}), {"a": 3.0}, 10, set(), {"a": 0.04}, id="decays-drops-copy"),
-    pytest.param(_state({"a": 3.0}, {"a": 0.12}, {"a"}), {"a": 3.3}, 10, {"a"}, {"a": 0.06},
+    pytest.param(_state(), {(N1, "a"): 5.0}, 10, set(), {"a": 0.0}, id="first-sighting-is-a-baseline"),
+    pytest.param(_state({(N1, "a"): 1.0}), {(N1, "a"): 3.0}, 10, {"a"}, {"a": 0.2}, id="growth-over-threshold"),
+    pytest.param(_state({(N1, "a"): 1.0}), {(N1, "a"): 1.5}, 10, set(), {"a": 0.05}, id="growth-under-threshold"),
+    pytest.param(_state({(N1, "a"): 3.0}, {"a": 0.2}, {"a"}), {(N1, "a"): 3.0}, 10, {"a"}, {"a": 0.16},
+                 id="decays-keeps-copy"),
+    pytest.param(_state({(N1, "a"): 3.0}, {"a": 0.06}, {"a"}), {(N1, "a"): 3.0}, 10, set(), {"a": 0.048},
+                 id="decays-drops-copy"),
+    pytest.param(_state({(N1, "a"): 3.0}, {"a": 0.08}, {"a"}), {(N1, "a"): 3.3}, 10, {"a"}, {"a": 0.064},
                  id="hysteresis-holds-above-half"),
-    pytest.param(_state({"a": 3.0}, {"a": 0.12}), {"a": 3.3}, 10, set(), {"a": 0.06}, id="no-hysteresis-for-new"),
-    pytest.param(_state({"a": 9.0}), {"a": 1.0}, 10, set(), {"a": 0.0}, id="restarted-node-counts-no-growth"),
-    pytest.param(_state({"a": 0.0, "b": 0.0}), {"a": 4.0, "b": 0.5}, 2, {"a", "b"}, {"a": 2.0, "b": 0.25},
-                 id="per-function"),
+    pytest.param(_state({(N1, "a"): 3.0}, {"a": 0.08}), {(N1, "a"): 3.3}, 10, set(), {"a": 0.064},
+                 id="no-hysteresis-for-new"),
+    pytest.param(_state({(N1, "a"): 9.0}), {(N1, "a"): 1.0}, 10, set(), {"a": 0.0}, id="restarted-node-no-growth"),
+    pytest.param(_state({(N1, "a"): 0.0, (N2, "a"): 0.0, (N1, "b"): 0.0}),
+                 {(N1, "a"): 2.0, (N2, "a"): 2.0, (N1, "b"): 0.5}, 2, {"a", "b"}, {"a": 2.0, "b": 0.25},
+                 id="summed-over-copies"),
+    pytest.param(_state({(N1, "a"): 1.0}), {(N1, "a"): 1.0, (N2, "a"): 50.0}, 10, set(), {"a": 0.0},
+                 id="node-back-after-a-missed-survey-adds-nothing"),
 ])
 def test_decide(previous, waits, interval_s, want_contended, want_score):
     after = decide(previous, waits, interval_s, AUTO)

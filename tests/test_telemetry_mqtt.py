@@ -179,3 +179,20 @@ def test_schema_rejects_tenant_data():
         tm.validate_event(event | {"tenant_id": "t"})
     with pytest.raises(ValueError, match="reason"):
         tm.validate_event(event | {"reason": "bored"})
+
+
+def test_status_of_a_node_before_precisions_is_still_valid_and_reads_as_fp32():
+    """``precision`` and ``block_size`` are optional in status/1: older nodes send neither (and mean fp32)."""
+    from faasmoe.router.observe.status import _function
+    fn = {"function_id": "ab" * 32, "layer": 0, "expert_ids": [1, 2], "size_bytes": 10, "loaded": True, "idle_s": 1.0,
+          "resident_bytes": 12, "invocations": 3, "in_flight": 0, "expert_calls_window": [1, 0]}
+    status = {"schema": tm.STATUS_SCHEMA, "node_id": "n", "online": True, "ts": 1.0, "address": "h:1", "version": "0",
+              "profile": "", "uptime_s": 1.0, "memory_budget_bytes": 1, "capacity_bytes": 1, "deployed_bytes": 1,
+              "loaded_bytes": 1, "disk_budget_bytes": 1, "disk_used_bytes": 1, "rss_bytes": 1, "threads": 1,
+              "keep_alive_s": 1.0, "queue_depth": 0, "heat_window_s": 60.0, "functions": [fn],
+              "counters": {k: 0 for k in tm.COUNTER_KEYS}}
+    assert tm.validate_status(dict(status)) == status
+    assert _function(fn, {})["precision"] == "fp32"
+    assert _function(fn | {"precision": "int4", "block_size": 32}, {})["precision"] == "int4-b32"
+    with pytest.raises(ValueError, match="block_size"):
+        tm.validate_status(status | {"functions": [fn | {"precision": "int4", "block_size": "32"}]})

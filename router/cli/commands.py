@@ -218,14 +218,14 @@ def serve(args) -> int:
     static = static_nodes(args)
     if not 0 <= args.port < 65536:
         raise ConfigError(f"--port {args.port} is not a port number (0 = any free port)")
+    if args.usage_poll_s <= 0 or args.tenants_poll_s <= 0 or args.replica_interval_s <= 0:
+        raise ConfigError("--usage-poll-s, --tenants-poll-s and --replica-interval-s must be > 0")
     config = engine_config(args)
     session = _session(args)
     directory = NodeDirectory(static=static, mdns_interfaces=(args.mdns_interface or []) if args.discover else None,
                               tls=session.tls)
     if args.tenant and not args.tenants:
         raise ConfigError("--tenant NAME (private mode) needs --tenants FILE")
-    if args.usage_poll_s <= 0 or args.tenants_poll_s <= 0 or args.replica_interval_s <= 0:
-        raise ConfigError("--usage-poll-s, --tenants-poll-s and --replica-interval-s must be > 0")
     options = ServeOptions(host=args.host, port=args.port, model_name=args.model_name, warm=args.warm,
                            settle_s=args.settle_s, mqtt_url=args.mqtt, tenants_file=args.tenants,
                            private_tenant=args.tenant, usage_log=args.usage_log, usage_poll_s=args.usage_poll_s,

@@ -42,8 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--experts", choices=PRECISIONS, default="fp32",
                    help="precision of the expert functions: fp32 (default, exact), int8 or int4 (not exact)")
     p.add_argument("--block-size", type=int, default=None, help="quantization block of int8 / int4 (default 128)")
-    p.add_argument("--dense-dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="dtype of the router's dense part (default float32, exact; bfloat16 is not exact)")
+    from faasmoe.router.cli.main import add_dense_dtype_argument
+    add_dense_dtype_argument(p)
 
 
 def _reference_tokens(model_dir: Path, tokenizer, prompt: str, max_new_tokens: int) -> list[int]:

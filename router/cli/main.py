@@ -23,6 +23,22 @@ ROUTER_ID_HELP = ("this router's owner id on the nodes: a node keeps a function 
                   "the same time their own)")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's own errors as every faasmoe error: ``error: …`` on one line (and exit 2), not usage text."""
+
+    def error(self, message: str):
+        raise ConfigError(f"{self.prog}: {message}; see {self.prog} --help")
+
+
+def parse(parser: argparse.ArgumentParser, argv):
+    """``parser.parse_args(argv)``, or the one-line error and exit code 2 (as :func:`run_command` does)."""
+    try:
+        return parser.parse_args(argv)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def _from_env(action: argparse.Action, name: str, text: str):
     try:
         if isinstance(action, argparse._StoreTrueAction):
@@ -102,10 +118,11 @@ def add_dense_dtype_argument(p: argparse.ArgumentParser, *aliases: str) -> None:
 def add_replicas_argument(p: argparse.ArgumentParser) -> None:
     from faasmoe.router.control.replicas import DEFAULT_MODE as DEFAULT_REPLICAS
     p.add_argument("--replicas", choices=["1", "2", "auto"], default=DEFAULT_REPLICAS,
-                   help="copies of each expert function: 1 (one copy; a lost node's functions are re-placed), 2 (a "
-                        "second copy of hot functions while memory is left), auto (a second copy only while a "
-                        "function's calls queue at its node, within a quarter of each node's capacity; with "
-                        f"serve). Default {DEFAULT_REPLICAS}")
+                   help="copies of each expert function: 1 (one copy; a lost node's functions are re-placed on the "
+                        "survivors), 2 (a second copy of hot functions while memory is left: what place and generate "
+                        "did before), auto (one copy, and a second one only while a function's calls are measured "
+                        "queueing at its node, within a quarter of each node's capacity; only serve measures, so "
+                        f"place and generate deploy one copy). Default {DEFAULT_REPLICAS}")
     p.add_argument("--no-replicas", dest="replicas", action="store_const", const="1", help=argparse.SUPPRESS)
 
 
@@ -120,9 +137,9 @@ def add_mesh_engine_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="faasmoe-router", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="faasmoe-router", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=OneLineParser)
 
     gen = sub.add_parser("generate", help="generate text through the mesh")
     add_mesh_arguments(gen)
@@ -221,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)
     if args.command == "tenants":
         from faasmoe.router.cli import tenants as tenants_cli
         return run_command(tenants_cli.run, args)

@@ -69,7 +69,7 @@ class PlacementController:
 
     def _survey_interval_s(self) -> float | None:
         policy = self.session.replica_policy
-        return policy.interval_s if policy.mode == "auto" else None
+        return policy.interval_s if policy is not None and policy.mode == "auto" else None
 
     def _run(self) -> None:
         failures = 0

@@ -8,10 +8,14 @@
   node (the nodes' per-function slot waits, not its rank in heat), and only within ``replica_share`` of each
   node's capacity.
 
-Contention is the mean number of a function's calls waiting for a run slot over a survey interval: the growth
-of its ``wait_s`` summed over the nodes holding it (``StatusReply.functions[].wait_s``), divided by the
-interval. :func:`decide` is a pure function over those counters; the placement controller surveys the nodes
-every ``interval_s``, feeds it, and re-places when the set of contended functions changes.
+Contention is the mean number of a function's calls waiting for a run slot over a survey interval: the growth of
+its ``wait_s`` on each node holding it (``StatusReply.functions[].wait_s``: finished waits plus the calls still
+waiting), summed over its copies and divided by the interval. Growth counts only for (node, function) pairs seen in
+both surveys, so a node missing from one survey (busy, slow to answer) adds nothing when it comes back.
+:func:`decide` is a pure function over those counters; the placement controller surveys the nodes every
+``interval_s``, feeds it, and re-places when the set of contended functions changes. A second copy relieves the
+queueing it was made for, so scores decay slowly (0.8 per interval: a burst keeps its copy for about a minute at
+the default interval) and a function loses its copy only below half the threshold.
 """
 
 from __future__ import annotations
@@ -51,35 +55,32 @@ class ReplicaPolicy:
 @dataclass(frozen=True)
 class Contention:
     """What the policy remembers between surveys."""
-    wait_s: Mapping[str, float] = field(default_factory=dict)     # last seen cumulative waits per function
-    score: Mapping[str, float] = field(default_factory=dict)      # smoothed calls waiting per function
-    contended: frozenset[str] = frozenset()                       # functions that hold a second copy
+    wait_s: Mapping[tuple[str, str], float] = field(default_factory=dict)   # (node, function) -> cumulative waits
+    score: Mapping[str, float] = field(default_factory=dict)                # smoothed calls waiting per function
+    contended: frozenset[str] = frozenset()                                 # functions that hold a second copy
 
 
-def decide(previous: Contention, wait_s: Mapping[str, float], interval_s: float, policy: ReplicaPolicy,
-           decay: float = 0.5) -> Contention:
-    """The next state from the functions' cumulative slot waits (summed over their copies) after ``interval_s``.
+def decide(previous: Contention, wait_s: Mapping[tuple[str, str], float], interval_s: float, policy: ReplicaPolicy,
+           decay: float = 0.8) -> Contention:
+    """The next state from the cumulative slot waits of every (node, function) pair surveyed after ``interval_s``.
 
-    A function's score is ``max(growth / interval, decay x previous score)``: a burst keeps a copy for a few
-    intervals after it ends. It becomes contended at ``threshold`` and stays so down to half of it (hysteresis,
-    so a function near the threshold does not flap between one and two copies). A counter that went down
-    (a node restarted) counts as no growth."""
+    A function's score is ``max(growth / interval, decay x previous score)``, its growth summed over the pairs
+    seen in both surveys (a counter that went down, a restarted node, counts as none). It becomes contended at
+    ``threshold`` and stays so down to half of it (hysteresis, so a function near the threshold does not flap)."""
     if interval_s <= 0:
         raise ConfigError("the survey interval must be > 0")
-    score = {}
-    for fid, now in wait_s.items():
-        growth = max(0.0, now - previous.wait_s.get(fid, now))
-        score[fid] = max(growth / interval_s, decay * previous.score.get(fid, 0.0))
-    contended = frozenset(fid for fid, s in score.items()
-                          if s >= policy.threshold or (fid in previous.contended and s >= policy.threshold / 2))
+    growth: dict[str, float] = {}
+    for (node, fid), now in wait_s.items():
+        before = previous.wait_s.get((node, fid))
+        growth[fid] = growth.get(fid, 0.0) + (max(0.0, now - before) if before is not None else 0.0)
+    score = {fid: max(g / interval_s, decay * previous.score.get(fid, 0.0)) for fid, g in growth.items()}
+    contended = frozenset(fid for fid, sc in score.items()
+                          if sc >= policy.threshold or (fid in previous.contended and sc >= policy.threshold / 2))
     return Contention(dict(wait_s), score, contended)
 
 
-def waits_of(statuses, function_ids) -> dict[str, float]:
-    """Cumulative slot-wait seconds per function of ``function_ids``, summed over the nodes' Status replies."""
-    out = {fid: 0.0 for fid in function_ids}
-    for status in statuses:
-        for f in status.functions:
-            if f.function_id in out:
-                out[f.function_id] += f.wait_s
-    return out
+def waits_of(views, function_ids) -> dict[tuple[str, str], float]:
+    """Cumulative slot-wait seconds of every (node, function) pair of ``function_ids`` the surveyed nodes hold."""
+    wanted = set(function_ids)
+    return {(v.address, f.function_id): f.wait_s for v in views for f in v.status.functions
+            if f.function_id in wanted}

@@ -52,8 +52,9 @@ class RouterSession:
         self.manifest: Manifest = load_manifest(self.store)
         self.router_id = router_id or default_router_id(self.manifest)
         self.status_timeout_s = status_timeout_s
-        self.replica_policy = replica_policy or ReplicaPolicy()
-        self.placement_options = placement_options or self.replica_policy.options()   # explicit options win
+        # explicit placement options win: no policy then (the controller does not survey contention)
+        self.replica_policy = replica_policy or (ReplicaPolicy() if placement_options is None else None)
+        self.placement_options = placement_options or self.replica_policy.options()
         self.contention = Contention()             # the auto replica policy's memory
         self._contention_at_s: float | None = None
         self.clients: dict[str, NodeClient] = {}
@@ -111,13 +112,18 @@ class RouterSession:
         """``--replicas auto``: read the nodes' slot waits and update which functions hold a second copy.
         Returns True when that set changed (the caller re-places); a no-op for the other policies."""
         policy = self.replica_policy
-        if policy.mode != "auto":
+        if policy is None or policy.mode != "auto":
             return False
-        views = self.survey(addresses)
+        if not self._place_lock.acquire(blocking=False):      # a re-placement is under way: survey next time
+            return False
+        try:
+            views = self.survey(addresses)
+        finally:
+            self._place_lock.release()
         now = time.monotonic()
         interval_s = now - self._contention_at_s if self._contention_at_s is not None else policy.interval_s
         self._contention_at_s = now
-        new = decide(self.contention, waits_of([v.status for v in views], self._by_id), interval_s, policy)
+        new = decide(self.contention, waits_of(views, self._by_id), interval_s, policy)
         changed, self.contention = new.contended != self.contention.contended, new
         if changed:
             log.info("replicas auto: %d functions contended (%s)", len(new.contended),
@@ -347,7 +353,7 @@ def default_router_id(manifest: Manifest) -> str:
 def header_of(entry: FunctionEntry, model_id: str, owner: str = "") -> pb.FunctionHeader:
     return pb.FunctionHeader(function_id=entry.function_id, size_bytes=entry.bytes, layer=entry.layer,
                              expert_ids=list(entry.expert_ids), model_id=model_id, dtype=entry.dtype, owner=owner,
-                             resident_bytes=entry.footprint_bytes)
+                             footprint_bytes=entry.footprint_bytes)
 
 
 def node_specs(views: Sequence[NodeView]) -> list[pl.NodeSpec]:

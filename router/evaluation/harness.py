@@ -124,9 +124,10 @@ def _run_one(spec: DeploymentSpec, scenario: Scenario, items, model_dir, store_o
         while time.monotonic() - t0 < end_s:
             time.sleep(0.05)
         samples = sampler.stop()
-        copies.stop()
         cold_starts = run.cold_starts()
     finally:
+        if "copies" in locals():
+            copies.stop()
         run.stop()
         if cgroup is not None:
             cgroup.remove()

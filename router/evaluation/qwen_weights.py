@@ -117,11 +117,10 @@ def measure_popularity(model_dir: Path, tokens: int = 20000) -> np.ndarray:
             break
     cfg = model.config
     counts = np.zeros((cfg.num_hidden_layers, cfg.num_experts))
-    hooks = []
     for i, layer in enumerate(model.model.layers):
         def hook(module, args, output, i=i):
             np.add.at(counts[i], output[2].reshape(-1).numpy(), 1)
-        hooks.append(layer.mlp.gate.register_forward_hook(hook))
+        layer.mlp.gate.register_forward_hook(hook)
     with torch.inference_mode():
         for lo in range(0, len(ids), 512):
             model(torch.tensor([ids[lo:lo + 512]]))
@@ -157,12 +156,12 @@ def write_checkpoint(out: Path, layers: int, seed: int = 1234, popularity_from: 
         routing = {"popularity_from": str(popularity_from), "popularity": popularity.round(5).tolist(),
                    "experts_for_80_percent": [experts_for(p, 0.8) for p in popularity]}
         (out / "routing.json").write_text(json.dumps(routing))
-    config = {"architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe", "num_hidden_layers": layers,
-              "torch_dtype": "bfloat16", "layer_types": ["full_attention"] * layers, **DIMS}
-    (out / "config.json").write_text(json.dumps(config, indent=1))
+    total = write_shards(out, tensor_specs(layers), seed, shard_bytes, gate_scales)
     (out / "generation_config.json").write_text(json.dumps({"bos_token_id": DIMS["bos_token_id"],
                                                             "eos_token_id": DIMS["eos_token_id"], "do_sample": False}))
-    total = write_shards(out, tensor_specs(layers), seed, shard_bytes, gate_scales)
+    config = {"architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe", "num_hidden_layers": layers,
+              "torch_dtype": "bfloat16", "layer_types": ["full_attention"] * layers, **DIMS}
+    (out / "config.json").write_text(json.dumps(config, indent=1))     # last: its presence means "complete"
     return {"parameters": total, "routing": routing}
 
 

@@ -204,6 +204,8 @@ def load_scenario(path: str | Path) -> Scenario:
     popularity = raw.get("popularity_from", "")
     if popularity and (model != "random:qwen-dims" or not isinstance(popularity, str)):
         raise ConfigError(f"{where}: popularity_from (a model directory) goes with model = \"random:qwen-dims\"")
+    if popularity and not ((path.parent / popularity).resolve() / "config.json").is_file():
+        raise ConfigError(f"{where}: popularity_from {popularity!r} is not a model directory (no config.json)")
     return Scenario(raw.get("name", path.stem), model, path, int(_number(where, raw, "seed", 0, strict=False)),
                     float(_number(where, raw, "duration_s", 60.0)), int(_number(where, raw, "max_prompt_tokens", 128)),
                     int(_number(where, raw, "max_output_tokens", 32)), int(_number(where, raw, "random_layers", 2)),

@@ -1,7 +1,7 @@
 """A bfloat16 dense part that hands back float32: weights stored in bfloat16, activations kept in float32.
 
 :func:`store_in_bfloat16` swaps, in a model still on the meta device, the attention projections and the shared
-expert's projections (``nn.Linear``) for :class:`Bf16Linear`, and the embedding table for
+expert's (or a dense layer's MLP's) projections (``nn.Linear``) for :class:`Bf16Linear`, and the embedding table for
 :class:`Bf16Embedding`. Each computes in bfloat16 (torch's bfloat16 kernels, so no weight is converted per call)
 and returns float32, so the residual stream, the norms, the gate, the routed experts' rows and ``lm_head``
 (float32, with a tied embedding too) see float32. Only the matrices that dominate the bytes are halved: at

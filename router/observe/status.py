@@ -22,7 +22,7 @@ _FUNCTION_KEYS = ("function_id", "layer", "size_bytes", "loaded", "invocations",
 
 
 def _function(f, names: dict) -> dict:
-    get = f.get if isinstance(f, dict) else lambda key: getattr(f, key, None)
+    get = f.get if isinstance(f, dict) else lambda key: getattr(f, key)       # MQTT payloads may lack new keys
     out = {key: get(key) for key in _FUNCTION_KEYS}
     precision, block = get("precision") or "fp32", get("block_size") or 0
     out.update(name=names.get(out["function_id"], out["function_id"][:12]), expert_ids=list(get("expert_ids")),

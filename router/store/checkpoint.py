@@ -327,13 +327,21 @@ def read_tensor(fd: int, info: TensorInfo, index: int | None = None):
     dtype = getattr(torch, TORCH_DTYPES.get(info.dtype, ""), None)
     if dtype is None:
         raise CheckpointError(f"{info.file}: {info.name} has dtype {info.dtype}, which cannot be read as a tensor")
+    if not nbytes:
+        return torch.empty(shape, dtype=dtype)
+    buf, got = bytearray(nbytes), 0
+    view = memoryview(buf)
     try:
-        data = os.pread(fd, nbytes, offset)
+        while got < nbytes:                      # one read returns at most ~2 GiB on Linux
+            n = os.preadv(fd, [view[got:]], offset + got)
+            if n == 0:
+                raise CheckpointError(f"{info.file}: ended inside tensor {info.name} (file changed while reading?)")
+            got += n
     except OSError as exc:
         raise CheckpointError(f"{info.file}: cannot read {info.name} ({exc.strerror})") from None
-    if len(data) != nbytes:
-        raise CheckpointError(f"{info.file}: ended inside tensor {info.name} (file changed while reading?)")
-    return torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape) if nbytes else torch.empty(shape, dtype=dtype)
+    finally:
+        view.release()
+    return torch.frombuffer(buf, dtype=dtype).reshape(shape)
 
 
 def open_checkpoint(model_dir: str | Path) -> Checkpoint:

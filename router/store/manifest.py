@@ -41,12 +41,11 @@ class FunctionEntry:
     expected_load: float = 0.0   # share of the layer's routed (token, expert) pairs; 0 = unknown
     precision: str = "fp32"      # fp32 | int8 | int4 (function_abi.Precision)
     block_size: int = 0          # weights per quantization block; 0 for fp32
-    resident_bytes: int = 0      # memory when loaded on a node (function_abi estimate); 0 = older store
+    footprint_bytes: int = 0     # memory when loaded on a node (function_abi estimate; what placement counts)
 
-    @property
-    def footprint_bytes(self) -> int:
-        """What placement counts for this function on a node: the memory it holds when loaded."""
-        return self.resident_bytes or resident_estimate_bytes(self.bytes)
+    def __post_init__(self):
+        if not self.footprint_bytes:             # a store written before footprints were recorded: fp32
+            object.__setattr__(self, "footprint_bytes", resident_estimate_bytes(self.bytes))
 
 
 @dataclass(frozen=True)
@@ -100,9 +99,14 @@ def load_manifest(store: str | Path) -> Manifest:
     try:
         functions = tuple(FunctionEntry(**{**f, "expert_ids": tuple(f["expert_ids"])}) for f in data.pop("functions"))
         manifest = Manifest(**{**data, "moe_layers": tuple(data["moe_layers"]), "functions": functions})
-        manifest.precision
+        precision = manifest.precision           # checks the store's precision and block size
     except (KeyError, TypeError, ConfigError) as exc:
         raise CheckpointError(f"{path}: manifest fields do not match {FORMAT} ({exc})") from None
+    odd = next((f for f in manifest.functions if (f.precision, f.block_size) != (precision.name, precision.block_size)),
+               None)
+    if odd is not None:
+        raise CheckpointError(f"{path}: function {odd.name} is {odd.precision} (block {odd.block_size}), the store "
+                              f"{precision.label}")
     for layer in manifest.moe_layers:
         covered = sorted(e for f in manifest.layer_functions(layer) for e in f.expert_ids)
         if covered != list(range(manifest.num_experts)):

@@ -107,11 +107,11 @@ def _write_function(ckpt: Checkpoint, store: Path, layer: int, expert_ids: tuple
     digest = hashlib.sha256(data).hexdigest()
     log.debug("%s: %d bytes, sha256 %s", name, len(data), digest[:12])
     cfg = ckpt.config
-    resident = function_resident_bytes(len(data), len(expert_ids), cfg.hidden_size, cfg.moe_intermediate_size,
-                                       precision)
+    footprint = function_resident_bytes(len(data), len(expert_ids), cfg.hidden_size, cfg.moe_intermediate_size,
+                                        precision)
     return FunctionEntry(function_id=digest, name=name, file=rel, layer=layer, expert_ids=expert_ids,
                          bytes=len(data), sha256=digest, dtype=_dtype(precision), opset=OPSET,
-                         precision=precision.name, block_size=precision.block_size, resident_bytes=resident)
+                         precision=precision.name, block_size=precision.block_size, footprint_bytes=footprint)
 
 
 def _dtype(precision: Precision) -> str:
