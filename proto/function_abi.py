@@ -13,12 +13,13 @@ what G single-expert functions cost on the same rows. Metadata (ONNX ``metadata_
 expert ids and sizes so a node can describe what it holds.
 
 **Precision.** The weights are float32 (``fp32``, the exact default) or weight-only block-quantized (``int8``,
-``int4``): each projection is then ONNX Runtime's ``MatMulNBits`` (domain ``com.microsoft``) over symmetric
-round-to-nearest blocks of ``block_size`` weights along K, one float32 scale per block, no zero points,
-``accuracy_level`` 4 (int8 activations: the fast kernels on AVX512-VNNI / AVX2). Symmetric because it was
-as fast and as accurate as asymmetric here and avoids the asymmetric-int4 / int8-compute error reported on
-AVX2-only CPUs; level 4 because levels 0/1 ran 3-20x slower (BENCHMARKS §7). A quantized file names its
-precision and block size in its metadata (a float32 file has neither, so float32 ids never changed).
+``int4``): each projection is then ONNX Runtime's ``MatMulNBits`` (domain ``com.microsoft``) over blocks of
+``block_size`` weights along K, one float32 scale per block, ``accuracy_level`` 4 (int8 activations: the fast
+kernels on AVX512-VNNI / AVX2). int8 is asymmetric (a uint8 zero point per block); int4 is symmetric (no zero
+points). Measured here (BENCHMARKS §7.1): levels 0/1 ran 3-20x slower at 1-16 rows; asymmetric int8 ran 20-25 %
+faster than symmetric at 1-16 rows with the same error, while for int4 both ran alike and symmetric avoids the
+asymmetric-int4 / int8-activation error reported on AVX2-only CPUs. A quantized file names its precision and
+block size in its metadata (a float32 file has neither, so float32 ids never changed).
 """
 
 from __future__ import annotations
@@ -102,9 +103,18 @@ class Precision:
         """``fp32``, ``int8-b128``, ``int4-b32``."""
         return f"{self.name}-b{self.block_size}" if self.quantized else self.name
 
+    @property
+    def symmetric(self) -> bool:
+        """int4 blocks are symmetric; int8 blocks carry a zero point each (see the module docstring)."""
+        return self.bits == 4
+
     def blob_bytes(self) -> int:
         """Bytes of one block's packed weights."""
         return self.block_size * self.bits // 8
+
+    def zero_point_bytes(self, k: int) -> int:
+        """Bytes of one row's packed zero points (MatMulNBits packs 8 / bits of them per byte)."""
+        return -(-self.k_blocks(k) * self.bits // 8)
 
     def k_blocks(self, k: int) -> int:
         return -(-k // self.block_size)
@@ -137,9 +147,10 @@ def weight_names(expert: int) -> tuple[str, str]:
     return f"e{expert}_gate_up", f"e{expert}_down"
 
 
-def quant_names(weight: str) -> tuple[str, str]:
-    """The packed blocks and the scales of a quantized weight."""
-    return f"{weight}_q", f"{weight}_scales"
+def quant_names(weight: str, precision: Precision | None = None) -> tuple[str, ...]:
+    """The packed blocks and the scales of a quantized weight, and its zero points when ``precision`` has them."""
+    names = (f"{weight}_q", f"{weight}_scales")
+    return names + ((f"{weight}_zero_points",) if precision is not None and not precision.symmetric else ())
 
 
 def _matmul(x: str, weight: str, out: str, k: int, n: int, precision: Precision) -> Op:
@@ -147,7 +158,7 @@ def _matmul(x: str, weight: str, out: str, k: int, n: int, precision: Precision)
         return Op("MatMul", (x, weight), (out,))
     attrs = (("K", k), ("N", n), ("accuracy_level", ACCURACY_LEVEL), ("bits", precision.bits),
              ("block_size", precision.block_size))
-    return Op("MatMulNBits", (x, *quant_names(weight)), (out,), attrs, MS_DOMAIN)
+    return Op("MatMulNBits", (x, *quant_names(weight, precision)), (out,), attrs, MS_DOMAIN)
 
 
 def graph_ops(expert_ids: Sequence[int], hidden: int = 0, inter: int = 0, precision: Precision = FP32) -> list[Op]:
@@ -176,7 +187,8 @@ def initializers(expert_ids: Sequence[int], hidden: int, inter: int,
                  precision: Precision = FP32) -> dict[str, tuple[int, tuple[int, ...]]]:
     """name -> (data type, dims) of every initializer: the four int64 constants, then per expert the
     transposed gate_up [H, 2I] and down [I, H] (float32); quantized, each as MatMulNBits' B, uint8
-    [N, ceil(K / block), block bytes], and its scales, float32 [N, ceil(K / block)]."""
+    [N, ceil(K / block), block bytes], its scales, float32 [N, ceil(K / block)], and for int8 its zero points,
+    uint8 [N, ceil(K / block)]."""
     specs = {name: (INT64, (1,)) for name in CONSTANTS}
     for expert in expert_ids:
         gate_up, down = weight_names(expert)
@@ -185,9 +197,11 @@ def initializers(expert_ids: Sequence[int], hidden: int, inter: int,
             specs[down] = (FLOAT, (inter, hidden))
             continue
         for weight, k, n in ((gate_up, hidden, 2 * inter), (down, inter, hidden)):
-            packed, scales = quant_names(weight)
+            packed, scales, *zero_points = quant_names(weight, precision)
             specs[packed] = (UINT8, (n, precision.k_blocks(k), precision.blob_bytes()))
             specs[scales] = (FLOAT, (n, precision.k_blocks(k)))
+            if zero_points:
+                specs[zero_points[0]] = (UINT8, (n, precision.zero_point_bytes(k)))
     return specs
 
 

@@ -56,16 +56,19 @@ def test_packing_is_onnxruntime_quantizers(precision):
     gate_up, down = _weights(1, 2, hidden, inter)
     ours = onnx.load_from_string(build_function(2, experts, gate_up, down, precision=precision))
     quantizer = MatMulNBitsQuantizer(onnx.load_from_string(build_function(2, experts, gate_up, down)),
-                                     bits=precision.bits, block_size=precision.block_size, is_symmetric=True,
-                                     accuracy_level=abi.ACCURACY_LEVEL)
+                                     bits=precision.bits, block_size=precision.block_size,
+                                     is_symmetric=precision.symmetric, accuracy_level=abi.ACCURACY_LEVEL)
     quantizer.process()
     theirs = {t.name: numpy_helper.to_array(t) for t in quantizer.model.model.graph.initializer}
     mine = {t.name: numpy_helper.to_array(t) for t in ours.graph.initializer}
     for expert in experts:
         for weight in abi.weight_names(expert):
-            packed, scales = abi.quant_names(weight)
+            packed, scales, *zero_points = abi.quant_names(weight, precision)
             np.testing.assert_array_equal(mine[packed], theirs[f"{weight}_Q{precision.bits}"])
             np.testing.assert_array_equal(mine[scales], theirs[f"{weight}_scales"].reshape(mine[scales].shape))
+            assert bool(zero_points) == (f"{weight}_zero_points" in theirs) == (precision.bits == 8)
+            if zero_points:
+                np.testing.assert_array_equal(mine[zero_points[0]], theirs[f"{weight}_zero_points"])
     nbits = [n for n in quantizer.model.model.graph.node if n.op_type == "MatMulNBits"]
     assert {(a.name, a.i) for a in nbits[0].attribute} == set(abi.graph_ops(experts, hidden, inter, precision)[1].attrs)
     x = np.random.default_rng(2).standard_normal((7, hidden)).astype(np.float32)
@@ -85,7 +88,8 @@ def test_kernels_compute_what_the_blocks_hold(precision):
     out = _session(data).run(None, _feeds(x, 2))[0]
 
     def dq(w):           # the weight as the blocks hold it, in the [out, in] orientation of the checkpoint
-        return dequantize_matrix(*quantize_matrix(w.T, precision), w.shape[1], precision).T
+        packed, scales, *zero_points = quantize_matrix(w.T, precision)
+        return dequantize_matrix(packed, scales, w.shape[1], precision, *zero_points).T
 
     ref = np.concatenate([run_reference(dq(gate_up[j]), dq(down[j]), x[j:]) for j in range(2)])
     assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 0.03
@@ -95,11 +99,11 @@ def test_kernels_compute_what_the_blocks_hold(precision):
 
 
 def test_dequantize_inverts_quantize_within_a_step():
-    """Round to nearest, except the block's largest magnitude of the sign the grid lacks (-8..7, -128..127)."""
+    """Round to nearest (symmetric int4: except the block's largest magnitude of the sign the grid -8..7 lacks)."""
     w = np.random.default_rng(5).standard_normal((200, 24)).astype(np.float32)
     for precision in (INT8, INT4_32):
-        packed, scales = quantize_matrix(w, precision)
-        back = dequantize_matrix(packed, scales, 200, precision)
+        packed, scales, *zero_points = quantize_matrix(w, precision)
+        back = dequantize_matrix(packed, scales, 200, precision, *zero_points)
         step = np.repeat(np.abs(scales).T, precision.block_size, axis=0)[:200]
         assert back.shape == w.shape and np.all(np.abs(back - w) <= step + 1e-6)
         assert np.mean(np.abs(back - w) <= step / 2 + 1e-6) > 0.99
@@ -148,8 +152,17 @@ def _fp32_matmul(model):
     node.op_type, node.domain = "MatMul", ""
 
 
+def _drop_zero_points(model):           # int8 without its zero points: the symmetric variant the split never writes
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            del node.input[3]
+    kept = [t for t in model.graph.initializer if not t.name.endswith("_zero_points")]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+
+
 REFUSED = {
-    "asymmetric (zero points)": (_with_zero_points, "not the ABI's"),
+    "asymmetric int4 (zero points)": (_with_zero_points, "not the ABI's"),
     "accuracy level 1": (_attribute("accuracy_level", 1), "not the ABI's"),
     "8 bits under an int4 label": (_attribute("bits", 8), "not the ABI's"),
     "block size the blocks do not have": (_metadata(abi.META_BLOCK_SIZE, "64"), "not the ABI's for int4-b64"),
@@ -166,6 +179,13 @@ def test_checker_refuses_quantized_variants(tmp_path, change, reason):
     path = tmp_path / "f.onnx"
     path.write_bytes(_mutate(_quantized().data, change))
     with pytest.raises(InvalidRequest, match=reason):
+        check_function(path)
+
+
+def test_checker_refuses_symmetric_int8(tmp_path):
+    path = tmp_path / "f.onnx"
+    path.write_bytes(_mutate(_quantized(INT8).data, _drop_zero_points))
+    with pytest.raises(InvalidRequest, match="not the ABI's"):
         check_function(path)
 
 

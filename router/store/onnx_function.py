@@ -65,9 +65,8 @@ def _weight_tensors(name: str, b_kn: np.ndarray, precision: abi.Precision) -> li
     """The initializers of one projection's weight ``B`` [K, N]: itself (fp32), or its blocks and scales."""
     if not precision.quantized:
         return [numpy_helper.from_array(np.ascontiguousarray(b_kn, dtype=np.float32), name)]
-    packed, scales = quantize_matrix(b_kn, precision)
-    packed_name, scales_name = abi.quant_names(name)
-    return [numpy_helper.from_array(packed, packed_name), numpy_helper.from_array(scales, scales_name)]
+    arrays = quantize_matrix(b_kn, precision)                 # packed, scales (and zero points for int8)
+    return [numpy_helper.from_array(a, n) for a, n in zip(arrays, abi.quant_names(name, precision), strict=True)]
 
 
 def run_reference(gate_up: np.ndarray, down: np.ndarray, x: np.ndarray) -> np.ndarray:

@@ -3,7 +3,8 @@
 The packing is ONNX Runtime's own: the same C++ kernels (``quantize_matmul_8bits`` / ``quantize_matmul_4bits``)
 that ``onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer`` calls, with its padding of K to
 whole blocks, so a function's blocks and scales are byte for byte what that quantizer writes for the same
-float32 matrix (``tests/test_quantize.py`` checks it). Symmetric only (see :mod:`faasmoe.proto.function_abi`).
+float32 matrix (``tests/test_quantize.py`` checks it). int8 is asymmetric (a zero point per block), int4
+symmetric (see :mod:`faasmoe.proto.function_abi`).
 
 One matrix at a time: the split quantizes each expert's tensors as it streams them, so its memory stays bounded.
 """
@@ -41,11 +42,12 @@ def parse_precision(name: str, block_size: int | None = None) -> Precision:
     return Precision(name, block)
 
 
-def quantize_matrix(b_kn: np.ndarray, precision: Precision) -> tuple[np.ndarray, np.ndarray]:
-    """Quantize ``B`` [K, N] (the right operand of ``x @ B``) symmetrically in blocks of ``block_size`` along K.
+def quantize_matrix(b_kn: np.ndarray, precision: Precision) -> tuple[np.ndarray, ...]:
+    """Quantize ``B`` [K, N] (the right operand of ``x @ B``) in blocks of ``block_size`` along K.
 
-    Returns ``(packed, scales)``: uint8 ``[N, ceil(K / block), block * bits / 8]`` and float32
-    ``[N, ceil(K / block)]``, the inputs B and scales of ``MatMulNBits``.
+    Returns ``(packed, scales)``, plus ``zero_points`` for an asymmetric precision (int8): uint8
+    ``[N, ceil(K / block), block * bits / 8]``, float32 ``[N, ceil(K / block)]`` and uint8
+    ``[N, ceil(ceil(K / block) * bits / 8)]``, the inputs B, scales and zero_points of ``MatMulNBits``.
     """
     if not precision.quantized:
         raise ConfigError("quantize_matrix needs an int8 or int4 precision")
@@ -58,17 +60,21 @@ def quantize_matrix(b_kn: np.ndarray, precision: Precision) -> tuple[np.ndarray,
         weight = np.pad(weight, ((0, k_blocks * block - k), (0, 0)))
     packed = np.zeros((n, k_blocks, precision.blob_bytes()), np.uint8)
     scales = np.zeros((n, k_blocks), np.float32)
-    zero_points = np.zeros((n, -(-k_blocks * precision.bits // 8)), np.uint8)     # unused when symmetric
-    _kernels()[precision.bits](packed, weight, scales, zero_points, block, n, k, True)
-    return packed, scales
+    zero_points = np.zeros((n, precision.zero_point_bytes(k)), np.uint8)      # unused when symmetric
+    _kernels()[precision.bits](packed, weight, scales, zero_points, block, n, k, precision.symmetric)
+    return (packed, scales) if precision.symmetric else (packed, scales, zero_points)
 
 
-def dequantize_matrix(packed: np.ndarray, scales: np.ndarray, k: int, precision: Precision) -> np.ndarray:
-    """``B`` [K, N] back from :func:`quantize_matrix` (symmetric: zero point 2^(bits-1)); for tests and fidelity."""
+def dequantize_matrix(packed: np.ndarray, scales: np.ndarray, k: int, precision: Precision,
+                      zero_points: np.ndarray | None = None) -> np.ndarray:
+    """``B`` [K, N] back from :func:`quantize_matrix` (a symmetric block's zero point is 2^(bits-1)); for tests."""
     n, k_blocks, _ = packed.shape
     if precision.bits == 8:
         q = packed.astype(np.int16)
+        zp = (zero_points.astype(np.int16) if zero_points is not None else np.full((n, k_blocks), 128, np.int16))
     else:                                      # two weights per byte, low nibble first
         q = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, k_blocks, -1).astype(np.int16)
-    values = (q - (1 << (precision.bits - 1))).astype(np.float32) * scales[:, :, None]
+        zp = (np.stack([zero_points & 0x0F, zero_points >> 4], axis=-1).reshape(n, -1)[:, :k_blocks].astype(np.int16)
+              if zero_points is not None else np.full((n, k_blocks), 8, np.int16))
+    values = (q - zp[:, :, None]).astype(np.float32) * scales[:, :, None]
     return np.ascontiguousarray(values.reshape(n, -1)[:, :k].T)
