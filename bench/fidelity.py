@@ -4,8 +4,9 @@
 
 Every configuration runs the store's own expert functions (the ONNX files ``faasmoe split --experts P`` wrote,
 through ONNX Runtime exactly as a node runs them) inside transformers' model of the checkpoint, whose dense part
-is float32 or the router's bfloat16 (weights of the attention and shared-expert projections and the embedding
-table in bfloat16, activations and ``lm_head`` float32: router/model/bf16.py); rows and outputs cross as float32,
+is float32, the router's bfloat16 (weights of the attention and shared-expert projections and the embedding
+table in bfloat16, activations and ``lm_head`` float32: router/model/bf16.py) or the router's int8 (those
+projections and ``lm_head`` through MatMulNBits int8: router/model/int8.py); rows and outputs cross as float32,
 as on the mesh. The reference is fp32 experts with a
 float32 dense part, which is token-identical to transformers (checked here too: its row must read 100 % / 0).
 
@@ -76,10 +77,13 @@ def load_model(model_dir: Path, store: Path, dtype: torch.dtype, threads: int):
     from transformers import AutoModelForCausalLM
 
     from faasmoe.router.model.bf16 import store_in_bfloat16
+    from faasmoe.router.model.int8 import store_in_int8
     from faasmoe.router.store.manifest import load_manifest
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, attn_implementation="sdpa").eval()
     if dtype == torch.bfloat16:
         store_in_bfloat16(model)                      # the router's bfloat16 dense part (router/model/bf16.py)
+    elif dtype == torch.int8:
+        store_in_int8(model)                          # the router's int8 dense part (router/model/int8.py)
     manifest = load_manifest(store)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.log_severity_level = threads, 3
@@ -147,7 +151,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=str(REPO.parent / "shared" / "models" / "qwen2moe-tiny-code"))
     p.add_argument("--experts", default=DEFAULT_EXPERTS, help=f"comma-separated (default {DEFAULT_EXPERTS})")
-    p.add_argument("--dense", default="float32,bfloat16", help="dense dtypes (default float32,bfloat16)")
+    p.add_argument("--dense", default="float32,bfloat16,int8", help="dense dtypes (default float32,bfloat16,int8)")
     p.add_argument("--accuracy-levels", default="4",
                    help="MatMulNBits accuracy levels to measure for quantized experts (default 4, what the split "
                         "writes; 1 = float32 activations, written here for the measurement only: nodes refuse it)")

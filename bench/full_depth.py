@@ -93,6 +93,15 @@ async def load(url, clients: int, requests: int, max_tokens: int) -> tuple[float
     return time.perf_counter() - t0, [r for per in results for r in per]
 
 
+def wait_healthy(url: str, timeout_s: float) -> None:
+    import httpx
+    deadline = time.monotonic() + timeout_s
+    while httpx.get(f"{url}/health", timeout=30).status_code != 200:
+        if time.monotonic() > deadline:
+            sys.exit(f"error: the router was not healthy within {timeout_s:.0f} s")
+        time.sleep(1)
+
+
 def router_counter(url: str, name: str) -> float:
     import httpx
     from prometheus_client.parser import text_string_to_metric_families
@@ -124,6 +133,8 @@ def mesh_phase(args, store: Path) -> dict:
                 sys.exit(f"error: the router did not start: {line!r}")
             url = json.loads(line.split(" ", 1)[1])["url"]
             out["router_ready_s"] = round(time.perf_counter() - t0, 1)
+            wait_healthy(url, 3600)                             # every function deployed on a node
+            out["placed_s"] = round(time.perf_counter() - t0, 1)
             t1 = time.perf_counter()
             _, first = asyncio.run(load(url, 1, 1, 8))
             out["first_request"] = {"seconds": round(time.perf_counter() - t1, 1),

@@ -109,10 +109,17 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                    help="intra-op threads of the router's dense part (default: torch's, one per core)")
 
 
-def add_dense_dtype_argument(p: argparse.ArgumentParser, *aliases: str) -> None:
-    p.add_argument("--dense-dtype", *aliases, dest="dense_dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="dtype of the router's dense part (attention, norms, gate, shared expert, lm_head): "
-                        "float32 (default, exact) or bfloat16 (half the memory, NOT exact; responses say so)")
+def add_dense_dtype_argument(p: argparse.ArgumentParser, *aliases: str, full_model: bool = False) -> None:
+    if full_model:
+        p.add_argument("--dense-dtype", *aliases, dest="dense_dtype", choices=["float32", "bfloat16"],
+                       default="float32", help="dtype of the whole model: float32 (default) or bfloat16 (transformers' "
+                                               "own bfloat16 model)")
+        return
+    p.add_argument("--dense-dtype", *aliases, dest="dense_dtype", choices=["float32", "bfloat16", "int8"],
+                   default="float32",
+                   help="the router's dense part (attention and shared-expert projections, lm_head, embeddings): "
+                        "float32 (default, exact), bfloat16 (about half the memory) or int8 (a quarter of the bytes "
+                        "and the fastest on CPUs without bfloat16 instructions); both NOT exact, responses say so")
 
 
 def add_replicas_argument(p: argparse.ArgumentParser) -> None:
@@ -200,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     full = sub.add_parser("serve-full", help="serve a whole model in this process over the same API (the "
                                              "full-model baseline of the benchmarks; no mesh)")
     full.add_argument("--model", required=True, help="Qwen2MoeForCausalLM directory")
-    add_dense_dtype_argument(full, "--dtype")
+    add_dense_dtype_argument(full, "--dtype", full_model=True)
     full.add_argument("--host", default="127.0.0.1", help="address of the HTTP API (default 127.0.0.1)")
     full.add_argument("--port", type=int, default=8000, help="port of the HTTP API (default 8000; 0 = any free)")
     full.add_argument("--model-name", default=None, help="the model id clients ask for (default: the directory's name)")

@@ -41,16 +41,22 @@ class Bf16Embedding(torch.nn.Module):
         return F.embedding(ids, self.weight, self.padding_idx).float()
 
 
-def store_in_bfloat16(model) -> None:
-    """Swap the large dense matrices of a ``Qwen2MoeForCausalLM`` for bfloat16-stored modules (on the meta device
-    before its weights are loaded, as the router does, or with weights, which are rounded to bfloat16)."""
+def swap_projections(model, make) -> None:
+    """Replace every attention projection and every shared-expert (or dense-layer MLP) projection of ``model`` by
+    ``make(linear)``."""
     for layer in model.model.layers:
         attn = layer.self_attn
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            setattr(attn, name, Bf16Linear(getattr(attn, name)))
+            setattr(attn, name, make(getattr(attn, name)))
         mlp = getattr(layer.mlp, "shared_expert", layer.mlp)        # a dense layer's MLP is one too
         if hasattr(mlp, "gate_proj"):
             for name in ("gate_proj", "up_proj", "down_proj"):
-                setattr(mlp, name, Bf16Linear(getattr(mlp, name)))
+                setattr(mlp, name, make(getattr(mlp, name)))
+
+
+def store_in_bfloat16(model) -> None:
+    """Swap the large dense matrices of a ``Qwen2MoeForCausalLM`` for bfloat16-stored modules (on the meta device
+    before its weights are loaded, as the router does, or with weights, which are rounded to bfloat16)."""
+    swap_projections(model, Bf16Linear)
     if not model.config.tie_word_embeddings:            # a tied table stays float32 with lm_head
         model.model.embed_tokens = Bf16Embedding(model.model.embed_tokens)

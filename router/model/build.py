@@ -7,7 +7,9 @@ The dense part is float32 (exact), or bfloat16 (``--dense-dtype bfloat16``, opt-
 shared-expert and dense-layer MLP projections and the embedding table are stored in bfloat16 (:mod:`~faasmoe.router.model.bf16`)
 while the residual stream, norms, the gate and ``lm_head`` stay float32. Measured on the trained model
 (teacher-forced top-1 against float32): everything in bfloat16 98.85 %, float32 residual 99.02 %, and with a
-float32 ``lm_head`` 99.66 %: bfloat16 logits cannot tell close candidates apart.
+float32 ``lm_head`` 99.66 %: bfloat16 logits cannot tell close candidates apart. Or int8 (``--dense-dtype int8``,
+opt-in, not exact: :mod:`~faasmoe.router.model.int8`): the same projections and ``lm_head`` quantized per channel
+and run by torch's quantized kernels, for CPUs where bfloat16 is no faster than float32.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from transformers.models.qwen2_moe import modeling_qwen2_moe as qm
 
 from faasmoe.proto.errors import CheckpointError, ConfigError, FaasmoeError
 from faasmoe.router.model.bf16 import store_in_bfloat16
+from faasmoe.router.model.int8 import store_in_int8
 from faasmoe.router.store.checkpoint import read_header, read_tensor
 from faasmoe.router.store.manifest import Manifest
 
@@ -44,30 +47,40 @@ class RemoteExperts(torch.nn.Module):
 
 def load_dense(model: torch.nn.Module, path: Path) -> tuple[list[str], list[str]]:
     """Copy the store's dense tensors into ``model``'s parameters one at a time, each converted to its
-    parameter's dtype (positioned reads, no whole-file copy). Returns (missing, unexpected) names."""
-    state = model.state_dict()
+    parameter's dtype (positioned reads, no whole-file copy); a module with ``load_weight`` (the int8 dense part)
+    takes its weight itself. Returns (missing, unexpected) names."""
+    state, modules = model.state_dict(), dict(model.named_modules())
+    takers = {f"{name}.weight": m for name, m in modules.items() if hasattr(m, "load_weight")}
     infos = read_header(path)
     fd = os.open(path, os.O_RDONLY)
     try:
         with torch.inference_mode():
             for name, info in infos.items():
-                if name in state:
-                    if tuple(state[name].shape) != info.shape:
-                        raise CheckpointError(f"{path}: {name} is {list(info.shape)}, the config makes it "
-                                              f"{list(state[name].shape)}; the store does not match its config.json")
+                taker = takers.get(name)
+                want = (taker.out_features, taker.in_features) if taker is not None else (
+                    tuple(state[name].shape) if name in state else None)
+                if want is None:
+                    continue
+                if want != info.shape:
+                    raise CheckpointError(f"{path}: {name} is {list(info.shape)}, the config makes it {list(want)}; "
+                                          "the store does not match its config.json")
+                if taker is not None:
+                    taker.load_weight(read_tensor(fd, info))
+                else:
                     state[name].copy_(read_tensor(fd, info))
     finally:
         os.close(fd)
-    return sorted(set(state) - set(infos)), sorted(set(infos) - set(state))
+    expected = set(state) | set(takers)
+    return sorted(expected - set(infos)), sorted(set(infos) - expected)
 
 
 def build_mesh_model(store: str | Path, manifest: Manifest,
                      dtype: torch.dtype = torch.float32) -> qm.Qwen2MoeForCausalLM:
     """transformers' model of ``store`` with only its dense weights: each MoE layer's routed experts are a
-    weightless :class:`RemoteExperts` (they run on the mesh). ``dtype`` float32 or bfloat16 (see above)."""
+    weightless :class:`RemoteExperts` (they run on the mesh). ``dtype`` float32, bfloat16 or int8 (see above)."""
     store = Path(store)
-    if dtype not in (torch.float32, torch.bfloat16):
-        raise ConfigError(f"the dense part is float32 or bfloat16, not {dtype}")
+    if dtype not in (torch.float32, torch.bfloat16, torch.int8):
+        raise ConfigError(f"the dense part is float32, bfloat16 or int8, not {dtype}")
     # the runner relies on SDPA's semantics (no mask = causal prefill, boolean masks); transformers' default
     config = AutoConfig.from_pretrained(str(store), attn_implementation="sdpa")
     if config.model_type != "qwen2_moe":
@@ -82,6 +95,8 @@ def build_mesh_model(store: str | Path, manifest: Manifest,
         mlp.experts = RemoteExperts(i)
     if dtype == torch.bfloat16:
         store_in_bfloat16(model)
+    elif dtype == torch.int8:
+        store_in_int8(model)
     model.to_empty(device="cpu")
     path = store / manifest.dense_file
     try:
@@ -101,11 +116,11 @@ def build_mesh_model(store: str | Path, manifest: Manifest,
 
 
 def dense_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the router's weights (tied tensors counted once)."""
+    """Bytes of the router's weights (tied tensors counted once; prepacked int8 weights by their size)."""
     seen, total = set(), 0
     for t in model.state_dict().values():
         ptr = t.untyped_storage().data_ptr()
         if ptr not in seen:
             seen.add(ptr)
             total += t.untyped_storage().nbytes()
-    return total
+    return total + sum(m.weight_bytes for m in model.modules() if hasattr(m, "weight_bytes"))

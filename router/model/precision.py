@@ -13,7 +13,7 @@ import torch
 
 from faasmoe.proto.errors import ConfigError
 
-DENSE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DENSE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.int8}   # int8: router/model/int8.py
 HEADER = "x-faasmoe-precision"
 
 

@@ -69,6 +69,22 @@ def _weight_tensors(name: str, b_kn: np.ndarray, precision: abi.Precision) -> li
     return [numpy_helper.from_array(a, n) for a, n in zip(arrays, abi.quant_names(name, precision), strict=True)]
 
 
+def matmul_model(arrays, k: int, n: int, precision: abi.Precision) -> bytes:
+    """A one-node ONNX model ``y = x @ B`` over the quantized ``B`` [K, N] of :func:`quantize_matrix` (``arrays``:
+    packed blocks, scales and, for int8, zero points), input ``x`` float32 [m, K], output ``y`` float32 [m, N]:
+    the int8 dense part of the router runs its projections through these."""
+    names = abi.quant_names("w", precision)
+    attrs = dict(K=k, N=n, accuracy_level=abi.ACCURACY_LEVEL, bits=precision.bits, block_size=precision.block_size)
+    node = helper.make_node("MatMulNBits", ["x", *names], ["y"], domain=abi.MS_DOMAIN, **attrs)
+    graph = helper.make_graph([node], "faasmoe_dense", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["m", n])],
+                              [numpy_helper.from_array(a, name) for a, name in zip(arrays, names, strict=True)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in abi.opset_imports(precision)],
+                              producer_name="faasmoe")
+    model.ir_version = abi.IR_VERSION
+    return model.SerializeToString()
+
+
 def run_reference(gate_up: np.ndarray, down: np.ndarray, x: np.ndarray) -> np.ndarray:
     """One expert in numpy, for tests: down(silu(gate(x)) * up(x))."""
     inter = gate_up.shape[0] // 2

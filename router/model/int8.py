@@ -1,0 +1,102 @@
+"""An int8 dense part (``--dense-dtype int8``): the big projections and ``lm_head`` run by ONNX Runtime's
+``MatMulNBits`` over int8 blocks, the same kernel and packing as the int8 expert functions, float32 in and out.
+
+Each weight is quantized as it is loaded (asymmetric int8 in blocks of 128 along the input dimension,
+:func:`~faasmoe.router.store.quantize.quantize_matrix`) into a one-node ONNX Runtime session that prepacks it;
+the sessions share one global thread pool. On this machine's CPU, whose bfloat16 matrix products are no faster
+than float32 (no bfloat16 instructions: BENCHMARKS §7.4), it reads a bit over a quarter of the float32 bytes:
+the 151936 x 2048 ``lm_head`` took ~22 ms against ~45 ms in float32. The embedding table is stored in bfloat16 (a
+row lookup); the residual stream, norms, gate and KV cache stay float32. Not exact (int8 weights, and int8
+activations per block inside the kernel); its fidelity is measured (§7.3).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+
+import numpy as np
+import torch
+
+from faasmoe.proto.function_abi import Precision
+from faasmoe.router.model.bf16 import Bf16Embedding, swap_projections
+from faasmoe.router.store.onnx_function import matmul_model
+from faasmoe.router.store.quantize import quantize_matrix
+
+log = logging.getLogger(__name__)
+DENSE_INT8 = Precision("int8", 128)
+_pool_lock = threading.Lock()
+_global_pool: bool | None = None          # whether this process's ONNX Runtime sessions share one thread pool
+
+
+def _session_options():
+    """Options for a dense session: one global thread pool for all of them when ONNX Runtime allows it (set before
+    its environment exists), else one thread each."""
+    global _global_pool
+    import onnxruntime as ort
+    with _pool_lock:
+        if _global_pool is None:
+            try:
+                from onnxruntime.capi._pybind_state import set_global_thread_pool_sizes
+                set_global_thread_pool_sizes(torch.get_num_threads(), 1)
+                _global_pool = True
+            except (ImportError, RuntimeError) as err:     # the environment exists already (other sessions)
+                log.info("dense int8 sessions get one thread each: %s", err)
+                _global_pool = False
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.enable_cpu_mem_arena = False
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if _global_pool:
+        opts.use_per_session_threads = False
+    else:
+        opts.intra_op_num_threads, opts.inter_op_num_threads = 1, 1
+    return opts
+
+
+class Int8Linear(torch.nn.Module):
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.bias = (None if linear.bias is None else
+                     torch.nn.Parameter(linear.bias.detach().float(), requires_grad=False))
+        self._session, self.weight_bytes = None, 0
+        if linear.weight.device.type != "meta":          # a model with weights (benchmarks): quantize them now
+            self.load_weight(linear.weight.detach())
+
+    def load_weight(self, weight: torch.Tensor) -> None:
+        """Quantize ``weight`` [out, in] and prepack it in its session (what the router calls while loading)."""
+        import onnxruntime as ort
+        arrays = quantize_matrix(np.ascontiguousarray(weight.float().numpy().T), DENSE_INT8)
+        data = matmul_model(arrays, self.in_features, self.out_features, DENSE_INT8)
+        self._session = ort.InferenceSession(data, _session_options(), providers=["CPUExecutionProvider"])
+        self.weight_bytes = sum(a.nbytes for a in arrays)
+        del data, arrays
+        _trim_malloc()                                  # the parsed model is freed: hand it back
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._session is None:
+            raise RuntimeError("Int8Linear used before its weight was loaded")
+        shape = x.shape
+        rows = np.ascontiguousarray(x.detach().float().reshape(-1, shape[-1]).numpy())
+        out = torch.from_numpy(self._session.run(None, {"x": rows})[0])
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*shape[:-1], self.out_features)
+
+
+def store_in_int8(model) -> None:
+    """Swap a ``Qwen2MoeForCausalLM``'s projections and ``lm_head`` for :class:`Int8Linear` and its embedding table
+    for a bfloat16 one (meta device: weights come through ``load_weight``; with weights: quantized now)."""
+    swap_projections(model, Int8Linear)
+    if not model.config.tie_word_embeddings:            # a tied table stays float32 and so does lm_head
+        model.model.embed_tokens = Bf16Embedding(model.model.embed_tokens)
+        model.lm_head = Int8Linear(model.lm_head)
+
+
+def _trim_malloc() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
