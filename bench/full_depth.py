@@ -9,7 +9,8 @@ and transformers on the same checkpoint inside a memory limit.
 1. ``faasmoe split --experts P`` in a child process (its peak RSS sampled at 10 Hz), unless the store exists.
 2. Four ``faasmoe-node --profile rpi5-8gb`` processes on loopback (the profile's 5.5 GiB budget; ``--threads 1``
    because this host has two cores for four nodes and the router), keep-alive from the profile.
-3. ``faasmoe-router serve --dense-dtype bfloat16``; the first request's cold starts are counted; then for each
+3. ``faasmoe-router serve --dense-dtype bfloat16 --warm`` (every placed function loaded first; ``--cold``: loaded on
+   first use, as scale-to-zero leaves them); the first request's cold starts are counted; then for each
    client count, every client sends ``--requests`` streamed greedy completions of ``--max-tokens`` tokens (token-id
    prompts: the checkpoint has no tokenizer), time to first token and time per output token from the stream.
    The RSS of every process is sampled at 4 Hz throughout (peak per process, and of their sum).
@@ -83,14 +84,13 @@ async def one_request(client, prompt, max_tokens) -> dict:
 
 async def load(url, clients: int, requests: int, max_tokens: int) -> tuple[float, list[dict]]:
     import openai
-    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=3600)
-
-    async def closed_loop(c):
-        return [await one_request(client, [(7919 * (c * requests + r) + 13 * i) % 150000 + 100 for i in range(16)],
-                                  max_tokens) for r in range(requests)]
-    t0 = time.perf_counter()
-    results = await asyncio.gather(*(closed_loop(c) for c in range(clients)))
-    return time.perf_counter() - t0, [r for per in results for r in per]
+    async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=3600) as client:
+        async def closed_loop(c):
+            return [await one_request(client, [(7919 * (c * requests + r) + 13 * i) % 150000 + 100 for i in range(16)],
+                                      max_tokens) for r in range(requests)]
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(closed_loop(c) for c in range(clients)))
+        return time.perf_counter() - t0, [r for per in results for r in per]
 
 
 def wait_healthy(url: str, timeout_s: float) -> None:
@@ -122,7 +122,8 @@ def mesh_phase(args, store: Path) -> dict:
         router = subprocess.Popen([sys.executable, "-m", "faasmoe.router", "serve", "--store", str(store), "--nodes",
                                    ",".join(mesh.addresses), "--port", "0", "--model-name", "bench",
                                    "--dense-dtype", args.dense_dtype, "--replicas", args.replicas,
-                                   "--max-batch", "16", "--step-timeout-s", "600", "--frame-timeout-s", "300"],
+                                   "--max-batch", "16", "--step-timeout-s", "600", "--frame-timeout-s", "300",
+                                   *([] if args.cold else ["--warm"])],
                                   stdout=subprocess.PIPE, text=True)
         roles = {router.pid: "router", **{n.process.pid: f"node-{i}" for i, n in enumerate(mesh.nodes)}}
         sampler = ProcessSampler(roles, hz=4.0).start()
@@ -196,13 +197,15 @@ def main() -> int:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--experts", choices=["int4", "int8", "fp32"], default="int4")
     p.add_argument("--block-size", type=int, default=None)
-    p.add_argument("--dense-dtype", choices=["float32", "bfloat16"], default="bfloat16")
+    p.add_argument("--dense-dtype", choices=["float32", "bfloat16", "int8"], default="bfloat16")
     p.add_argument("--replicas", choices=["1", "2", "auto"], default="auto")
     p.add_argument("--node-threads", type=int, default=1)
+    p.add_argument("--cold", action="store_true", help="no --warm: functions load on their first call (serverless)")
     p.add_argument("--clients", default="1,8")
     p.add_argument("--requests", type=int, default=2, help="requests per client, one after the other")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--transformers", default="float32,bfloat16", help="dtypes to try, or 'none'")
+    p.add_argument("--no-mesh", action="store_true", help="only the transformers phase")
     p.add_argument("--limit-gb", type=float, default=20.0, help="transformers' memory limit (GiB)")
     p.add_argument("--work-dir", default=str(Path(tempfile.gettempdir()) / "faasmoe-bench"))
     p.add_argument("--name", default=None)
@@ -217,11 +220,13 @@ def main() -> int:
               "dense_dtype": args.dense_dtype, "function_gib": round(manifest.function_bytes / 2**30, 2),
               "footprint_gib": round(sum(f.footprint_bytes for f in manifest.functions) / 2**30, 2),
               "dense_file_gib": round(manifest.dense_bytes / 2**30, 2), "split": split,
-              "nodes": f"4 x {PROFILE} ({PROFILE_BUDGET_MB} MiB budget, --threads {args.node_threads})",
-              "mesh": mesh_phase(args, store)}
+              "nodes": f"4 x {PROFILE} ({PROFILE_BUDGET_MB} MiB budget, --threads {args.node_threads})"}
+    if not args.no_mesh:
+        result["mesh"] = mesh_phase(args, store)
     if args.transformers != "none":
         result["transformers"] = transformers_phase(args)
-    name = args.name or f"full-depth-{manifest.num_layers}L-{manifest.precision.label}-{args.dense_dtype}"
+    name = args.name or (f"full-depth-{manifest.num_layers}L-{manifest.precision.label}-{args.dense_dtype}"
+                         + ("-cold" if args.cold else "") + ("-transformers" if args.no_mesh else ""))
     print(json.dumps(result, indent=1))
     print(f"wrote {save(name, result)}")
     return 0

@@ -31,8 +31,9 @@ class Samples:
 
 
 class Cgroup:
-    """A cgroup v1 pair (memory, cpuacct) that processes start in; ``None`` from :meth:`create` where the
-    machine does not allow it."""
+    """A cgroup v1 pair (memory, cpuacct) that processes start in (:meth:`prefix`, so every page they touch is
+    charged here from the start: no charges to move); ``None`` from :meth:`create` where the machine does not
+    allow it."""
 
     def __init__(self, name: str):
         self.dirs = [CGROUP_ROOT / c / name for c in ("memory", "cpuacct")]
@@ -43,7 +44,6 @@ class Cgroup:
         try:
             for d in group.dirs:
                 d.mkdir(exist_ok=True)
-            (group.dirs[0] / "memory.move_charge_at_immigrate").write_text("3")
         except OSError as exc:
             log.info("no cgroup figures: %s", exc)
             group.remove()
