@@ -77,6 +77,7 @@ def load_model(model_dir: Path, store: Path, dtype: torch.dtype, threads: int):
     from transformers import AutoModelForCausalLM
 
     from faasmoe.router.model.bf16 import store_in_bfloat16
+    from faasmoe.router.model import int8
     from faasmoe.router.model.int8 import store_in_int8
     from faasmoe.router.store.manifest import load_manifest
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, attn_implementation="sdpa").eval()
@@ -87,6 +88,8 @@ def load_model(model_dir: Path, store: Path, dtype: torch.dtype, threads: int):
     manifest = load_manifest(store)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.log_severity_level = threads, 3
+    if int8.uses_global_pool():                       # the int8 dense part set ONNX Runtime's global pool
+        opts.use_per_session_threads = False
     for layer in manifest.moe_layers:
         sessions = [(ort.InferenceSession(str(store / f.file), opts, providers=["CPUExecutionProvider"]), f.expert_ids)
                     for f in manifest.layer_functions(layer)]
@@ -173,6 +176,9 @@ def main() -> int:
     from faasmoe.router.store.split import ensure_split
 
     torch.set_num_threads(args.threads)
+    if "int8" in args.dense.split(","):
+        from faasmoe.router.model.int8 import use_global_pool
+        use_global_pool()                             # as the router does (one torch thread from here on)
     model_dir = Path(args.model)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     texts = held_out(tokenizer, args.windows + args.prompts, args.window_tokens, args.seed)

@@ -59,6 +59,13 @@ def test_generate_and_status_name_the_precision(served):
                          capture_output=True, text=True, timeout=240)
     assert cli.returncode == 0, cli.stderr
     assert json.loads(cli.stdout)["faasmoe_precision"] == LABEL
+    int8 = subprocess.run([sys.executable, "-m", "faasmoe.router", "generate", "--store", str(store), "--nodes",
+                           ",".join(mesh.addresses), "--prompt", PROMPT, "--max-new-tokens", "6", "--json",
+                           "--dense-dtype", "int8", "--replicas", "1", "--router-id", "cli-run-int8"],
+                          capture_output=True, text=True, timeout=240)
+    assert int8.returncode == 0, int8.stderr
+    assert json.loads(int8.stdout)["faasmoe_precision"] == LABEL | {"dense": "int8"}
+    assert len(json.loads(int8.stdout)["token_ids"]) == 6
     status = subprocess.run([sys.executable, "-m", "faasmoe.router", "status", "--nodes", ",".join(mesh.addresses),
                              "--store", str(store), "--json"], capture_output=True, text=True, timeout=60)
     assert status.returncode == 0, status.stderr

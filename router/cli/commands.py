@@ -57,6 +57,14 @@ def _session(args):
     return RouterSession(args.store, router_id=router_id, replica_policy=policy, tls=cluster_tls(args))
 
 
+def dense_threads(args) -> None:
+    """With ``--dense-dtype int8`` this process's ONNX Runtime sessions share one pool of every core and torch
+    keeps one thread (:func:`faasmoe.router.model.int8.use_global_pool`; ``--torch-threads`` does not apply)."""
+    if getattr(args, "dense_dtype", "float32") == "int8":
+        from faasmoe.router.model.int8 import use_global_pool
+        use_global_pool()
+
+
 def engine_config(args):
     if args.reserved_slots < 0:
         raise ConfigError("--reserved-slots must be >= 0")
@@ -116,6 +124,7 @@ def generate(args) -> int:
     from faasmoe.router.model.precision import dense_dtype
 
     config = engine_config(args)
+    dense_threads(args)
     session = _session(args)
 
     async def main():
@@ -221,6 +230,7 @@ def serve(args) -> int:
     if args.usage_poll_s <= 0 or args.tenants_poll_s <= 0 or args.replica_interval_s <= 0:
         raise ConfigError("--usage-poll-s, --tenants-poll-s and --replica-interval-s must be > 0")
     config = engine_config(args)
+    dense_threads(args)
     session = _session(args)
     directory = NodeDirectory(static=static, mdns_interfaces=(args.mdns_interface or []) if args.discover else None,
                               tls=session.tls)

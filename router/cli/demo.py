@@ -68,6 +68,8 @@ def run(args) -> int:
     from faasmoe.router.store.split import split_checkpoint
 
     precision, dtype = parse_precision(args.experts, args.block_size), dense_dtype(args.dense_dtype)
+    from faasmoe.router.cli.commands import dense_threads
+    dense_threads(args)
 
     hf_logging.disable_progress_bar()
     with tempfile.TemporaryDirectory(prefix="faasmoe-demo-") as tmp:

@@ -106,7 +106,9 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                    help="KV cache all running sequences may reserve together; a request reserves prompt + max_tokens "
                         "when it joins the batch and waits while that does not fit (default 4096)")
     p.add_argument("--torch-threads", type=int, default=None,
-                   help="intra-op threads of the router's dense part (default: torch's, one per core)")
+                   help="intra-op threads of the router's dense part (default: torch's, one per core; with "
+                        "--dense-dtype int8 the dense products run on ONNX Runtime's pool of every core and torch "
+                        "keeps one thread)")
 
 
 def add_dense_dtype_argument(p: argparse.ArgumentParser, *aliases: str, full_model: bool = False) -> None:

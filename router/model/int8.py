@@ -3,7 +3,8 @@
 
 Each weight is quantized as it is loaded (asymmetric int8 in blocks of 128 along the input dimension,
 :func:`~faasmoe.router.store.quantize.quantize_matrix`) into a one-node ONNX Runtime session that prepacks it;
-the sessions share one global thread pool. On this machine's CPU, whose bfloat16 matrix products are no faster
+in a router process the sessions share one thread pool (:func:`use_global_pool`). On this machine's CPU, whose
+bfloat16 matrix products are no faster
 than float32 (no bfloat16 instructions: BENCHMARKS §7.4), it reads a bit over a quarter of the float32 bytes:
 the 151936 x 2048 ``lm_head`` took ~22 ms against ~45 ms in float32. The embedding table is stored in bfloat16 (a
 row lookup); the residual stream, norms, gate and KV cache stay float32. Not exact (int8 weights, and int8
@@ -14,7 +15,8 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import threading
+import os
+import tempfile
 
 import numpy as np
 import torch
@@ -26,24 +28,36 @@ from faasmoe.router.store.quantize import quantize_matrix
 
 log = logging.getLogger(__name__)
 DENSE_INT8 = Precision("int8", 128)
-_pool_lock = threading.Lock()
-_global_pool: bool | None = None          # whether this process's ONNX Runtime sessions share one thread pool
+_global_pool = False          # whether this process's ONNX Runtime sessions share one thread pool
 
 
-def _session_options():
-    """Options for a dense session: one global thread pool for all of them when ONNX Runtime allows it (set before
-    its environment exists), else one thread each."""
+def use_global_pool() -> bool:
+    """Make this process's ONNX Runtime sessions share one thread pool of every core, and give torch one thread:
+    torch's OpenMP workers and ORT's threads fight over the cores otherwise (measured at Qwen dims, 24 layers,
+    router alone: 99.5 ms per token, against 170 ms with one ORT thread per session and 320 ms with both at two
+    threads). Call it before the first session is made (the router's commands do, for ``--dense-dtype int8``);
+    afterwards every session of the process must set ``use_per_session_threads = False`` (:func:`session_options`).
+    Returns False when ONNX Runtime's environment exists already (then each session keeps one thread)."""
     global _global_pool
+    try:
+        from onnxruntime.capi._pybind_state import set_global_thread_pool_sizes
+        set_global_thread_pool_sizes(len(os.sched_getaffinity(0)), 1)
+    except (ImportError, RuntimeError) as err:
+        log.info("ONNX Runtime sessions keep their own threads: %s", err)
+        return False
+    _global_pool = True
+    torch.set_num_threads(1)
+    return True
+
+
+def uses_global_pool() -> bool:
+    return _global_pool
+
+
+def session_options():
+    """Options for a session in this process: on the global pool once :func:`use_global_pool` set it up, else one
+    thread of its own (what a library user, or a test process that also runs nodes, gets)."""
     import onnxruntime as ort
-    with _pool_lock:
-        if _global_pool is None:
-            try:
-                from onnxruntime.capi._pybind_state import set_global_thread_pool_sizes
-                set_global_thread_pool_sizes(torch.get_num_threads(), 1)
-                _global_pool = True
-            except (ImportError, RuntimeError) as err:     # the environment exists already (other sessions)
-                log.info("dense int8 sessions get one thread each: %s", err)
-                _global_pool = False
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     opts.enable_cpu_mem_arena = False
@@ -69,10 +83,14 @@ class Int8Linear(torch.nn.Module):
         """Quantize ``weight`` [out, in] and prepack it in its session (what the router calls while loading)."""
         import onnxruntime as ort
         arrays = quantize_matrix(np.ascontiguousarray(weight.float().numpy().T), DENSE_INT8)
-        data = matmul_model(arrays, self.in_features, self.out_features, DENSE_INT8)
-        self._session = ort.InferenceSession(data, _session_options(), providers=["CPUExecutionProvider"])
         self.weight_bytes = sum(a.nbytes for a in arrays)
-        del data, arrays
+        # From a file, not bytes: ORT's Python session keeps the bytes it was made from (measured: 2.06 x the
+        # int8 weights held from bytes, 1.06 x from a file)
+        with tempfile.NamedTemporaryFile(suffix=".onnx") as fh:
+            fh.write(matmul_model(arrays, self.in_features, self.out_features, DENSE_INT8))
+            fh.flush()
+            del arrays
+            self._session = ort.InferenceSession(fh.name, session_options(), providers=["CPUExecutionProvider"])
         _trim_malloc()                                  # the parsed model is freed: hand it back
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
