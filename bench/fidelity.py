@@ -176,9 +176,6 @@ def main() -> int:
     from faasmoe.router.store.split import ensure_split
 
     torch.set_num_threads(args.threads)
-    if "int8" in args.dense.split(","):
-        from faasmoe.router.model.int8 import use_global_pool
-        use_global_pool()                             # as the router does (one torch thread from here on)
     model_dir = Path(args.model)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     texts = held_out(tokenizer, args.windows + args.prompts, args.window_tokens, args.seed)
