@@ -1,5 +1,5 @@
 """Time per output token of one client, every precision side by side in one run: the mesh (fp32 / int8 / int4
-experts, float32 / bfloat16 dense part), transformers (float32, bfloat16) and llama.cpp (Q8_0, Q4_0), on the same
+experts, float32 / bfloat16 / int8 dense part), transformers (float32, bfloat16) and llama.cpp (Q8_0, Q4_0), on the same
 weights.
 
     python bench/qwen_checkpoint.py --out /work/scratch/qwen-4L --layers 4 --popularity-from ../shared/models/qwen2moe-tiny-code
@@ -25,7 +25,7 @@ from pathlib import Path
 from report import save
 
 BENCH = Path(__file__).resolve().parent
-MESH = [("fp32", "float32"), ("int8", "bfloat16"), ("int4", "bfloat16"), ("int8", "float32")]
+MESH = [("fp32", "float32"), ("int8", "bfloat16"), ("int8", "int8"), ("int4", "bfloat16"), ("int4", "int8")]
 LLAMA = {"int8": "q8_0", "int4": "q4_0"}
 
 

@@ -274,7 +274,7 @@ def main() -> int:
     p.add_argument("--no-replicas", dest="replicas", action="store_const", const="1", help=argparse.SUPPRESS)
     p.add_argument("--experts", choices=["fp32", "int8", "int4"], default="fp32", help="expert precision of the split")
     p.add_argument("--block-size", type=int, default=None, help="quantization block (int8 / int4)")
-    p.add_argument("--dense-dtype", choices=["float32", "bfloat16"], default="float32", help="the router's dense part")
+    p.add_argument("--dense-dtype", choices=["float32", "bfloat16", "int8"], default="float32", help="the router's dense part")
     p.add_argument("--tf-dtype", choices=["float32", "bfloat16"], default="float32", help="transformers' dtype")
     p.add_argument("--transformers-cb", action="store_true", help="also time transformers' generate_batch")
     p.add_argument("--name")
