@@ -74,6 +74,13 @@ def test_split_of_a_malformed_checkpoint_is_one_line(tmp_path):
     assert not (tmp_path / "store").exists()
 
 
+@pytest.fixture(scope="module")
+def small_store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli-store")
+    split_checkpoint(make_checkpoint(root / "model"), root / "store", group_size=4, progress=False)
+    return root / "store"
+
+
 @pytest.mark.parametrize("argv,code,needle", [
     (["generate", "--store", "{store}", "--prompt", "x"], 2, "no nodes"),
     (["generate", "--store", "{store}", "--nodes", "nohost", "--prompt", "x"], 2, "host:port"),
@@ -85,10 +92,8 @@ def test_split_of_a_malformed_checkpoint_is_one_line(tmp_path):
     (["generate", "--store", "{store}", "--nodes", "127.0.0.1:1", "--prompt", "x", "--dense-dtype", "fp8"], 2,
      "invalid choice"),
 ], ids=["no-nodes", "bad-address", "missing-store", "unreachable", "replica-interval", "replicas", "dense-dtype"])
-def test_router_errors_are_one_line(tmp_path, argv, code, needle):
-    model_dir = make_checkpoint(tmp_path / "model")
-    split_checkpoint(model_dir, tmp_path / "store", group_size=4, progress=False)
-    argv = [a.format(store=tmp_path / "store", missing=tmp_path / "nope") for a in argv]
+def test_router_errors_are_one_line(small_store, argv, code, needle):
+    argv = [a.format(store=small_store, missing=small_store.parent / "nope") for a in argv]
     proc = run("faasmoe.router", *argv)
     assert proc.returncode == code, proc.stderr
     lines = proc.stderr.strip().splitlines()

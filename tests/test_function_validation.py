@@ -162,7 +162,10 @@ def test_pinned_onnxruntime_refuses_external_data_outside_the_model_folder(tmp_p
 @pytest.mark.asyncio
 async def test_a_load_that_breaks_its_estimate_is_unloaded_then_refused(tmp_path):
     big = make_function(seed=9, n_experts=2, hidden=512, inter=4096)           # ~50 MiB
+    small = make_function(seed=8)
     async with running_node(tmp_path, memory_budget_bytes=512 * MIB, load_rss_factor=0.05) as (node, stub):
+        await stub.deploy(chunks_of(small))     # the first load also initialises ORT and gets a wider slack:
+        await stub.load(pb.LoadRequest(function_ids=[small.function_id], wait=True))   # spend it here
         await stub.deploy(chunks_of(big))
         for attempt in range(2):
             with pytest.raises(grpc.aio.AioRpcError) as info:
@@ -171,4 +174,4 @@ async def test_a_load_that_breaks_its_estimate_is_unloaded_then_refused(tmp_path
             assert "grew the node's RSS" in info.value.details()
         assert "refused from now on" in info.value.details()
         status = await stub.status(pb.StatusRequest())
-        assert status.loaded_bytes == 0
+        assert 0 < status.loaded_bytes < len(big.data) / 4          # the small one only

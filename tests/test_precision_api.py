@@ -53,19 +53,18 @@ def test_every_response_names_the_precision(served):
 
 def test_generate_and_status_name_the_precision(served):
     tiny, store, mesh, router = served
-    cli = subprocess.run([sys.executable, "-m", "faasmoe.router", "generate", "--store", str(store), "--nodes",
-                          ",".join(mesh.addresses), "--prompt", PROMPT, "--max-new-tokens", "6", "--json",
-                          "--dense-dtype", "bfloat16", "--replicas", "1", "--router-id", "cli-run"],
-                         capture_output=True, text=True, timeout=240)
-    assert cli.returncode == 0, cli.stderr
-    assert json.loads(cli.stdout)["faasmoe_precision"] == LABEL
-    int8 = subprocess.run([sys.executable, "-m", "faasmoe.router", "generate", "--store", str(store), "--nodes",
-                           ",".join(mesh.addresses), "--prompt", PROMPT, "--max-new-tokens", "6", "--json",
-                           "--dense-dtype", "int8", "--replicas", "1", "--router-id", "cli-run-int8"],
-                          capture_output=True, text=True, timeout=240)
-    assert int8.returncode == 0, int8.stderr
-    assert json.loads(int8.stdout)["faasmoe_precision"] == LABEL | {"dense": "int8"}
-    assert len(json.loads(int8.stdout)["token_ids"]) == 6
+    def generate(dense, router_id):                       # both at once: every function is already placed
+        return subprocess.Popen([sys.executable, "-m", "faasmoe.router", "generate", "--store", str(store),
+                                 "--nodes", ",".join(mesh.addresses), "--prompt", PROMPT, "--max-new-tokens", "6",
+                                 "--json", "--dense-dtype", dense, "--replicas", "1", "--router-id", router_id],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    runs = [generate("bfloat16", "cli-run"), generate("int8", "cli-run-int8")]
+    (cli_out, cli_err), (int8_out, int8_err) = [p.communicate(timeout=240) for p in runs]
+    assert runs[0].returncode == 0, cli_err
+    assert json.loads(cli_out)["faasmoe_precision"] == LABEL
+    assert runs[1].returncode == 0, int8_err
+    assert json.loads(int8_out)["faasmoe_precision"] == LABEL | {"dense": "int8"}
+    assert len(json.loads(int8_out)["token_ids"]) == 6
     status = subprocess.run([sys.executable, "-m", "faasmoe.router", "status", "--nodes", ",".join(mesh.addresses),
                              "--store", str(store), "--json"], capture_output=True, text=True, timeout=60)
     assert status.returncode == 0, status.stderr

@@ -118,14 +118,19 @@ def generate(args) -> int:
         raise ConfigError("--max-new-tokens must be at least 1")
     import asyncio
 
+    static_nodes(args)                          # the cheap checks first: a bad address or store errs in
+    session = _session(args)                    # a moment, before torch and transformers load
     from faasmoe.router.api.openai import degraded_label
     from faasmoe.router.engine.generate import generate as run
     from faasmoe.router.engine.serving import start_serving
     from faasmoe.router.model.precision import dense_dtype
 
-    config = engine_config(args)
+    try:
+        config = engine_config(args)
+    except BaseException:
+        session.close()
+        raise
     dense_threads(args)
-    session = _session(args)
 
     async def main():
         with node_addresses(args) as (addresses, directory):
@@ -222,13 +227,15 @@ def serve(args) -> int:
     import asyncio
     import signal
 
-    from faasmoe.router.api.server import RouterServer, ServeOptions
-
     static = static_nodes(args)
     if not 0 <= args.port < 65536:
         raise ConfigError(f"--port {args.port} is not a port number (0 = any free port)")
     if args.usage_poll_s <= 0 or args.tenants_poll_s <= 0 or args.replica_interval_s <= 0:
         raise ConfigError("--usage-poll-s, --tenants-poll-s and --replica-interval-s must be > 0")
+    from faasmoe.router.store.manifest import load_manifest
+    load_manifest(args.store)                   # a missing store errs before torch and transformers load
+    from faasmoe.router.api.server import RouterServer, ServeOptions
+
     config = engine_config(args)
     dense_threads(args)
     session = _session(args)

@@ -32,30 +32,41 @@ from faasmoe.router.evaluation.sampler import Cgroup
 READY_TIMEOUT_S = 300.0
 
 
-def start_server(cmd: list[str], prefix: list[str], log_path: Path) -> tuple[subprocess.Popen, str]:
-    """Start a faasmoe HTTP server; returns once it is healthy."""
+def launch_server(cmd: list[str], prefix: list[str], log_path: Path) -> tuple[subprocess.Popen, queue.Queue]:
+    """Start a faasmoe HTTP server without waiting for it (:func:`wait_ready` does)."""
     log = open(log_path, "ab")
     proc = subprocess.Popen([*prefix, *cmd], stdout=subprocess.PIPE, stderr=log, text=True)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout] + [lines.put(None)], daemon=True).start()
+    return proc, lines
+
+
+def wait_ready(proc: subprocess.Popen, lines: queue.Queue, name: str, log_path: Path) -> str:
+    """The URL of a launched server, once it has printed its ready line and answers /health."""
     deadline = time.monotonic() + READY_TIMEOUT_S
     while True:
         try:
             line = lines.get(timeout=max(0.01, deadline - time.monotonic()))
         except queue.Empty:
             proc.kill()
-            raise FaasmoeError(f"{cmd[3]} did not start within {READY_TIMEOUT_S:.0f} s (see {log_path})") from None
+            raise FaasmoeError(f"{name} did not start within {READY_TIMEOUT_S:.0f} s (see {log_path})") from None
         if line is None:
-            raise FaasmoeError(f"{cmd[3]} exited with {proc.wait()} before it was ready (see {log_path})")
+            raise FaasmoeError(f"{name} exited with {proc.wait()} before it was ready (see {log_path})")
         if line.startswith(READY_PREFIX):
             url = json.loads(line[len(READY_PREFIX):])["url"]
             break
     while httpx.get(f"{url}/health").status_code != 200:
         if time.monotonic() > deadline or proc.poll() is not None:
             proc.kill()
-            raise FaasmoeError(f"{cmd[3]} never became healthy (see {log_path})")
+            raise FaasmoeError(f"{name} never became healthy (see {log_path})")
         time.sleep(0.05)
-    return proc, url
+    return url
+
+
+def start_server(cmd: list[str], prefix: list[str], log_path: Path) -> tuple[subprocess.Popen, str]:
+    """Start a faasmoe HTTP server; returns once it is healthy."""
+    proc, lines = launch_server(cmd, prefix, log_path)
+    return proc, wait_ready(proc, lines, cmd[3], log_path)
 
 
 def stop_process(proc: subprocess.Popen, timeout_s: float = 60.0) -> None:
@@ -110,6 +121,9 @@ class Running:
         return total
 
     def stop(self) -> None:
+        for proc in self._servers:                  # every server drains at once
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
         for proc in self._servers:
             stop_process(proc)
         if self._mesh is not None:
@@ -125,10 +139,14 @@ def start_deployment(spec: DeploymentSpec, *, model_dir: Path, store_of, tenants
     router = [sys.executable, "-m", "faasmoe.router"]
     try:
         if spec.kind == "full-per-tenant":
+            launched = {}                           # independent servers: they start side by side
             for t in tenants:
-                proc, url = start_server([*router, "serve-full", "--model", str(model_dir), "--port", "0",
-                                          "--model-name", "bench", "--dtype", dtype], prefix, workdir / f"full-{t}.log")
-                run._servers.append(proc)
+                log_path = workdir / f"full-{t}.log"
+                launched[t] = (*launch_server([*router, "serve-full", "--model", str(model_dir), "--port", "0",
+                                               "--model-name", "bench", "--dtype", dtype], prefix, log_path), log_path)
+                run._servers.append(launched[t][0])
+            for t, (proc, lines, log_path) in launched.items():
+                url = wait_ready(proc, lines, "serve-full", log_path)
                 run.roles[proc.pid], run.urls[t], run.keys[t] = f"full-{t}", url, None
         elif spec.kind == "full-shared":
             proc, url = start_server([*router, "serve-full", "--model", str(model_dir), "--port", "0", "--model-name",

@@ -39,7 +39,7 @@ def quick(scenario: Scenario) -> Scenario:
     """The scenario on the tiny random model, cut to seconds (what CI runs)."""
     short = [replace(t, arrival=replace(t.arrival, rate_per_s=max(t.arrival.rate_per_s, 1.0)))
              if t.arrival.process != "trace" else t for t in scenario.tenants]
-    return replace(scenario, model="random:tiny", duration_s=min(scenario.duration_s, 6.0),
+    return replace(scenario, model="random:tiny", duration_s=min(scenario.duration_s, 4.0),
                    max_prompt_tokens=min(scenario.max_prompt_tokens, 24),
                    max_output_tokens=min(scenario.max_output_tokens, 6), tenants=tuple(short),
                    deployments=tuple(replace(d, node_memory_mb=min(d.node_memory_mb, 256),
