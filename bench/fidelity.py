@@ -77,7 +77,6 @@ def load_model(model_dir: Path, store: Path, dtype: torch.dtype, threads: int):
     from transformers import AutoModelForCausalLM
 
     from faasmoe.router.model.bf16 import store_in_bfloat16
-    from faasmoe.router.model import int8
     from faasmoe.router.model.int8 import store_in_int8
     from faasmoe.router.store.manifest import load_manifest
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, attn_implementation="sdpa").eval()
@@ -88,8 +87,6 @@ def load_model(model_dir: Path, store: Path, dtype: torch.dtype, threads: int):
     manifest = load_manifest(store)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.log_severity_level = threads, 3
-    if int8.uses_global_pool():                       # the int8 dense part set ONNX Runtime's global pool
-        opts.use_per_session_threads = False
     for layer in manifest.moe_layers:
         sessions = [(ort.InferenceSession(str(store / f.file), opts, providers=["CPUExecutionProvider"]), f.expert_ids)
                     for f in manifest.layer_functions(layer)]

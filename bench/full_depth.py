@@ -96,7 +96,12 @@ async def load(url, clients: int, requests: int, max_tokens: int) -> tuple[float
 def wait_healthy(url: str, timeout_s: float) -> None:
     import httpx
     deadline = time.monotonic() + timeout_s
-    while httpx.get(f"{url}/health", timeout=30).status_code != 200:
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=30).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
         if time.monotonic() > deadline:
             sys.exit(f"error: the router was not healthy within {timeout_s:.0f} s")
         time.sleep(1)

@@ -16,9 +16,9 @@ expert ids and sizes so a node can describe what it holds.
 ``int4``): each projection is then ONNX Runtime's ``MatMulNBits`` (domain ``com.microsoft``) over blocks of
 ``block_size`` weights along K, one float32 scale per block, ``accuracy_level`` 4 (int8 activations: the fast
 kernels on AVX512-VNNI / AVX2). int8 is asymmetric (a uint8 zero point per block); int4 is symmetric (no zero
-points). Measured here (BENCHMARKS §7.1): levels 0/1 ran 3-20x slower at 1-16 rows; asymmetric int8 ran 20-25 %
-faster than symmetric at 1-16 rows with the same error, while for int4 both ran alike and symmetric avoids the
-asymmetric-int4 / int8-activation error reported on AVX2-only CPUs. A quantized file names its precision and
+points). Measured here (BENCHMARKS §7.1): levels 0/1 ran 2-7x slower at 1-16 rows; asymmetric int8 ran ~25 %
+faster than symmetric at one row (~10 % at 4-16) with the same error; asymmetric int4 was 7-10 % faster, but
+symmetric avoids the asymmetric-int4 / int8-activation error reported on AVX2-only CPUs. A quantized file names its precision and
 block size in its metadata (a float32 file has neither, so float32 ids never changed).
 """
 

@@ -75,3 +75,12 @@ def test_a_dense_tensor_of_the_wrong_shape_is_a_one_line_error(tmp_path):
     for dtype in (torch.float32, torch.bfloat16, torch.int8):
         with pytest.raises(CheckpointError, match=r"model.norm.weight is \[3\], the config makes it \[64\]"):
             build_mesh_model(store, manifest, dtype)
+
+
+def test_an_int8_weight_that_cannot_be_prepared_is_a_one_line_error(tmp_path, monkeypatch):
+    import tempfile
+
+    from faasmoe.proto.errors import CheckpointError
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no-such-dir"))     # its session file cannot be written
+    with pytest.raises(CheckpointError, match=r"int8 session of a 16x64 dense weight in .*no-such-dir \(set TMPDIR\)"):
+        Int8Linear(torch.nn.Linear(64, 16, bias=False))

@@ -53,13 +53,19 @@ def test_every_response_names_the_precision(served):
 
 def test_generate_and_status_name_the_precision(served):
     tiny, store, mesh, router = served
+
     def generate(dense, router_id):                       # both at once: every function is already placed
         return subprocess.Popen([sys.executable, "-m", "faasmoe.router", "generate", "--store", str(store),
                                  "--nodes", ",".join(mesh.addresses), "--prompt", PROMPT, "--max-new-tokens", "6",
                                  "--json", "--dense-dtype", dense, "--replicas", "1", "--router-id", router_id],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     runs = [generate("bfloat16", "cli-run"), generate("int8", "cli-run-int8")]
-    (cli_out, cli_err), (int8_out, int8_err) = [p.communicate(timeout=240) for p in runs]
+    try:
+        (cli_out, cli_err), (int8_out, int8_err) = [p.communicate(timeout=240) for p in runs]
+    finally:
+        for p in runs:
+            p.kill()
+            p.wait()
     assert runs[0].returncode == 0, cli_err
     assert json.loads(cli_out)["faasmoe_precision"] == LABEL
     assert runs[1].returncode == 0, int8_err

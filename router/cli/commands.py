@@ -127,10 +127,10 @@ def generate(args) -> int:
 
     try:
         config = engine_config(args)
+        dense_threads(args)
     except BaseException:
         session.close()
         raise
-    dense_threads(args)
 
     async def main():
         with node_addresses(args) as (addresses, directory):

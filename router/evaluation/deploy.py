@@ -34,8 +34,8 @@ READY_TIMEOUT_S = 300.0
 
 def launch_server(cmd: list[str], prefix: list[str], log_path: Path) -> tuple[subprocess.Popen, queue.Queue]:
     """Start a faasmoe HTTP server without waiting for it (:func:`wait_ready` does)."""
-    log = open(log_path, "ab")
-    proc = subprocess.Popen([*prefix, *cmd], stdout=subprocess.PIPE, stderr=log, text=True)
+    with open(log_path, "ab") as log:                   # the child keeps its own descriptor
+        proc = subprocess.Popen([*prefix, *cmd], stdout=subprocess.PIPE, stderr=log, text=True)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout] + [lines.put(None)], daemon=True).start()
     return proc, lines

@@ -8,8 +8,9 @@ shared-expert and dense-layer MLP projections and the embedding table are stored
 while the residual stream, norms, the gate and ``lm_head`` stay float32. Measured on the trained model
 (teacher-forced top-1 against float32): everything in bfloat16 98.85 %, float32 residual 99.02 %, and with a
 float32 ``lm_head`` 99.66 %: bfloat16 logits cannot tell close candidates apart. Or int8 (``--dense-dtype int8``,
-opt-in, not exact: :mod:`~faasmoe.router.model.int8`): the same projections and ``lm_head`` quantized per channel
-and run by torch's quantized kernels, for CPUs where bfloat16 is no faster than float32.
+opt-in, not exact: :mod:`~faasmoe.router.model.int8`): the same projections and ``lm_head`` as asymmetric int8
+blocks of 128 run by ONNX Runtime's ``MatMulNBits`` (the int8 experts' kernel), the embedding table bfloat16, for
+CPUs where bfloat16 is no faster than float32.
 """
 
 from __future__ import annotations

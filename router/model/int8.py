@@ -5,7 +5,7 @@ Each weight is quantized as it is loaded (asymmetric int8 in blocks of 128 along
 :func:`~faasmoe.router.store.quantize.quantize_matrix`) into a one-node ONNX Runtime session that prepacks it;
 in a router process the sessions share one thread pool (:func:`use_global_pool`). On this machine's CPU, whose
 bfloat16 matrix products are no faster
-than float32 (no bfloat16 instructions: BENCHMARKS §7.4), it reads a bit over a quarter of the float32 bytes:
+than float32 (no bfloat16 instructions: BENCHMARKS §7), it reads a bit over a quarter of the float32 bytes:
 the 151936 x 2048 ``lm_head`` took ~22 ms against ~45 ms in float32. The embedding table is stored in bfloat16 (a
 row lookup); the residual stream, norms, gate and KV cache stay float32. Not exact (int8 weights, and int8
 activations per block inside the kernel); its fidelity is measured (§7.3).
@@ -21,6 +21,7 @@ import tempfile
 import numpy as np
 import torch
 
+from faasmoe.proto.errors import CheckpointError
 from faasmoe.proto.function_abi import Precision
 from faasmoe.router.model.bf16 import Bf16Embedding, swap_projections
 from faasmoe.router.store.onnx_function import matmul_model
@@ -62,8 +63,9 @@ def session_options():
     opts.log_severity_level = 3
     opts.enable_cpu_mem_arena = False
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if _global_pool:
-        opts.use_per_session_threads = False
+    if _global_pool:                # the pool's spinning is not per session: stop it after each run, so that
+        opts.use_per_session_threads = False                   # nodes beside the router keep their cores
+        opts.add_session_config_entry("session.force_spinning_stop", "1")
     else:
         opts.intra_op_num_threads, opts.inter_op_num_threads = 1, 1
     return opts
@@ -86,11 +88,16 @@ class Int8Linear(torch.nn.Module):
         self.weight_bytes = sum(a.nbytes for a in arrays)
         # From a file, not bytes: ORT's Python session keeps the bytes it was made from (measured: 2.06 x the
         # int8 weights held from bytes, 1.06 x from a file)
-        with tempfile.NamedTemporaryFile(suffix=".onnx") as fh:
-            fh.write(matmul_model(arrays, self.in_features, self.out_features, DENSE_INT8))
-            fh.flush()
-            del arrays
-            self._session = ort.InferenceSession(fh.name, session_options(), providers=["CPUExecutionProvider"])
+        try:
+            with tempfile.NamedTemporaryFile(suffix=".onnx", prefix="faasmoe-int8-") as fh:
+                fh.write(matmul_model(arrays, self.in_features, self.out_features, DENSE_INT8))
+                fh.flush()
+                del arrays
+                self._session = ort.InferenceSession(fh.name, session_options(), providers=["CPUExecutionProvider"])
+        except (OSError, RuntimeError, *_ort_errors()) as exc:
+            where = "" if not isinstance(exc, OSError) else f" in {tempfile.gettempdir()} (set TMPDIR)"
+            raise CheckpointError(f"cannot prepare the int8 session of a {self.out_features}x{self.in_features} "
+                                  f"dense weight{where}: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
         _trim_malloc()                                  # the parsed model is freed: hand it back
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -111,6 +118,12 @@ def store_in_int8(model) -> None:
     if not model.config.tie_word_embeddings:            # a tied table stays float32 and so does lm_head
         model.model.embed_tokens = Bf16Embedding(model.model.embed_tokens)
         model.lm_head = Int8Linear(model.lm_head)
+
+
+def _ort_errors() -> tuple[type, ...]:
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+    return tuple(getattr(state, n) for n in ("Fail", "InvalidArgument", "InvalidGraph", "NoSuchFile",
+                                             "RuntimeException") if hasattr(state, n))
 
 
 def _trim_malloc() -> None:
