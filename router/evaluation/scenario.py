@@ -29,7 +29,7 @@
     keep_alive_s = "inf"            # or seconds
     nodes = 3
     node_memory_mb = 2048
-    replicas = "auto"               # the router's --replicas policy: 1 | 2 | auto
+    replicas = "1"                  # the router's --replicas policy: 1 (the default) | 2 | auto
 
 Every value is checked; a wrong one is a ConfigError naming the file and the key.
 """
