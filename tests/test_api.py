@@ -245,12 +245,12 @@ def test_forty_interleaved_concurrent_requests_each_get_their_own_answer(mesh_an
 
 
 def test_a_full_server_answers_503_with_retry_after(mesh_and_model):
-    """One running and one waiting request fill this server; of four sent at once (each runs 150 steps), the
+    """One running and one waiting request fill this server; of four sent at once (each runs 60 steps), the
     ones that find it full are refused at once with Retry-After, the others are served."""
     mesh, tiny = mesh_and_model
     with RouterProcess(tiny.store, mesh.addresses, "--max-batch", "1", "--max-waiting", "1",
                        "--router-id", "small-router") as small:
-        body = {"model": "store", "prompt": _long_prompt(tiny, 150), "max_tokens": 150, "temperature": 0}
+        body = {"model": "store", "prompt": _long_prompt(tiny, 60), "max_tokens": 60, "temperature": 0}
 
         async def four_at_once():
             async with httpx.AsyncClient(timeout=60) as http:

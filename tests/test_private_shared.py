@@ -5,6 +5,8 @@ function they use and go on answering exactly."""
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import openai
 import pytest
 
@@ -37,8 +39,15 @@ def test_three_private_routers_and_a_shared_one_share_every_copy(tmp_path):
     with LocalMesh(3, tmp_path / "nodes", memory_budget_mb=256, extra_args=["--keep-alive-s", "inf"]) as mesh:
         routers = {"shared": RouterProcess(tiny.store, mesh.addresses, "--tenants", str(path))}
         try:
-            for t in keys:
-                routers[t] = RouterProcess(tiny.store, mesh.addresses, "--tenants", str(path), "--tenant", t)
+            # every function is placed now: the private routers, started side by side, lease those copies
+            with ThreadPoolExecutor(len(keys)) as pool:
+                starting = {t: pool.submit(RouterProcess, tiny.store, mesh.addresses, "--tenants", str(path),
+                                           "--tenant", t) for t in keys}
+            for t, future in starting.items():
+                if future.exception() is None:
+                    routers[t] = future.result()
+            for future in starting.values():
+                future.result()                                             # a failed start-up fails the test
             for name, router in routers.items():
                 for t, key in keys.items():
                     if name in ("shared", t):

@@ -165,10 +165,15 @@ def start_deployment(spec: DeploymentSpec, *, model_dir: Path, store_of, tenants
                      ",".join(run._mesh.addresses), "--port", "0", "--model-name", "bench", "--tenants",
                      str(tenants_file), "--settle-s", "0.2", "--replicas", spec.replicas]
             groups = [(None, tenants)] if spec.routers == "shared" else [(t, [t]) for t in tenants]
-            for private, served in groups:
-                extra = ["--tenant", private] if private else []
-                proc, url = start_server([*serve, *extra], prefix, workdir / f"router-{private or 'shared'}.log")
+            launched = []           # the first router places every function; the others, side by side, lease them
+            for n, (private, served) in enumerate(groups):
+                log_path = workdir / f"router-{private or 'shared'}.log"
+                proc, lines = launch_server([*serve, *(["--tenant", private] if private else [])], prefix, log_path)
                 run._servers.append(proc)
+                url = wait_ready(proc, lines, "serve", log_path) if n == 0 else None
+                launched.append((proc, lines, log_path, private, served, url))
+            for proc, lines, log_path, private, served, url in launched:
+                url = url or wait_ready(proc, lines, "serve", log_path)
                 run.roles[proc.pid] = f"router-{private}" if private else "router"
                 for t in served:
                     run.urls[t], run.keys[t] = url, keys[t]
