@@ -62,7 +62,6 @@ STATUS_WILDCARD = f"{ROOT}/+/status"
 EVENTS_WILDCARD = f"{ROOT}/+/events"
 EVENT_KINDS = ("load", "evict")
 EVICT_REASONS = ("keep_alive", "memory", "undeploy", "shutdown")
-OFFLINE_REASONS = ("connection_lost", "shutdown")
 # Never part of any payload: the one place that says so (tests check every message against it).
 FORBIDDEN_KEYS = frozenset({"tenant_id", "tenant", "request_id", "rows", "hidden", "prompt"})
 

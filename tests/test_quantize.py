@@ -19,11 +19,11 @@ from faasmoe.proto import function_abi as abi
 from faasmoe.proto.errors import ConfigError, InvalidRequest
 from faasmoe.proto.onnx_check import check_function
 from faasmoe.router.store.manifest import load_manifest
-from faasmoe.router.store.onnx_function import build_function, run_reference
+from faasmoe.router.store.onnx_function import build_function
 from faasmoe.router.store.quantize import dequantize_matrix, parse_precision, quantize_matrix
 from faasmoe.router.store.split import split_checkpoint
 from faasmoe.router.store.tiny_model import make_checkpoint
-from node_fixtures import chunks_of, fn_status, frame, make_function, running_node
+from node_fixtures import chunks_of, fn_status, frame, make_function, run_reference, running_node
 
 INT8 = abi.Precision("int8", 128)
 INT4_32 = abi.Precision("int4", 32)

@@ -20,10 +20,6 @@ class SequenceCache:
         self._keys: list[torch.Tensor | None] = [None] * n_layers
         self._values: list[torch.Tensor | None] = [None] * n_layers
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self._keys, *self._values) if t is not None)
-
     def append(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Add ``[1, kv_heads, n, head_dim]`` keys and values to ``layer``; returns that layer's keys and values
         so far (views of the buffers)."""

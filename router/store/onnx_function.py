@@ -83,11 +83,3 @@ def matmul_model(arrays, k: int, n: int, precision: abi.Precision) -> bytes:
                               producer_name="faasmoe")
     model.ir_version = abi.IR_VERSION
     return model.SerializeToString()
-
-
-def run_reference(gate_up: np.ndarray, down: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """One expert in numpy, for tests: down(silu(gate(x)) * up(x))."""
-    inter = gate_up.shape[0] // 2
-    gu = x @ gate_up.T
-    g, u = gu[:, :inter], gu[:, inter:]
-    return ((g / (1 + np.exp(-g))) * u) @ down.T
