@@ -159,7 +159,7 @@ class Router:
     """``faasmoe-router serve`` in the router namespace; its stderr goes to a log."""
 
     def __init__(self, host, args: list[str], log_path: Path, ready_timeout_s: float = 300):
-        from faasmoe.router.api.front import READY_PREFIX
+        from faasmoe.proto.ready import ROUTER_READY, parse_ready
         self.log = open(log_path, "w")
         self.proc = host.popen([sys.executable, "-m", "faasmoe.router", "serve", *args], stdout=subprocess.PIPE,
                                stderr=self.log, text=True)
@@ -171,8 +171,9 @@ class Router:
             line = lines.get(timeout=max(deadline - time.monotonic(), 0.01))
             if line is None:
                 raise RuntimeError(f"the router exited ({self.proc.wait()}); see {log_path}")
-            if line.startswith(READY_PREFIX):
-                self.info = json.loads(line[len(READY_PREFIX):])
+            info = parse_ready(line, ROUTER_READY)
+            if info is not None:
+                self.info = info
                 return
 
     def stop(self) -> None:

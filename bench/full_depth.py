@@ -35,6 +35,7 @@ from pathlib import Path
 
 import psutil
 
+from faasmoe.proto.ready import ROUTER_READY, parse_ready
 from report import save
 
 REPO = Path(__file__).resolve().parents[1]
@@ -135,9 +136,10 @@ def mesh_phase(args, store: Path) -> dict:
         try:
             t0 = time.perf_counter()
             line = router.stdout.readline()
-            if not line.startswith("FAASMOE_ROUTER_READY "):
+            info = parse_ready(line, ROUTER_READY)
+            if info is None:
                 sys.exit(f"error: the router did not start: {line!r}")
-            url = json.loads(line.split(" ", 1)[1])["url"]
+            url = info["url"]
             out["router_ready_s"] = round(time.perf_counter() - t0, 1)
             wait_healthy(url, 3600)                             # every function deployed on a node
             out["placed_s"] = round(time.perf_counter() - t0, 1)

@@ -28,6 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from faasmoe.proto.ready import ROUTER_READY, parse_ready
 from report import save
 
 QWEN_DIMS = dict(hidden_size=2048, num_experts=60, top_k=4, moe_intermediate_size=1408,
@@ -126,9 +127,10 @@ def phase_mesh(args) -> dict:
                                   stdout=subprocess.PIPE, text=True)
         try:
             line = router.stdout.readline()
-            if not line.startswith("FAASMOE_ROUTER_READY "):
+            info = parse_ready(line, ROUTER_READY)
+            if info is None:
                 sys.exit(f"error: the router did not start: {line!r}")
-            url = json.loads(line.split(" ", 1)[1])["url"]
+            url = info["url"]
             asyncio.run(_load(url, prompts, 2, 1, 8))                         # warm up
             for clients in args.clients:
                 before = _metrics(url)

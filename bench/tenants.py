@@ -32,15 +32,16 @@ from serving import _request, pct, prompts_for
 
 
 def start_router(store, addresses, tenants_file, *extra) -> tuple[subprocess.Popen, str]:
-    import json
+    from faasmoe.proto.ready import ROUTER_READY, parse_ready
     proc = subprocess.Popen([sys.executable, "-m", "faasmoe.router", "serve", "--store", str(store), "--nodes",
                              ",".join(addresses), "--port", "0", "--model-name", "bench", "--tenants",
                              str(tenants_file), "--max-batch", "64", *extra], stdout=subprocess.PIPE, text=True)
     line = proc.stdout.readline()
-    if not line.startswith("FAASMOE_ROUTER_READY "):
+    info = parse_ready(line, ROUTER_READY)
+    if info is None:
         sys.exit(f"error: a router did not start: {line!r}")
     threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
-    url = json.loads(line.split(" ", 1)[1])["url"]
+    url = info["url"]
     import httpx
     deadline = time.monotonic() + 120
     while httpx.get(f"{url}/health").status_code != 200:          # placed and routed

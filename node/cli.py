@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import ctypes
 import importlib.util
-import json
 import logging
 import os
 import signal
@@ -25,9 +24,9 @@ from typing import Callable, Sequence
 
 from faasmoe.node.config import MIB, NodeConfig
 from faasmoe.proto.errors import ConfigError, FaasmoeError
+from faasmoe.proto.ready import NODE_READY, ready_line
 
 log = logging.getLogger(__name__)
-READY_PREFIX = "FAASMOE_NODE_READY "
 ENV_PREFIX = "FAASMOE_NODE_"
 PROG = "faasmoe-node"
 
@@ -134,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
                             f"{ENV_PREFIX}MEMORY_BUDGET_MB=2048, {ENV_PREFIX}MDNS_INTERFACE=10.0.0.2,10.0.0.3, "
                             f"{ENV_PREFIX}NO_MDNS=1, {ENV_PREFIX}VERBOSE=1. Precedence: flag > environment > "
                             "profile > built-in default. On start one line goes to stdout: "
-                            f'{READY_PREFIX}{{"node_id": ..., "address": "HOST:PORT", "pid": ...}}. '
+                            f'{NODE_READY}{{"node_id": ..., "address": "HOST:PORT", "pid": ...}}. '
                             "Exit codes: 0 after SIGINT/SIGTERM, 2 bad configuration, 3 startup failure.")
     for flag, dest, kind, metavar, text in _FLAGS:
         parser.add_argument(flag, dest=dest, type=kind, metavar=metavar, help=text)
@@ -194,9 +193,10 @@ def config_from_args(argv: Sequence[str] | None = None, environ=None) -> tuple[N
 
 
 def _print_ready(node) -> None:
-    line = json.dumps({"node_id": node.node_id, "address": node.address, "pid": os.getpid(),
-                       "tls": node.tls is not None, "cert": node.tls.identity.fingerprint if node.tls else None})
-    sys.stdout.write(READY_PREFIX + line + "\n")
+    line = ready_line(NODE_READY, {"node_id": node.node_id, "address": node.address, "pid": os.getpid(),
+                                   "tls": node.tls is not None,
+                                   "cert": node.tls.identity.fingerprint if node.tls else None})
+    sys.stdout.write(line + "\n")
     sys.stdout.flush()
 
 

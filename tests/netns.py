@@ -38,6 +38,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from polling import wait_for
+
 PREFIX = "fmnt"                  # every namespace this library creates starts with "fmnt-<pid>-"
 SUBNET = "10.231"
 BRIDGE = "br0"
@@ -65,16 +67,7 @@ def json_line_writer():
     return emit
 
 
-def wait_until(predicate: Callable[[], object], timeout_s: float, what: str, interval_s: float = 0.02):
-    """Poll ``predicate`` until it returns something truthy (returned); AssertionError after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout_s:.1f} s waiting for {what}")
-        time.sleep(interval_s)
+wait_until = wait_for                       # tests/polling.py: the one poller
 
 
 def clean_env(**extra: str) -> dict[str, str]:

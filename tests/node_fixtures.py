@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 import os
 import queue
 import signal
@@ -20,12 +19,12 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from faasmoe.node.cli import READY_PREFIX
 from faasmoe.node.config import NodeConfig
 from faasmoe.node.server import NodeServer
 from faasmoe.proto import faasmoe_pb2 as pb
 from faasmoe.proto import frames, methods
 from faasmoe.proto.function_abi import FP32, Precision
+from faasmoe.proto.ready import NODE_READY, parse_ready
 from faasmoe.router.store.onnx_function import build_function
 
 MIB = 1024 * 1024
@@ -173,10 +172,11 @@ class NodeProcess:
 
     def _wait_ready(self, timeout_s: float) -> dict:
         line = self._lines.get(timeout=timeout_s)
-        if line is None or not line.startswith(READY_PREFIX):
+        info = parse_ready(line, NODE_READY) if line is not None else None
+        if info is None:
             self.proc.kill()
             raise AssertionError(f"no READY line (got {line!r}); stderr: {''.join(self.stderr_lines)[-3000:]}")
-        return json.loads(line[len(READY_PREFIX):])
+        return info
 
     def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 30.0) -> int:
         if self.proc.poll() is None:

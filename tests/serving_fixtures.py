@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import queue
 import signal
@@ -19,10 +18,11 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from faasmoe.router.api.server import READY_PREFIX
+from faasmoe.proto.ready import ROUTER_READY, parse_ready
 from faasmoe.router.engine.reference import reference_generate
 from faasmoe.router.store.split import split_checkpoint
 from model_factory import make_checkpoint
+from polling import wait_for as poll
 
 TINY = dict(num_layers=4, hidden_size=64, num_experts=16, top_k=4, moe_intermediate_size=32,
             shared_expert_intermediate_size=96, vocab_size=97, seed=3)     # one printable character per token
@@ -74,8 +74,8 @@ class RouterProcess:
                 raise TimeoutError(f"router not ready in {ready_timeout_s} s: {''.join(self.stderr)[-2000:]}")
             if line is None:
                 raise RuntimeError(f"router exited with {self.proc.wait()}: {''.join(self.stderr)[-2000:]}")
-            if line.startswith(READY_PREFIX):
-                info = json.loads(line[len(READY_PREFIX):])
+            info = parse_ready(line, ROUTER_READY)
+            if info is not None:
                 break
         self.url, self.model = info["url"], info["model"]
         wait_for(lambda: httpx.get(f"{self.url}/health").status_code == 200, 60, "the router to be healthy")
@@ -113,15 +113,5 @@ class RouterProcess:
 
 
 def wait_for(predicate, timeout_s: float, what: str):
-    """Poll ``predicate`` until truthy; fail after ``timeout_s`` (a condition, never a sleep ordering a test)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            value = predicate()
-        except (httpx.HTTPError, KeyError):
-            value = None
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.01)
+    """:func:`polling.wait_for`, an HTTP error or a missing key counting as not yet."""
+    return poll(predicate, timeout_s, what, ignore=(httpx.HTTPError, KeyError))

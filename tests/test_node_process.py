@@ -21,19 +21,11 @@ from faasmoe.proto import frames
 from faasmoe.proto.errors import ConfigError
 from faasmoe.proto.function_abi import Precision
 from node_fixtures import MIB, REPO, NodeProcess, Stub, chunks_of, fn_status, frame, make_function, node_env, cost
+from polling import wait_for as poll
 
 
 def base_args(tmp_path, *extra: str) -> list[str]:
     return ["--port", "0", "--store-dir", str(tmp_path / "store"), "--no-mdns", "--threads", "1", *extra]
-
-
-def poll(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.01)
-    return value
 
 
 def test_end_to_end_subprocess(tmp_path):

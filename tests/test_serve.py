@@ -7,24 +7,22 @@ import json
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 
-from faasmoe.router.api.server import READY_PREFIX
+from faasmoe.proto.ready import ROUTER_READY, parse_ready
 from faasmoe.router.mesh.client import NodeClient
 from faasmoe.router.control.local_mesh import start_node
 from faasmoe.router.store.manifest import load_manifest
 from faasmoe.router.store.split import split_checkpoint
 from model_factory import make_checkpoint
+from polling import wait_for
 
 
 def wait_until(predicate, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)      # polling a condition
-    return False
+    try:
+        return bool(wait_for(predicate, timeout_s, "a condition", interval_s=0.05))
+    except AssertionError:
+        return False
 
 
 def held(address: str) -> set[str]:
@@ -49,8 +47,9 @@ def test_serve_replaces_on_leave_and_rejoin(tmp_path):
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         banner = serve.stdout.readline()
-        assert banner.startswith(READY_PREFIX), banner
-        url = json.loads(banner[len(READY_PREFIX):])["url"]
+        info = parse_ready(banner, ROUTER_READY)
+        assert info is not None, banner
+        url = info["url"]
         a, b = nodes
         assert wait_until(lambda: held(a.address) | held(b.address) == everything, 30)
         assert held(a.address) and held(b.address)                 # spread over both nodes

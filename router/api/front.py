@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import signal
 from dataclasses import dataclass
@@ -15,13 +14,12 @@ import uvicorn
 
 from faasmoe.proto.discovery import is_loopback
 from faasmoe.proto.errors import ConfigError
+from faasmoe.proto.ready import ROUTER_READY, ready_line
 from faasmoe.router.tenancy.accounting import Accounting
 from faasmoe.router.tenancy.ledger import Ledger
 from faasmoe.router.tenancy.registry import TenantRegistry
 
 log = logging.getLogger(__name__)
-READY_PREFIX = "FAASMOE_ROUTER_READY "
-
 
 @dataclass(frozen=True)
 class ServeOptions:
@@ -104,7 +102,7 @@ class HttpFront:
         port = server.servers[0].sockets[0].getsockname()[1]
         host = options.host if ":" not in options.host else f"[{options.host}]"
         self.url = f"http://{host}:{port}"
-        self.announce(READY_PREFIX + json.dumps({"url": self.url, "model": name, **ready}))
+        self.announce(ready_line(ROUTER_READY, {"url": self.url, "model": name, **ready}))
         self.announce(f"faasmoe-router serving {name} ({what}) at {self.url}/v1")
         if self.registry.open:
             self.announce("no --tenants file: open to every local client as tenant 'default', on loopback only")

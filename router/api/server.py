@@ -14,7 +14,7 @@ import threading
 import time
 
 from faasmoe.proto.errors import StepFailed
-from faasmoe.router.api.front import READY_PREFIX, HttpFront, ServeOptions  # noqa: F401 - re-exported
+from faasmoe.router.api.front import HttpFront, ServeOptions  # noqa: F401 - re-exported
 from faasmoe.router.api.app import create_app
 from faasmoe.router.api.openai import ApiContext
 from faasmoe.router.control.controller import PlacementController

@@ -4,22 +4,18 @@ gRPC). Nodes are separate programs (``python -m`` the node program); nothing is 
 
 from __future__ import annotations
 
-import json
 import os
-import queue
 import signal
 import subprocess
 import sys
-import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 from faasmoe.proto import NODE_PROGRAM
 from faasmoe.proto.errors import FaasmoeError
+from faasmoe.proto.ready import NODE_READY, ReadyLines
 
-READY_PREFIX = "FAASMOE_NODE_READY "
 
 
 @dataclass
@@ -46,24 +42,12 @@ class NodeProcess:
 
 
 def _read_ready(proc: subprocess.Popen, timeout_s: float) -> dict:
-    lines: queue.Queue = queue.Queue()
-
-    def pump():
-        for line in proc.stdout:
-            lines.put(line)
-        lines.put(None)
-
-    threading.Thread(target=pump, daemon=True).start()
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            line = lines.get(timeout=max(deadline - time.monotonic(), 0.01))
-        except queue.Empty:
-            raise FaasmoeError(f"node did not report ready within {timeout_s:.0f} s") from None
-        if line is None:
-            raise FaasmoeError(f"node exited with code {proc.wait()} before it was ready")
-        if line.startswith(READY_PREFIX):
-            return json.loads(line[len(READY_PREFIX):])
+    try:
+        return ReadyLines(proc.stdout).wait(NODE_READY, timeout_s, "node")
+    except FaasmoeError as err:
+        if proc.poll() is not None or "exited" in str(err):
+            raise FaasmoeError(f"node exited with code {proc.wait()} before it was ready") from None
+        raise
 
 
 def start_node(store_dir: Path, *, memory_budget_mb: float = 1024, extra_args: Sequence[str] = (),

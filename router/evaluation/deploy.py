@@ -10,7 +10,6 @@ there is one) behind the same OpenAI-compatible API:
 
 from __future__ import annotations
 
-import json
 import math
 import queue
 import signal
@@ -24,7 +23,7 @@ from pathlib import Path
 import httpx
 
 from faasmoe.proto.errors import FaasmoeError
-from faasmoe.router.api.front import READY_PREFIX
+from faasmoe.proto.ready import ROUTER_READY, parse_ready
 from faasmoe.router.control.local_mesh import LocalMesh
 from faasmoe.router.evaluation.scenario import DeploymentSpec
 from faasmoe.router.evaluation.sampler import Cgroup
@@ -52,8 +51,9 @@ def wait_ready(proc: subprocess.Popen, lines: queue.Queue, name: str, log_path: 
             raise FaasmoeError(f"{name} did not start within {READY_TIMEOUT_S:.0f} s (see {log_path})") from None
         if line is None:
             raise FaasmoeError(f"{name} exited with {proc.wait()} before it was ready (see {log_path})")
-        if line.startswith(READY_PREFIX):
-            url = json.loads(line[len(READY_PREFIX):])["url"]
+        info = parse_ready(line, ROUTER_READY)
+        if info is not None:
+            url = info["url"]
             break
     while httpx.get(f"{url}/health").status_code != 200:
         if time.monotonic() > deadline or proc.poll() is not None:
