@@ -35,7 +35,8 @@ class ReadyLines:
     """Drains a child's stdout in a daemon thread (so the child never blocks on a full pipe) and waits for its
     ready line with a deadline."""
 
-    def __init__(self, stream: IO[str]):
+    def __init__(self, stream: IO[str], process=None):
+        self._process = process                 # a subprocess.Popen: its exit code goes into the error
         self._lines: queue.Queue = queue.Queue()
         threading.Thread(target=self._pump, args=(stream,), daemon=True).start()
 
@@ -56,7 +57,8 @@ class ReadyLines:
             except queue.Empty:
                 raise FaasmoeError(f"{what} did not report ready within {timeout_s:.0f} s") from None
             if line is None:
-                raise FaasmoeError(f"{what} exited before it was ready")
+                code = f" with code {self._process.wait()}" if self._process is not None else ""
+                raise FaasmoeError(f"{what} exited{code} before it was ready")
             info = parse_ready(line, prefix)
             if info is not None:
                 return info

@@ -37,3 +37,12 @@ def test_the_waiter_has_a_deadline():
                 ReadyLines(stream).wait(NODE_READY, 0.2, "node")
         finally:
             os.close(write_fd)
+
+
+def test_the_waiter_names_a_childs_exit_code():
+    import subprocess
+    import sys
+    child = subprocess.Popen([sys.executable, "-c", "print('no ready line'); raise SystemExit(3)"],
+                             stdout=subprocess.PIPE, text=True)
+    with pytest.raises(FaasmoeError, match="node exited with code 3 before it was ready"):
+        ReadyLines(child.stdout, child).wait(NODE_READY, 30, "node")

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Sequence
 
 from faasmoe.proto import NODE_PROGRAM
-from faasmoe.proto.errors import FaasmoeError
 from faasmoe.proto.ready import NODE_READY, ReadyLines
 
 
@@ -42,12 +41,7 @@ class NodeProcess:
 
 
 def _read_ready(proc: subprocess.Popen, timeout_s: float) -> dict:
-    try:
-        return ReadyLines(proc.stdout).wait(NODE_READY, timeout_s, "node")
-    except FaasmoeError as err:
-        if proc.poll() is not None or "exited" in str(err):
-            raise FaasmoeError(f"node exited with code {proc.wait()} before it was ready") from None
-        raise
+    return ReadyLines(proc.stdout, proc).wait(NODE_READY, timeout_s, "node")
 
 
 def start_node(store_dir: Path, *, memory_budget_mb: float = 1024, extra_args: Sequence[str] = (),
