@@ -14,6 +14,8 @@ import httpx
 import openai
 import pytest
 
+import polling
+
 from faasmoe.router.control.local_mesh import LocalMesh
 from serving_fixtures import RouterProcess, tiny_model, wait_for
 
@@ -35,7 +37,7 @@ def setup(tmp_path_factory):
     tiny = tiny_model(root)
     path = root / "tenants.toml"
     keys = {"alice": add(path, "alice", "--weight", "2"),
-            "bob": add(path, "bob", "--max-concurrent", "1", "--max-tokens-per-request", "120"),
+            "bob": add(path, "bob", "--max-concurrent", "1", "--max-tokens-per-request", "250"),
             "carol": add(path, "carol", "--tokens-per-minute", "200")}
     keys["admin"] = tenants_cli("admin-key", "--file", str(path)).stdout.strip()
     log = root / "usage.jsonl"
@@ -82,17 +84,21 @@ def test_keys(setup):
 def test_limits(setup):
     server, tiny, _, keys, _, _ = setup
     bob, carol = client(server, keys["bob"]), client(server, keys["carol"])
-    with pytest.raises(openai.BadRequestError, match="at most 120"):
-        bob.completions.create(model="store", prompt="x", max_tokens=200)
-    # bob may have 1 request in flight
-    body = {"model": "store", "prompt": "long one", "max_tokens": 100, "temperature": 0, "stream": True,
+    with pytest.raises(openai.BadRequestError, match="at most 250"):      # (this also opens bob's connection)
+        bob.completions.create(model="store", prompt="x", max_tokens=252)
+    # bob may have 1 request in flight: the running one takes as many tokens as the model's context allows, so
+    # it is still generating when the second arrives on bob's open connection; leaving the stream cancels it
+    body = {"model": "store", "prompt": "long one", "max_tokens": 240, "temperature": 0, "stream": True,
             "ignore_eos": True}
     with httpx.stream("POST", f"{server.url}/v1/completions", json=body,
                       headers={"Authorization": f"Bearer {keys['bob']}"}) as running:
+        assert running.status_code == 200
         next(line for line in running.iter_lines() if line.startswith("data:"))
         with pytest.raises(openai.RateLimitError) as busy:
             bob.completions.create(model="store", prompt="x", max_tokens=5)
         assert int(busy.value.response.headers["Retry-After"]) >= 1
+    polling.wait_for(lambda: bob.completions.create(model="store", prompt="x", max_tokens=2).usage, 10,
+                     "bob's slot to be free again", ignore=(openai.RateLimitError,))
     # carol: 200 tokens per minute (3.3 per second); each request reserves prompt + max_tokens
     prompt = "abcdefghij"                                        # 10 tokens
     for _ in range(2):
