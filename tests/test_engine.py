@@ -18,7 +18,7 @@ from faasmoe.router.engine.scheduler import Limits
 from faasmoe.router.engine.sequence import FinishEvent, Request, TokenEvent
 from faasmoe.router.engine.serving import local_serving
 from faasmoe.router.model.experts import LocalExperts
-from faasmoe.router.model.runner import ModelRunner, Segment
+from faasmoe.router.model.runner import ModelRunner, SeqChunk
 from node_fixtures import wait_until
 from serving_fixtures import tiny_model
 
@@ -88,7 +88,7 @@ def test_a_cancelled_sequence_leaves_within_one_step(mesh_and_model):
                 finish = event
             assert isinstance(finish, FinishEvent) and finish.reason == "cancelled"
             assert engine.stats.steps - at_cancel <= 1 and seq not in engine.running
-            assert seq.cache is None                              # its KV cache is freed
+            assert seq.slot is None and engine.kv.manager.used == len(engine.running)   # its slot is free
             await keep
             return finish
 
@@ -150,15 +150,16 @@ def test_a_step_that_fails_half_way_is_rolled_back_and_can_run_again(mesh_and_mo
 
     async def run(backend):
         runner = ModelRunner(tiny.reference, backend)
-        cache = runner.new_cache(64)
-        first = await runner.forward([Segment(cache, ids[:5], False)], None)
-        assert first.shape[0] == 0 and cache.length == 5
+        kv = runner.new_kv_cache(2, 64)
+        slot = kv.manager.allocate()
+        first = await runner.forward(kv, [SeqChunk(slot, ids[:5], False)], None)
+        assert first.shape[0] == 0 and kv.manager.lengths[slot] == 5
         if isinstance(backend, _FailOnce):
             backend.armed = True
             with pytest.raises(NodeUnavailable):
-                await runner.forward([Segment(cache, ids[5:], True)], None)
-            assert cache.length == 5
-        return await runner.forward([Segment(cache, ids[5:], True)], None), cache.length
+                await runner.forward(kv, [SeqChunk(slot, ids[5:], True)], None)
+            assert kv.manager.lengths[slot] == 5
+        return await runner.forward(kv, [SeqChunk(slot, ids[5:], True)], None), kv.manager.lengths[slot]
 
     (clean, n_clean), (again, n_again) = asyncio.run(run(LocalExperts(tiny.reference))), \
         asyncio.run(run(_FailOnce(tiny.reference, layer=2)))

@@ -26,7 +26,7 @@ from faasmoe.proto.errors import BadRequest, FaasmoeError, Overloaded, StepFaile
 from faasmoe.router.engine.sampling import sample
 from faasmoe.router.engine.scheduler import Limits, SeqView, plan_step
 from faasmoe.router.engine.sequence import FinishEvent, Request, Result, Sequence, TokenEvent
-from faasmoe.router.model.runner import ModelRunner, Segment
+from faasmoe.router.model.runner import ModelRunner, SeqChunk
 from faasmoe.router.tenancy.accounting import row_owners
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,8 @@ class Engine:
         self.limits = dataclasses.replace(config.limits, cache_tokens=self.cache_tokens,
                                           reserved_slots=config.limits.reserved_slots if accounting else 0)
         self._last_urgent = False
+        # one slot per batch place, each as long as a sequence may be (untouched pages cost nothing)
+        self.kv = runner.new_kv_cache(self.limits.max_running, min(runner.max_positions, self.cache_tokens))
         self.eos_ids = eos_ids
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
@@ -212,14 +214,14 @@ class Engine:
         for seq_id in plan.admitted:
             seq = by_id[seq_id]
             self.waiting.remove(seq)
-            seq.cache = self.runner.new_cache(len(seq.request.prompt_ids) + seq.request.max_tokens)
+            seq.slot = self.kv.manager.allocate()
             self.running.append(seq)
         runs = [(by_id[i], n) for i, n in plan.runs]
         self._in_step = [seq for seq, _ in runs]
         segments, samplers = [], []
         for seq, n in runs:
             tokens, want = seq.feed(n)
-            segments.append(Segment(seq.cache, tokens, want))
+            segments.append(SeqChunk(seq.slot, tokens, want))
             if want:
                 samplers.append(seq)
         decode_only = all(seq.prompt_left == 0 for seq, _ in runs)
@@ -234,7 +236,7 @@ class Engine:
                 ctx.owners, ctx.row_owner = self._in_step, row_owners([len(s.token_ids) for s in segments])
         t0 = time.perf_counter()
         try:
-            logits = await self.runner.forward(segments, ctx)
+            logits = await self.runner.forward(self.kv, segments, ctx)
         except FaasmoeError as exc:
             self.stats.failed_steps += 1
             self._fail(self._in_step, StepFailed(f"the mesh failed this request's step: {exc}"))
@@ -282,6 +284,9 @@ class Engine:
         if seq.finished:
             return
         seq.finish(reason, error)
+        if seq.slot is not None:
+            self.kv.manager.free(seq.slot)
+            seq.slot = None
         if self.accounting is not None:
             try:
                 self.accounting.finished(seq, reason, self.tenant_of(seq.request.tenant))

@@ -13,7 +13,6 @@ import torch
 from faasmoe.proto.errors import FaasmoeError
 from faasmoe.router.engine.sampling import Choice, SamplingParams
 from faasmoe.router.engine.text import TextStream
-from faasmoe.router.model.cache import SequenceCache
 
 _ids = itertools.count(1)
 
@@ -89,7 +88,7 @@ class Sequence:
         self.eos_ids = eos_ids
         self.generator = request.params.generator()
         self.text = TextStream(tokenizer, request.stop)
-        self.cache: SequenceCache | None = None
+        self.slot: int | None = None               # its KV cache slot while it runs (the engine frees it)
         self.fed = 0                                # prompt tokens in the cache (or sent this step)
         self.output_ids: list[int] = []
         self.logits: list[torch.Tensor] = []
@@ -143,6 +142,3 @@ class Sequence:
         tail = self.text.finish() if reason in ("stop", "length") else ""
         self.events.put_nowait(FinishEvent(reason, len(self.request.prompt_ids), len(self.output_ids), tail, error,
                                            dict(self.dropped)))
-        if self.cache is not None:
-            self.cache.release()
-            self.cache = None
