@@ -18,7 +18,7 @@ from typing import AsyncIterator, Callable
 from fastapi import Request as HttpRequest
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from faasmoe.proto.errors import BadRequest, RateLimited, UnknownModel
+from faasmoe.proto.errors import BadRequest, UnknownModel
 from faasmoe.router.api.chat import render_chat
 from faasmoe.router.api.errors import error_response, status_of
 from faasmoe.router.api.schemas import ChatCompletionRequest, CompletionRequest
@@ -70,14 +70,7 @@ class _Call:
                  tenant: Tenant):
         self.api, self.kind, self.include_usage, self.logprobs = api, kind, include_usage, logprobs
         self.engine = api.engine()
-        self.engine.check(engine_request)
-        _admit(self.engine, tenant, engine_request)
-        try:
-            self.seq = self.engine.submit(engine_request)
-        except Exception:
-            if self.engine.accounting is not None:           # give back what the limit took for it
-                self.engine.accounting.refund(tenant, len(engine_request.prompt_ids) + engine_request.max_tokens)
-            raise
+        self.seq = self.engine.admit_and_submit(tenant, engine_request)
         self.id = ("cmpl-" if kind == "text_completion" else "chatcmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
 
@@ -212,18 +205,6 @@ def _check_text_features(api: ApiContext, body) -> None:
 
 def _params(body, logprobs: int | None) -> SamplingParams:
     return SamplingParams(temperature=body.temperature, top_p=body.top_p, seed=body.seed, logprobs=logprobs)
-
-
-def _admit(engine: Engine, tenant: Tenant, request: Request) -> None:
-    """The tenant's limits (400 when the request can never pass them, 429 with Retry-After when not now)."""
-    if engine.accounting is None:
-        return
-    decision = engine.accounting.admit(tenant, engine.in_flight(tenant.name),
-                                       len(request.prompt_ids) + request.max_tokens, engine.expected_wait_s(tenant.name))
-    if decision.status == 400:
-        raise BadRequest(decision.reason, "max_tokens")
-    if decision.status == 429:
-        raise RateLimited(decision.reason, decision.retry_after_s)
 
 
 async def completions(api: ApiContext, body: CompletionRequest, http: HttpRequest, tenant: Tenant) -> Response:

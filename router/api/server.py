@@ -1,7 +1,9 @@
 """``faasmoe-router serve``: the whole router as one long-running process.
 
 The control plane (node directory with health checks, placement controller) runs in its threads and keeps
-the store placed while nodes come and go; the engine and the HTTP API share one asyncio loop. The server
+the store placed while nodes come and go; the engine (the dense model, the mesh transport) runs on its own
+loop in its own thread (:mod:`faasmoe.router.engine.core`), the HTTP API on another, so a long prefill delays
+no health check and no admission. The server
 prints one line ``FAASMOE_ROUTER_READY {"url": ..., "model": ...}`` once it listens (tests and scripts wait
 for it), then serves until SIGINT or SIGTERM.
 """
@@ -20,6 +22,7 @@ from faasmoe.router.api.openai import ApiContext
 from faasmoe.router.control.controller import PlacementController
 from faasmoe.router.control.directory import NodeDirectory
 from faasmoe.router.control.session import RouterSession
+from faasmoe.router.engine.core import EngineCore
 from faasmoe.router.engine.engine import EngineConfig
 from faasmoe.router.engine.serving import Serving, start_serving
 from faasmoe.router.model.precision import dense_dtype
@@ -104,9 +107,11 @@ class RouterServer:
         self.directory.start()
         self.controller = PlacementController(session, self.directory, settle_s=options.settle_s)
         self.controller.start()
+        core = EngineCore().start()
         try:
-            serving = readiness.serving = await start_serving(session, self.config, dense_dtype(options.dense_dtype),
-                                                              accounting=self.accounting)
+            serving = readiness.serving = await core.run(start_serving(session, self.config,
+                                                                       dense_dtype(options.dense_dtype),
+                                                                       accounting=self.accounting))
             serving.engine.tenant_of = self.registry.tenant
             metrics.watch(serving.mesh, serving.engine)
             poller.start()
@@ -131,7 +136,8 @@ class RouterServer:
                 await asyncio.to_thread(poller.stop)
             await self.front.close()
             if readiness.serving is not None:
-                await readiness.serving.close()
+                await core.run(readiness.serving.close())
+            core.stop()
             await asyncio.to_thread(self.controller.stop)
             try:
                 released = await asyncio.to_thread(session.release)

@@ -1,4 +1,4 @@
-"""The serving engine: one asyncio loop, continuous batching across every caller.
+"""The serving engine: continuous batching across every caller, on the engine's own asyncio loop.
 
 A step is schedule → execute → update (the vLLM v1 split): :func:`~faasmoe.router.engine.scheduler.plan_step`
 decides on plain data which sequences feed how many tokens; the runner runs one batched forward of the dense
@@ -8,7 +8,11 @@ boundaries. A cancelled sequence (its client went away) leaves at the next bound
 the mesh fails (after the mesh's own retries, within the step deadline) fails the requests in it, and only
 them; their caches are rolled back and every other request goes on.
 
-Everything here runs on the engine's loop; its counters are only touched there.
+The engine's state is only touched on its loop. The API may run on another loop in another thread (the
+server keeps the engine in a thread of its own, :mod:`faasmoe.router.engine.core`, so that no step ever
+blocks HTTP): :meth:`Engine.admit`, :meth:`Engine.submit`, :meth:`Engine.cancel` and :meth:`Engine.events` may
+be called from any loop and never wait for a step; a sequence's events are delivered to the loop that
+submitted it.
 """
 
 from __future__ import annotations
@@ -16,13 +20,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
 import torch
 
-from faasmoe.proto.errors import BadRequest, FaasmoeError, Overloaded, StepFailed
+from faasmoe.proto.errors import BadRequest, FaasmoeError, Overloaded, RateLimited, StepFailed
 from faasmoe.router.engine.sampling import sample
 from faasmoe.router.engine.scheduler import Limits, SeqView, plan_step
 from faasmoe.router.engine.sequence import FinishEvent, Request, Result, Sequence, TokenEvent
@@ -75,12 +80,23 @@ class Engine:
             mesh.on_reply = accounting.on_reply
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._in_flight: dict[str, int] = {}         # per tenant: submitted and not finished (any thread reads)
+        self._in_flight_lock = threading.Lock()
         self._step_no = 0
         self._in_step: list[Sequence] = []
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
         self._task = asyncio.create_task(self._run(), name="faasmoe-engine")
+
+    def _on_engine_loop(self, callback, *args) -> None:
+        """Run ``callback`` on the engine's loop: now when called there, else as soon as the loop is free."""
+        if self._loop is None or _running_loop() is self._loop:
+            callback(*args)
+        else:
+            self._loop.call_soon_threadsafe(callback, *args)
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -120,20 +136,56 @@ class Engine:
         if any(not 0 <= t < vocab for t in request.prompt_ids):
             raise BadRequest(f"prompt token ids must be in [0, {vocab})", "prompt")
 
+    def admit(self, tenant, request: Request) -> None:
+        """The tenant's limits, from any thread: BadRequest when the request can never pass them, RateLimited
+        (with Retry-After) when not now. An admitted request that is then not submitted must be refunded."""
+        if self.accounting is None:
+            return
+        decision = self.accounting.admit(tenant, self.in_flight(tenant.name),
+                                         len(request.prompt_ids) + request.max_tokens,
+                                         self.expected_wait_s(tenant.name))
+        if decision.status == 400:
+            raise BadRequest(decision.reason, "max_tokens")
+        if decision.status == 429:
+            raise RateLimited(decision.reason, decision.retry_after_s)
+
+    def admit_and_submit(self, tenant, request: Request) -> Sequence:
+        """:meth:`check`, :meth:`admit`, :meth:`submit`; what the limits took is given back if it is refused."""
+        self.check(request)
+        self.admit(tenant, request)
+        try:
+            return self.submit(request)
+        except Exception:
+            if self.accounting is not None:
+                self.accounting.refund(tenant, len(request.prompt_ids) + request.max_tokens)
+            raise
+
     def submit(self, request: Request) -> Sequence:
+        """Queue a request (from any thread; never waits for a step). Its events go to the caller's loop."""
         self.check(request)
         if self._task is not None and self._task.done():
             raise StepFailed("the engine has stopped; restart the server")
-        if len(self.waiting) >= self.config.max_waiting:
-            raise Overloaded(f"the server is full ({len(self.running)} running, {len(self.waiting)} waiting); retry "
-                             "shortly", retry_after_s=max(1.0, self._drain_estimate_s()))
         seq = Sequence(request, self.tokenizer, self.eos_ids)
+        with self._in_flight_lock:                 # counted here: the engine's loop may not have seen the others yet
+            running = len(self.running)
+            waiting = sum(self._in_flight.values()) - running
+            if waiting >= self.config.max_waiting:
+                raise Overloaded(f"the server is full ({running} running, {waiting} waiting); retry shortly",
+                                 retry_after_s=max(1.0, self._drain_estimate_s()))
+            self._in_flight[request.tenant] = self._in_flight.get(request.tenant, 0) + 1
+        self._on_engine_loop(self._enqueue, seq)
+        return seq
+
+    def _enqueue(self, seq: Sequence) -> None:
         if self.accounting is not None:
-            self.accounting.arrived(request.tenant, {s.request.tenant for s in self.waiting})
+            self.accounting.arrived(seq.request.tenant, {s.request.tenant for s in self.waiting})
+        if seq.cancelled or (self._task is not None and self._task.done()):
+            self._finish(seq, "cancelled" if seq.cancelled else "error",
+                         None if seq.cancelled else StepFailed("the engine has stopped; restart the server"))
+            return
         self.waiting.append(seq)
         self.stats.requests += 1
         self._wake.set()
-        return seq
 
     @property
     def alive(self) -> bool:
@@ -143,7 +195,7 @@ class Engine:
         """The caller went away: the sequence leaves the batch at the next step boundary."""
         if not seq.finished:
             seq.cancelled = True
-            self._wake.set()
+            self._on_engine_loop(self._wake.set)
 
     async def events(self, seq: Sequence) -> AsyncIterator[TokenEvent | FinishEvent]:
         """The sequence's events until it finishes; leaving early cancels it."""
@@ -284,6 +336,8 @@ class Engine:
         if seq.finished:
             return
         seq.finish(reason, error)
+        with self._in_flight_lock:
+            self._in_flight[seq.request.tenant] -= 1
         if seq.slot is not None:
             self.kv.manager.free(seq.slot)
             seq.slot = None
@@ -306,11 +360,13 @@ class Engine:
         return set(first.values())
 
     def in_flight(self, tenant: str) -> int:
-        return sum(s.request.tenant == tenant for s in [*self.running, *self.waiting])
+        """``tenant``'s requests submitted and not finished (from any thread)."""
+        with self._in_flight_lock:
+            return self._in_flight.get(tenant, 0)
 
     def expected_wait_s(self, tenant: str) -> float:
         """A guess at when one of ``tenant``'s requests ends: the fewest tokens it has left × the mean step."""
-        left = [s.request.max_tokens - len(s.output_ids) for s in self.running if s.request.tenant == tenant]
+        left = [s.request.max_tokens - len(s.output_ids) for s in list(self.running) if s.request.tenant == tenant]
         mean_step_s = self.stats.step_s / self.stats.steps if self.stats.steps else 0.05
         return (min(left) if left else 16) * mean_step_s
 
@@ -321,3 +377,10 @@ class Engine:
                 if seq in group:
                     group.remove(seq)
             self._finish(seq, "error", error)
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None

@@ -92,7 +92,11 @@ class Sequence:
         self.fed = 0                                # prompt tokens in the cache (or sent this step)
         self.output_ids: list[int] = []
         self.logits: list[torch.Tensor] = []
-        self.events: asyncio.Queue = asyncio.Queue()
+        self.events: asyncio.Queue = asyncio.Queue()      # read on the loop that created the sequence
+        try:
+            self._caller_loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            self._caller_loop = None
         self.cancelled = False
         self.finished = False
         self.arrival_s = time.perf_counter()
@@ -128,7 +132,7 @@ class Sequence:
         if logits is not None and self.request.keep_logits:
             self.logits.append(logits.clone())
         delta = self.text.push(choice.token_id)
-        self.events.put_nowait(TokenEvent(choice.token_id, delta, choice, self.text.offsets[-1]))
+        self._emit(TokenEvent(choice.token_id, delta, choice, self.text.offsets[-1]))
         if (choice.token_id in self.eos_ids and not self.request.ignore_eos) or self.text.stopped:
             return "stop"
         if len(self.output_ids) >= self.request.max_tokens:
@@ -140,5 +144,20 @@ class Sequence:
             return
         self.finished = True
         tail = self.text.finish() if reason in ("stop", "length") else ""
-        self.events.put_nowait(FinishEvent(reason, len(self.request.prompt_ids), len(self.output_ids), tail, error,
-                                           dict(self.dropped)))
+        self._emit(FinishEvent(reason, len(self.request.prompt_ids), len(self.output_ids), tail, error,
+                               dict(self.dropped)))
+
+    def _emit(self, event) -> None:
+        """Deliver ``event`` on the caller's loop (the engine may run on another loop, in another thread)."""
+        loop = self._caller_loop
+        try:
+            same = loop is None or asyncio.get_running_loop() is loop
+        except RuntimeError:
+            same = False
+        if same:
+            self.events.put_nowait(event)
+            return
+        try:
+            loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:          # the caller's loop is closed: nobody is listening any more
+            pass

@@ -23,14 +23,14 @@ def make_config(*, num_layers: int = 2, hidden_size: int = 32, num_experts: int 
                 moe_intermediate_size: int = 16, shared_expert_intermediate_size: int = 48,
                 norm_topk_prob: bool = False, vocab_size: int = 128, mlp_only_layers: Sequence[int] = (),
                 decoder_sparse_step: int = 1, num_attention_heads: int | None = None,
-                num_key_value_heads: int | None = None, **_ignored):
+                num_key_value_heads: int | None = None, max_position_embeddings: int = 256, **_ignored):
     from transformers import Qwen2MoeConfig
     heads = num_attention_heads or (4 if hidden_size % 4 == 0 else 1)
     kv_heads = num_key_value_heads or max(1, heads // 2)
     return Qwen2MoeConfig(
         vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
         num_hidden_layers=num_layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-        max_position_embeddings=256, num_experts=num_experts, num_experts_per_tok=top_k,
+        max_position_embeddings=max_position_embeddings, num_experts=num_experts, num_experts_per_tok=top_k,
         moe_intermediate_size=moe_intermediate_size, shared_expert_intermediate_size=shared_expert_intermediate_size,
         norm_topk_prob=norm_topk_prob, mlp_only_layers=list(mlp_only_layers), decoder_sparse_step=decoder_sparse_step,
         tie_word_embeddings=False, bos_token_id=0, eos_token_id=0, pad_token_id=0,

@@ -1,7 +1,8 @@
-"""The engine's tenant bookkeeping, on the engine's loop: limits at admission, the fairness counters that
-order joins, and the ledger fed from every node reply (rows, compute seconds, cold starts) and every finished
-request (tokens). The memory poller's thread reads the rows per function through :meth:`take_rows`, under a
-lock."""
+"""The engine's tenant bookkeeping: limits at admission, the fairness counters that order joins, and the
+ledger fed from every node reply (rows, compute seconds, cold starts) and every finished request (tokens).
+The fairness counters live on the engine's loop. The token buckets are taken by the API's thread and given
+back by the engine's, under a lock; the memory poller's thread reads the rows per function through
+:meth:`take_rows`, under another."""
 
 from __future__ import annotations
 
@@ -27,17 +28,20 @@ class Accounting:
         self.buckets: dict[str, Bucket | None] = {}    # tokens-per-minute state
         self._rows: dict[tuple[str, str], int] = {}    # (function, tenant) -> rows since the last memory poll
         self._rows_lock = threading.Lock()
+        self._buckets_lock = threading.Lock()
 
     # -- admission -------------------------------------------------------------------------------------
     def admit(self, tenant: Tenant, in_flight: int, cost_tokens: int, retry_s: float) -> Decision:
-        decision, bucket = admit(tenant, self.buckets.get(tenant.name), in_flight, cost_tokens, time.monotonic(),
-                                 retry_s)
-        self.buckets[tenant.name] = bucket
+        with self._buckets_lock:
+            decision, bucket = admit(tenant, self.buckets.get(tenant.name), in_flight, cost_tokens, time.monotonic(),
+                                     retry_s)
+            self.buckets[tenant.name] = bucket
         return decision
 
     def refund(self, tenant: Tenant, tokens: int) -> None:
         """A request the limits admitted did not start after all."""
-        self.buckets[tenant.name] = refund(self.buckets.get(tenant.name), tenant, tokens, time.monotonic())
+        with self._buckets_lock:
+            self.buckets[tenant.name] = refund(self.buckets.get(tenant.name), tenant, tokens, time.monotonic())
 
     def arrived(self, tenant: str, waiting: set[str]) -> None:
         self.counters = fair.on_arrival(self.counters, tenant, waiting, self.last_admitted)
@@ -54,7 +58,8 @@ class Accounting:
         self.ledger.tokens(req.tenant, prompt_fed, len(seq.output_ids))
         if tenant is not None:                       # what it reserved and did not use: unfed prompt, ungenerated tokens
             unused = len(req.prompt_ids) - prompt_fed + req.max_tokens - len(seq.output_ids)
-            self.buckets[req.tenant] = refund(self.buckets.get(req.tenant), tenant, unused, time.monotonic())
+            with self._buckets_lock:
+                self.buckets[req.tenant] = refund(self.buckets.get(req.tenant), tenant, unused, time.monotonic())
         self.ledger.log([{"type": "request", "tenant": req.tenant, "request_id": req.request_id,
                           "finish_reason": reason, "prompt_tokens": prompt_fed,
                           "completion_tokens": len(seq.output_ids), **seq.usage.as_record()}])
