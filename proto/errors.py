@@ -8,12 +8,13 @@
     │   ├── InvalidRequest       wrong dtype / shape / length, bad frame      INVALID_ARGUMENT
     │   ├── FunctionNotFound     function id unknown on that node               NOT_FOUND
     │   ├── IntegrityError       deployed bytes do not match their sha256       DATA_LOSS
-    │   ├── NodeFull             over the memory budget, or queue full          RESOURCE_EXHAUSTED
-    │   │   ├── Backpressure     bounded wait queue full: retry later, not a failure
-    │   │   └── FrameTooLarge    a frame over a message limit: split it, the node is fine
+    │   ├── NodeFull             over the memory or disk budget: it cannot hold this  RESOURCE_EXHAUSTED
+    │   ├── Backpressure         bounded wait queue full: retry later, not a failure  RESOURCE_EXHAUSTED "backpressure: "
+    │   ├── FrameTooLarge        a frame over a message limit: split it, the node is fine  (a stream's RESOURCE_EXHAUSTED)
     │   ├── Forbidden            the caller's identity may not do this         PERMISSION_DENIED / UNAUTHENTICATED
-    │   ├── NodeUnavailable      unreachable, crashed, or missed the deadline   UNAVAILABLE / DEADLINE_EXCEEDED
-    │   └── NodeInternalError    anything else the node reports                 INTERNAL
+    │   ├── NodeUnavailable      unreachable, crashed, or a broken stream       UNAVAILABLE / CANCELLED
+    │   │   └── DeadlineExceeded a call that ran past its deadline              DEADLINE_EXCEEDED
+    │   └── NodeInternalError    anything else the node reports                 INTERNAL / UNKNOWN
     └── ServingError             the router's serving engine refused or failed a request
         ├── BadRequest           a request that cannot be served as asked         HTTP 400
         ├── Unauthorized         no key, a wrong key, or not the admin key         HTTP 401
@@ -24,7 +25,8 @@
 
 HTTP statuses are mapped to the serving errors in ``faasmoe.router.api.errors`` and only there.
 gRPC status codes are mapped to this tree here and only here: nodes raise these errors and abort with
-``err.grpc_code``; routers turn a failed call into an error with :func:`from_grpc`.
+``err.grpc_code``; routers turn a failed unary call into an error with :func:`from_grpc`, an in-band error
+reply with :func:`from_code_number` and a broken invoke stream with :func:`from_stream_error`.
 """
 
 from __future__ import annotations
@@ -77,12 +79,14 @@ class NodeFull(MeshError):
     grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
-class Backpressure(NodeFull):
+class Backpressure(MeshError):
     """The node's bounded wait queue is full. Callers back off and retry; it is not a failure."""
+    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
-class FrameTooLarge(NodeFull):
+class FrameTooLarge(MeshError):
     """A frame exceeded the sender's or the node's message size limit. Callers split it; the node is fine."""
+    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 BACKPRESSURE_PREFIX = "backpressure: "
@@ -111,7 +115,7 @@ _BY_CODE: dict[grpc.StatusCode, type[MeshError]] = {
     grpc.StatusCode.DATA_LOSS: IntegrityError,
     grpc.StatusCode.RESOURCE_EXHAUSTED: NodeFull,
     grpc.StatusCode.UNAVAILABLE: NodeUnavailable,
-    grpc.StatusCode.DEADLINE_EXCEEDED: NodeUnavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
     grpc.StatusCode.CANCELLED: NodeUnavailable,
     grpc.StatusCode.PERMISSION_DENIED: Forbidden,
     grpc.StatusCode.UNAUTHENTICATED: Forbidden,
@@ -143,9 +147,31 @@ def from_grpc(code: grpc.StatusCode, details: str | None, node: str) -> MeshErro
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED and details.startswith(BACKPRESSURE_PREFIX):
         return Backpressure(details[len(BACKPRESSURE_PREFIX):], node=node)
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return NodeUnavailable(f"missed the deadline ({details})", node=node)
+        return DeadlineExceeded(f"missed the deadline ({details})", node=node)
     cls = _BY_CODE.get(code, NodeInternalError)
     return cls(details, node=node)
+
+
+def from_stream_error(exc: BaseException, node: str) -> MeshError:
+    """The error a router raises when its invoke stream to ``node`` breaks. Requests fail in-band (an error
+    reply), so a failed stream means the node or the link went away (a killed peer surfaces as UNAVAILABLE,
+    CANCELLED or even INTERNAL "from Core"), except for gRPC's own limits: RESOURCE_EXHAUSTED is a frame over
+    a message limit, or the node's concurrent-call limit (backpressure)."""
+    if isinstance(exc, grpc.RpcError) and hasattr(exc, "code"):
+        code, details = exc.code(), exc.details()
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "concurrent rpc" in (details or "").lower():
+            return Backpressure(f"the node is at its concurrent-call limit ({details})", node=node)
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            return FrameTooLarge(f"a frame exceeded a message limit ({details})", node=node)
+        return NodeUnavailable(f"invoke stream failed ({code.name}: {details})", node=node)
+    return NodeUnavailable(f"invoke stream broke ({type(exc).__name__}: {exc})", node=node)
+
+
+def from_rpc_error(exc: BaseException, node: str) -> MeshError:
+    """:func:`from_grpc` for a raised ``grpc.RpcError`` (a failed unary call)."""
+    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+    details = exc.details() if hasattr(exc, "details") else str(exc)
+    return from_grpc(code, details, node)
 
 
 class ServingError(FaasmoeError):

@@ -1,10 +1,11 @@
 """Regenerate the committed gRPC/protobuf code from ``faasmoe.proto``.
 
-    python -m faasmoe.proto.regen           # rewrite faasmoe_pb2.py, .pyi and _pb2_grpc.py
+    python -m faasmoe.proto.regen           # rewrite faasmoe_pb2.py and faasmoe_pb2.pyi
     python -m faasmoe.proto.regen --check   # exit 1 when the committed files are stale (CI)
 
 Uses protoc's virtual include path (``-Ifaasmoe/proto=<dir>``) so the generated imports are absolute
-(``from faasmoe.proto import faasmoe_pb2``) with no hand edits. Needs ``grpcio-tools`` (dev extra).
+(``from faasmoe.proto import faasmoe_pb2``) with no hand edits. Needs ``grpcio-tools`` (dev extra). No gRPC
+stubs are generated: :mod:`faasmoe.proto.methods` is the one method table, for both sides.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 PROTO_DIR = Path(__file__).resolve().parent
-GENERATED = ("faasmoe_pb2.py", "faasmoe_pb2.pyi", "faasmoe_pb2_grpc.py")
+GENERATED = ("faasmoe_pb2.py", "faasmoe_pb2.pyi")
 
 
 def generate(out_dir: Path) -> None:
@@ -27,7 +28,6 @@ def generate(out_dir: Path) -> None:
         f"-Ifaasmoe/proto={PROTO_DIR}",
         f"--python_out={out_dir}",
         f"--pyi_out={out_dir}",
-        f"--grpc_python_out={out_dir}",
         "faasmoe/proto/faasmoe.proto",
     ]
     import grpc_tools

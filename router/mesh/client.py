@@ -13,7 +13,7 @@ import grpc
 
 from faasmoe.proto import faasmoe_pb2 as pb
 from faasmoe.proto import methods
-from faasmoe.proto.errors import CheckpointError, MeshError, from_grpc
+from faasmoe.proto.errors import CheckpointError, from_rpc_error
 from faasmoe.proto.credentials import TlsMaterial, san_of
 from faasmoe.proto.frames import DEFAULT_MAX_MESSAGE_BYTES
 
@@ -51,12 +51,6 @@ def make_channel(address: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTE
     return grpc.secure_channel(address, creds, options=options)
 
 
-def raise_for(exc: grpc.RpcError, node: str) -> MeshError:
-    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
-    details = exc.details() if hasattr(exc, "details") else str(exc)
-    return from_grpc(code, details, node)
-
-
 class NodeClient:
     """Thread-safe; one per node. ``node`` names it in errors (its id, or its address)."""
 
@@ -78,7 +72,7 @@ class NodeClient:
         try:
             return method(request, timeout=timeout_s)
         except grpc.RpcError as exc:
-            raise raise_for(exc, self.node) from None
+            raise from_rpc_error(exc, self.node) from None
 
     def status(self, timeout_s: float = 5.0) -> pb.StatusReply:
         return self._call(self._status, pb.StatusRequest(), timeout_s)

@@ -22,24 +22,11 @@ import grpc
 
 from faasmoe.proto import methods
 from faasmoe.proto.credentials import TlsMaterial
-from faasmoe.proto.errors import Backpressure, FrameTooLarge, MeshError, NodeUnavailable
+from faasmoe.proto.errors import MeshError, NodeUnavailable, from_stream_error
 from faasmoe.proto.frames import DEFAULT_MAX_MESSAGE_BYTES
 from faasmoe.router.mesh.client import make_channel
 
 log = logging.getLogger(__name__)
-
-
-def _stream_error(exc: BaseException, node: str) -> MeshError:
-    if isinstance(exc, grpc.RpcError) and hasattr(exc, "code"):
-        code, details = exc.code(), exc.details()
-        if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "concurrent rpc" in (details or "").lower():
-            return Backpressure(f"the node is at its concurrent-call limit ({details})", node=node)
-        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-            return FrameTooLarge(f"a frame exceeded a message limit ({details})", node=node)
-        # requests fail in-band (an error reply); a failed stream means the node or the link went away
-        # (a killed peer surfaces as UNAVAILABLE, CANCELLED or even INTERNAL "from Core")
-        return NodeUnavailable(f"invoke stream failed ({code.name}: {details})", node=node)
-    return NodeUnavailable(f"invoke stream broke ({type(exc).__name__}: {exc})", node=node)
 
 
 class NodeStream:
@@ -78,7 +65,7 @@ class NodeStream:
         except asyncio.CancelledError:
             self.fail(NodeUnavailable("invoke stream closed", node=self.node))
         except Exception as exc:  # noqa: BLE001 - a write that failed leaves its reply unmatched: end the stream
-            self.fail(_stream_error(exc, self.node))
+            self.fail(from_stream_error(exc, self.node))
 
     async def _read_replies(self) -> None:
         try:
@@ -96,7 +83,7 @@ class NodeStream:
         except asyncio.CancelledError:
             self.fail(NodeUnavailable("invoke stream closed", node=self.node))
         except Exception as exc:  # noqa: BLE001 - every stream failure fails its waiters
-            self.fail(_stream_error(exc, self.node))
+            self.fail(from_stream_error(exc, self.node))
 
     def fail(self, error: MeshError) -> None:
         """Fail every waiting request with ``error`` and end the stream (idempotent)."""
