@@ -20,8 +20,9 @@ from faasmoe.proto import frames
 from faasmoe.proto.errors import ConfigError, Forbidden
 from faasmoe.router.control.cluster import Cluster
 from faasmoe.router.control.enroll_server import EnrollThread
-from faasmoe.router.mesh.client import NodeClient, make_channel
-from faasmoe.router.mesh.probe import probe
+from faasmoe.router.control.client import NodeClient
+from faasmoe.router.mesh.channel import make_channel
+from faasmoe.router.control.probe import probe
 from node_fixtures import REPO, NodeProcess, Stub, chunks_of, frame, make_function, node_env
 
 

@@ -8,7 +8,7 @@ one after at most about ``health_interval_s + health_timeout_s``.
 
 Discovery is a hint, never an authority:
 
-- With cluster credentials (``tls``) a node counts as up only after :func:`faasmoe.router.mesh.probe.probe`
+- With cluster credentials (``tls``) a node counts as up only after :func:`faasmoe.router.control.probe.probe`
   saw the chain validate and the certificate's fingerprint equal the one in its mDNS record (static nodes: any
   node certificate of the cluster). A spoofed record, with the wrong certificate or none, gets no call.
 - A goodbye, or a record for the same node at another address, only makes the directory check the old entry
@@ -33,8 +33,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from faasmoe.proto.credentials import TlsMaterial
 from faasmoe.proto.errors import ConfigError, MeshError
-from faasmoe.router.mesh.client import make_channel
-from faasmoe.router.mesh.probe import Verified, probe
+from faasmoe.router.mesh.channel import make_channel
+from faasmoe.router.control.probe import Verified, probe
 from faasmoe.router.control.discovery import MdnsBrowser, NodeRecord
 
 log = logging.getLogger(__name__)

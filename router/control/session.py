@@ -24,9 +24,9 @@ from faasmoe.proto.function_abi import resident_estimate_bytes
 from faasmoe.router.control import placement as pl
 from faasmoe.router.control.replicas import Contention, ReplicaPolicy, decide, waits_of
 from faasmoe.router.control.transition import Transition, transition
-from faasmoe.router.mesh.client import NodeClient
+from faasmoe.router.control.client import NodeClient
 from faasmoe.router.mesh.grouping import LayerFunctions
-from faasmoe.router.mesh.routing import Router
+from faasmoe.router.mesh.routing import RoutingBoard
 from faasmoe.router.store.manifest import FunctionEntry, Manifest, load_manifest
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ class RouterSession:
         self.clients: dict[str, NodeClient] = {}
         self.placement: dict[str, tuple[str, ...]] = {}
         self.budgets: dict[str, int] = {}          # address -> memory budget bytes, from the last survey
-        self.router = Router()                     # the routing table the engine's steps read
+        self.routing = RoutingBoard()              # the routing table the engine's steps read
         self.layers = {layer: LayerFunctions({f.function_id: f.expert_ids for f in self.manifest.layer_functions(layer)})
                        for layer in self.manifest.moe_layers}
         self._by_id = {f.function_id: f for f in self.manifest.functions}
@@ -184,7 +184,7 @@ class RouterSession:
             self.placement = dict(routes)
             for address in {n for nodes in routes.values() for n in nodes}:
                 self.client(address)
-            self.router.publish(routes)
+            self.routing.publish(routes)
 
     def _release(self, pairs) -> None:
         for fid, address in pairs:

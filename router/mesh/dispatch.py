@@ -37,7 +37,7 @@ from faasmoe.proto.errors import (Backpressure, DeadlineExceeded, FrameTooLarge,
                                   NodeFull, NodeUnavailable, from_code_number)
 from faasmoe.router.mesh.grouping import LayerFunctions, NodeBatch, choose_replicas, plan_layer
 from faasmoe.router.mesh.retry import MAX_ATTEMPTS, RETRY_BACKOFF, NodeBans, RetryBudget, prefer_unbanned
-from faasmoe.router.mesh.routing import Router, RoutingTable
+from faasmoe.router.mesh.routing import RoutingBoard, RoutingTable
 from faasmoe.router.mesh.stats import MeshStats
 from faasmoe.router.mesh.transport import Transport
 
@@ -105,12 +105,12 @@ class PendingLayer:
 
 
 class ExpertMesh:
-    def __init__(self, layers: Mapping[int, LayerFunctions], transport: Transport, router: Router | None = None, *,
+    def __init__(self, layers: Mapping[int, LayerFunctions], transport: Transport, routing: RoutingBoard | None = None, *,
                  control: MeshControl | None = None, step_timeout_s: float = 30.0, compact_max_rows: int = 16,
                  frame_timeout_s: float = 10.0, degraded: bool = False):
         self.layers = dict(layers)
         self.transport = transport
-        self.router = router or Router()
+        self.routing = routing or RoutingBoard()
         self.control = control
         self.step_timeout_s = step_timeout_s
         self.frame_timeout_s = frame_timeout_s
@@ -130,7 +130,7 @@ class ExpertMesh:
     def context(self, request_id: str, tenant_id: str = "", timeout_s: float | None = None) -> StepContext:
         """A step's context: one routing snapshot, one deadline."""
         timeout_s = self.step_timeout_s if timeout_s is None else timeout_s
-        return StepContext(request_id, time.perf_counter() + timeout_s, self.router.table, tenant_id)
+        return StepContext(request_id, time.perf_counter() + timeout_s, self.routing.table, tenant_id)
 
     # -- submit ----------------------------------------------------------------------------------------
     async def submit(self, layer: int, hidden: np.ndarray, top_k_index: np.ndarray, ctx: StepContext) -> PendingLayer:
@@ -316,10 +316,10 @@ class ExpertMesh:
             await self._bounded(p, self.control.node_failed(node, err))
             await self.transport.forget(node)
         if dead:
-            p.ctx.routing = self.router.table
+            p.ctx.routing = self.routing.table
         if need_repair is not None:
-            if self.router.table.version != p.ctx.routing.version:   # placement moved on: use the new table
-                p.ctx.routing, p.missing = self.router.table, set()
+            if self.routing.table.version != p.ctx.routing.version:   # placement moved on: use the new table
+                p.ctx.routing, p.missing = self.routing.table, set()
             else:
                 p.missing |= missing
             if not self._all_routable(p):
@@ -327,7 +327,7 @@ class ExpertMesh:
                     raise need_repair
                 p.repairs += 1
                 await self._bounded(p, self.control.functions_missing(set(p.missing)))
-                p.ctx.routing, p.missing = self.router.table, set()
+                p.ctx.routing, p.missing = self.routing.table, set()
         if pause:
             delay_s = BACKPRESSURE.delay_s(p.pauses)
             p.pauses += 1

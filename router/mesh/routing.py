@@ -38,8 +38,8 @@ class RoutingTable:
         return frozenset(n for nodes in self.replicas.values() for n in nodes)
 
 
-class Router:
-    """Holds the current table (thread-safe publish, lock-free read)."""
+class RoutingBoard:
+    """Holds the current routing table: control publishes a new one (thread-safe), steps read it (lock-free)."""
 
     def __init__(self):
         self._table = RoutingTable()

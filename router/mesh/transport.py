@@ -24,7 +24,7 @@ from faasmoe.proto import methods
 from faasmoe.proto.credentials import TlsMaterial
 from faasmoe.proto.errors import MeshError, NodeUnavailable, from_stream_error
 from faasmoe.proto.frames import DEFAULT_MAX_MESSAGE_BYTES
-from faasmoe.router.mesh.client import make_channel
+from faasmoe.router.mesh.channel import make_channel
 
 log = logging.getLogger(__name__)
 

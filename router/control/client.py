@@ -1,8 +1,6 @@
-"""A router's connection to one node: deploy, invoke, status, load. Failed calls become the error tree
-of :mod:`faasmoe.proto.errors` here (the router's one mapping point).
-
-Every channel is made by :func:`make_channel`: plaintext, or mutual TLS with the cluster's credentials.
-"""
+"""The control plane's connection to one node: deploy, undeploy, status, load. Failed calls become the error
+tree of :mod:`faasmoe.proto.errors` (its one mapping). The channel comes from
+:func:`faasmoe.router.mesh.channel.make_channel`."""
 
 from __future__ import annotations
 
@@ -14,41 +12,11 @@ import grpc
 from faasmoe.proto import faasmoe_pb2 as pb
 from faasmoe.proto import methods
 from faasmoe.proto.errors import CheckpointError, from_rpc_error
-from faasmoe.proto.credentials import TlsMaterial, san_of
+from faasmoe.router.mesh.channel import make_channel
+from faasmoe.proto.credentials import TlsMaterial
 from faasmoe.proto.frames import DEFAULT_MAX_MESSAGE_BYTES
 
 DEPLOY_CHUNK_BYTES = 1 << 19      # well under the smallest message limit a node accepts (1 MiB)
-
-
-def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
-    return [
-        ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.enable_retries", 0),
-        # reconnect quickly after a node comes back (gRPC's default backoff grows to 120 s)
-        ("grpc.initial_reconnect_backoff_ms", 200),
-        ("grpc.min_reconnect_backoff_ms", 200),
-        ("grpc.max_reconnect_backoff_ms", 1000),
-        ("grpc.keepalive_time_ms", methods.CLIENT_PING_MS),             # see faasmoe.proto.methods
-        ("grpc.keepalive_timeout_ms", methods.CLIENT_PING_TIMEOUT_MS),
-        ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.max_pings_without_data", 0),
-    ]
-
-
-def make_channel(address: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, *, aio: bool = False,
-                 tls: TlsMaterial | None = None) -> grpc.Channel | grpc.aio.Channel:
-    """Every router-to-node channel is made here (sync, or grpc.aio for the fan-out). With cluster ``tls`` it
-    is mutual TLS: the node must present a certificate of the cluster CA, and the router presents its own."""
-    options = channel_options(max_message_bytes)
-    if tls is None:
-        return grpc.aio.insecure_channel(address, options=options) if aio else grpc.insecure_channel(address, options)
-    creds = grpc.ssl_channel_credentials(root_certificates=tls.ca_pem, private_key=tls.key_pem,
-                                         certificate_chain=tls.cert_pem)
-    options = options + [("grpc.ssl_target_name_override", san_of("node"))]   # only node certificates pass
-    if aio:
-        return grpc.aio.secure_channel(address, creds, options=options)
-    return grpc.secure_channel(address, creds, options=options)
 
 
 class NodeClient:
