@@ -66,8 +66,8 @@ def onnx_report(store, model, rows_max: int = 64) -> dict:
     from faasmoe.router.store.manifest import load_manifest
     manifest = load_manifest(store)
     entry = manifest.functions[0]
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
+    from faasmoe.proto.ort_session import session_options
+    opts = session_options(1)
     session = ort.InferenceSession(str(store / entry.file), opts, providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs() if i.name != abi.HIDDEN_INPUT]
     x = np.random.default_rng(0).standard_normal((rows_max, manifest.hidden_size), dtype=np.float32)

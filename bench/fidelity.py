@@ -85,8 +85,8 @@ def load_model(model_dir: Path, store: Path, dtype: torch.dtype, threads: int):
     elif dtype == torch.int8:
         store_in_int8(model)                          # the router's int8 dense part (router/model/int8.py)
     manifest = load_manifest(store)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads, opts.log_severity_level = threads, 3
+    from faasmoe.proto.ort_session import session_options
+    opts = session_options(threads)
     for layer in manifest.moe_layers:
         sessions = [(ort.InferenceSession(str(store / f.file), opts, providers=["CPUExecutionProvider"]), f.expert_ids)
                     for f in manifest.layer_functions(layer)]

@@ -86,9 +86,8 @@ def _ort_runs_us(store: Path, n_cycles: int) -> dict:
     import onnxruntime as ort
 
     manifest = json.loads((store / "manifest.json").read_text())
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads, opts.inter_op_num_threads = 1, 1
-    opts.enable_cpu_mem_arena = False
+    from faasmoe.proto.ort_session import session_options
+    opts = session_options(1)
     sessions = [ort.InferenceSession(str(store / f["file"]), opts, providers=["CPUExecutionProvider"])
                 for f in manifest["functions"]]
     hidden = np.ones((1, manifest["hidden_size"]), np.float32)

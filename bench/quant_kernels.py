@@ -75,10 +75,8 @@ def feeds(t: int, rng) -> dict:
 
 def session(path: Path, threads: int = 1):
     import onnxruntime as ort
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads, opts.inter_op_num_threads, opts.log_severity_level = threads, 1, 3
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    from faasmoe.proto.ort_session import session_options
+    return ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
 
 
 def timings(paths: dict[str, list[Path]], rounds: int) -> dict[str, dict[int, float]]:

@@ -43,7 +43,7 @@ def cold_starts(store: Path, layer_only: int, repeats: int, budget_mb: float) ->
     from faasmoe.proto import frames, methods
     from faasmoe.router.control.local_mesh import LocalMesh
     from faasmoe.router.control.session import RouterSession, header_of
-    from faasmoe.router.mesh.client import make_channel
+    from faasmoe.router.mesh.channel import make_channel
     from faasmoe.router.store.manifest import load_manifest
     manifest = load_manifest(store)
     fns = manifest.layer_functions(layer_only)

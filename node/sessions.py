@@ -13,6 +13,7 @@ from faasmoe.node.store import FunctionInfo
 from faasmoe.proto.frames import Call
 from faasmoe.proto import function_abi as abi
 from faasmoe.proto.errors import InvalidRequest
+from faasmoe.proto.ort_session import session_options
 
 INLINE_MAX_MACS = 1_000_000   # calls this small (rows x expert weights) run on the event loop, not a worker
 
@@ -25,13 +26,7 @@ def is_tiny(call: Call, info: FunctionInfo) -> bool:
 def create_session(info: FunctionInfo, threads: int, proc: psutil.Process):
     """Create and warm up a session (worker thread). Returns (session, seconds, RSS delta bytes)."""
     t0, rss0 = time.perf_counter(), proc.memory_info().rss
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.enable_cpu_mem_arena = False          # freed tensors go back to malloc, so RSS falls on release
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.log_severity_level = 3
-    session = ort.InferenceSession(str(info.path), opts, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(info.path), session_options(threads), providers=["CPUExecutionProvider"])
     names = {i.name for i in session.get_inputs()}
     if names != {abi.HIDDEN_INPUT, *info.rows_inputs}:
         raise InvalidRequest(f"inputs {sorted(names)} do not follow the function ABI for {len(info.expert_ids)} "

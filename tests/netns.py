@@ -400,7 +400,7 @@ def agent_main(argv: Sequence[str]) -> int:
     import argparse
 
     from faasmoe.proto.errors import MeshError
-    from faasmoe.router.mesh.client import NodeClient
+    from faasmoe.router.control.client import NodeClient
     from faasmoe.router.control.directory import NodeDirectory
 
     parser = argparse.ArgumentParser(prog="netns.py agent")

@@ -11,10 +11,10 @@ import pytest
 
 from faasmoe.proto.errors import FunctionNotFound
 from faasmoe.router.control.local_mesh import start_node
-from faasmoe.router.mesh.client import NodeClient
+from faasmoe.router.control.client import NodeClient
 from faasmoe.router.mesh.dispatch import ExpertMesh
 from faasmoe.router.mesh.grouping import LayerFunctions
-from faasmoe.router.mesh.routing import Router
+from faasmoe.router.mesh.routing import RoutingBoard
 from faasmoe.router.mesh.transport import Transport
 from node_fixtures import make_function
 
@@ -60,7 +60,7 @@ class RecordingControl:
 
 def _step(fn, placement, rows: int, control=None, top_k=2, hidden_size=HIDDEN):
     layers = {0: LayerFunctions({fn.function_id: tuple(fn.expert_ids)})}
-    router = Router()
+    router = RoutingBoard()
     router.publish(placement)
     hidden = np.random.default_rng(0).standard_normal((rows, hidden_size), dtype=np.float32)
     index = np.tile(np.array(fn.expert_ids[:top_k]), (rows, 1))

@@ -19,7 +19,7 @@ from faasmoe.router.control.local_mesh import LocalMesh
 from faasmoe.router.control.session import RouterSession
 from faasmoe.router.engine.engine import EngineConfig
 from faasmoe.router.engine.scheduler import Limits
-from faasmoe.router.mesh.client import NodeClient
+from faasmoe.router.control.client import NodeClient
 from serving_fixtures import tiny_model
 
 STREAMS, MAX_NEW = 16, 80

@@ -23,7 +23,7 @@ from faasmoe.router.engine.reference import reference_generate
 from faasmoe.router.engine.serving import local_serving
 from faasmoe.router.mesh.dispatch import ExpertMesh
 from faasmoe.router.mesh.grouping import LayerFunctions
-from faasmoe.router.mesh.routing import Router
+from faasmoe.router.mesh.routing import RoutingBoard
 from faasmoe.router.mesh.transport import Transport
 from faasmoe.router.model.build import build_mesh_model
 from faasmoe.router.store.split import split_checkpoint
@@ -64,7 +64,7 @@ class SilentServer:
 async def _layer_step(address: str, timeout_s: float):
     layers = {0: LayerFunctions({"f" * 64: (0, 1)})}
     transport = Transport()
-    router = Router()
+    router = RoutingBoard()
     router.publish({"f" * 64: (address,)})
     mesh = ExpertMesh(layers, transport, router, step_timeout_s=timeout_s)
     try:

@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from faasmoe.router.control.local_mesh import LocalMesh
-from faasmoe.router.mesh.client import NodeClient
+from faasmoe.router.control.client import NodeClient
 from faasmoe.router.store.manifest import load_manifest
 from serving_fixtures import RouterProcess, tiny_model
 from test_tenants import add

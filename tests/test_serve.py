@@ -10,7 +10,7 @@ import sys
 import urllib.request
 
 from faasmoe.proto.ready import ROUTER_READY, parse_ready
-from faasmoe.router.mesh.client import NodeClient
+from faasmoe.router.control.client import NodeClient
 from faasmoe.router.control.local_mesh import start_node
 from faasmoe.router.store.manifest import load_manifest
 from faasmoe.router.store.split import split_checkpoint

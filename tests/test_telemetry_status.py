@@ -14,11 +14,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from faasmoe.proto import faasmoe_pb2 as pb
 from faasmoe.router.cli import main as router_cli
-from faasmoe.router.mesh.client import NodeClient
+from faasmoe.router.control.client import NodeClient
 from faasmoe.router.mesh.grouping import LayerFunctions
 from faasmoe.router.control.local_mesh import start_node
 from faasmoe.router.mesh.dispatch import ExpertMesh
-from faasmoe.router.mesh.routing import Router
+from faasmoe.router.mesh.routing import RoutingBoard
 from faasmoe.router.mesh.transport import Transport
 from faasmoe.router.observe.metrics import RouterMetrics
 from faasmoe.router.store.onnx_function import build_function
@@ -60,7 +60,7 @@ def stepped_node(tmp_path):
     client = NodeClient(node.address)
     try:
         layers = deploy_layout(tmp_path, client)
-        router = Router()
+        router = RoutingBoard()
         router.publish({fid: (node.address,) for lf in layers.values() for fid in lf.experts_of})
 
         async def steps():

@@ -13,6 +13,7 @@ import torch
 from faasmoe.proto.errors import FaasmoeError
 from faasmoe.router.engine.sampling import Choice, SamplingParams
 from faasmoe.router.engine.text import TextStream
+from faasmoe.router.tenancy.usage import Usage
 
 _ids = itertools.count(1)
 
@@ -61,26 +62,6 @@ class Result:
     dropped: dict = field(default_factory=dict)     # degraded mode: (layer, expert) -> token calls dropped
 
 
-@dataclass
-class RequestUsage:
-    """What a request cost on the nodes (attributed from the replies)."""
-
-    expert_rows: int = 0
-    expert_calls: int = 0
-    expert_compute_s: float = 0.0
-    cold_starts: int = 0
-
-    def add(self, rows: int, calls: int, compute_s: float, cold_starts: int) -> None:
-        self.expert_rows += rows
-        self.expert_calls += calls
-        self.expert_compute_s += compute_s
-        self.cold_starts += cold_starts
-
-    def as_record(self) -> dict:
-        return {"expert_rows": self.expert_rows, "expert_calls": self.expert_calls,
-                "expert_compute_s": round(self.expert_compute_s, 6), "cold_starts": self.cold_starts}
-
-
 class Sequence:
     def __init__(self, request: Request, tokenizer, eos_ids: frozenset[int]):
         self.id = next(_ids)
@@ -101,7 +82,7 @@ class Sequence:
         self.finished = False
         self.arrival_s = time.perf_counter()
         self.first_token_s: float | None = None
-        self.usage = RequestUsage()
+        self.usage = Usage()                        # what it cost on the nodes (attributed from replies)
         self.dropped: dict[tuple[int, int], int] = {}   # degraded mode: expert calls of this request dropped
 
     @property

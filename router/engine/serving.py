@@ -86,7 +86,7 @@ async def start_serving(session: RouterSession, config: EngineConfig = EngineCon
     model = await asyncio.to_thread(build_mesh_model, session.store, session.manifest, dtype)
     tokenizer = await asyncio.to_thread(load_tokenizer, session.store)
     transport = Transport(tls=session.tls)
-    mesh = ExpertMesh(session.layers, transport, session.router, control=SessionControl(session),
+    mesh = ExpertMesh(session.layers, transport, session.routing, control=SessionControl(session),
                       step_timeout_s=config.step_timeout_s, frame_timeout_s=config.frame_timeout_s,
                       degraded=config.degraded)
     mesh.caller = session.router_id

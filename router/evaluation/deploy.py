@@ -108,7 +108,7 @@ class Running:
         """Function copies deployed on the mesh's nodes right now (every function counts once per node)."""
         if self._mesh is None:
             return 0
-        from faasmoe.router.mesh.client import NodeClient
+        from faasmoe.router.control.client import NodeClient
         total = 0
         for address in self._mesh.addresses:
             client = NodeClient(address)

@@ -21,6 +21,7 @@ import tempfile
 import numpy as np
 import torch
 
+from faasmoe.proto import ort_session
 from faasmoe.proto.errors import CheckpointError
 from faasmoe.proto.function_abi import Precision
 from faasmoe.router.model.bf16 import Bf16Embedding, swap_projections
@@ -58,17 +59,7 @@ def uses_global_pool() -> bool:
 def session_options():
     """Options for a session in this process: on the global pool once :func:`use_global_pool` set it up, else one
     thread of its own (what a library user, or a test process that also runs nodes, gets)."""
-    import onnxruntime as ort
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.enable_cpu_mem_arena = False
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if _global_pool:                # the pool's spinning is not per session: stop it after each run, so that
-        opts.use_per_session_threads = False                   # nodes beside the router keep their cores
-        opts.add_session_config_entry("session.force_spinning_stop", "1")
-    else:
-        opts.intra_op_num_threads, opts.inter_op_num_threads = 1, 1
-    return opts
+    return ort_session.session_options(1, global_pool=_global_pool)
 
 
 class Int8Linear(torch.nn.Module):

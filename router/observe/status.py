@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 from faasmoe.proto.errors import FaasmoeError, MeshError
-from faasmoe.router.mesh.client import NodeClient
+from faasmoe.router.control.client import NodeClient
 from faasmoe.router.observe.heat import heat_matrix, render_heat
 from faasmoe.router.store.manifest import load_manifest
 

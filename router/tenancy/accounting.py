@@ -17,6 +17,7 @@ from faasmoe.router.tenancy.attribution import attribute
 from faasmoe.router.tenancy.config import Tenant
 from faasmoe.router.tenancy.ledger import Ledger
 from faasmoe.router.tenancy.limits import Bucket, Decision, admit, refund
+from faasmoe.router.tenancy.usage import Usage
 
 
 class Accounting:
@@ -62,7 +63,7 @@ class Accounting:
                 self.buckets[req.tenant] = refund(self.buckets.get(req.tenant), tenant, unused, time.monotonic())
         self.ledger.log([{"type": "request", "tenant": req.tenant, "request_id": req.request_id,
                           "finish_reason": reason, "prompt_tokens": prompt_fed,
-                          "completion_tokens": len(seq.output_ids), **seq.usage.as_record()}])
+                          "completion_tokens": len(seq.output_ids), **seq.usage.expert_record()}])
 
     # -- fairness ----------------------------------------------------------------------------------------
     def order(self, waiting: list) -> list:
@@ -88,7 +89,8 @@ class Accounting:
         per_tenant: dict[str, list] = {}
         for owner, share in shares.items():
             seq = ctx.owners[owner]
-            seq.usage.add(share.rows, len(share.calls), share.compute_s, share.cold_starts(header.results))
+            seq.usage.add(Usage(expert_rows=share.rows, expert_calls=len(share.calls), expert_compute_s=share.compute_s,
+                                cold_starts=share.cold_starts(header.results)))
             acc = per_tenant.setdefault(seq.request.tenant, [0, set(), 0.0])
             acc[0] += share.rows
             acc[1] |= share.calls

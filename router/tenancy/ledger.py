@@ -16,44 +16,15 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from prometheus_client.core import CounterMetricFamily
 
+from faasmoe.router.tenancy.usage import Usage
+
 log = logging.getLogger(__name__)
 BUCKET_S = 10.0
 RETAIN_S = 24 * 3600.0
-
-
-@dataclass
-class Usage:
-    requests: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    expert_rows: int = 0
-    expert_calls: int = 0
-    expert_compute_s: float = 0.0
-    memory_byte_s: float = 0.0
-    cold_starts: int = 0
-    rows_by_layer: dict[int, int] = field(default_factory=dict)
-    calls_by_layer: dict[int, int] = field(default_factory=dict)
-
-    def add(self, other: Usage) -> None:
-        for name in ("requests", "prompt_tokens", "completion_tokens", "expert_rows", "expert_calls",
-                     "expert_compute_s", "memory_byte_s", "cold_starts"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-        for mine, theirs in ((self.rows_by_layer, other.rows_by_layer), (self.calls_by_layer, other.calls_by_layer)):
-            for layer, n in theirs.items():
-                mine[layer] = mine.get(layer, 0) + n
-
-    def as_dict(self) -> dict:
-        out = asdict(self)
-        out["memory_gb_s"] = round(out.pop("memory_byte_s") / 1e9, 6)
-        out["expert_compute_s"] = round(out["expert_compute_s"], 6)
-        out["rows_by_layer"] = {str(k): v for k, v in sorted(self.rows_by_layer.items())}
-        out["calls_by_layer"] = {str(k): v for k, v in sorted(self.calls_by_layer.items())}
-        return out
 
 
 class Ledger:
