@@ -64,3 +64,30 @@ def test_exhaustion_is_a_retryable_overload():
 def test_a_cache_needs_room(n_slots, slot_len):
     with pytest.raises(ValueError, match="at least one slot"):
         KVManager(n_slots, slot_len)
+
+
+def test_a_slot_is_backed_as_written_and_handed_back_when_freed():
+    import psutil
+    import torch
+
+    from faasmoe.router.model.kv_cache import KVCache
+
+    proc = psutil.Process()
+    kv = KVCache(2, 3, 8, 4096, 128, torch.float32)            # a slot: 16 MiB per tensor, 64 MiB in all
+    slot_bytes = 4 * kv.keys[0][0].numel() * 4
+    before = proc.memory_info().rss
+    assert kv.reserved_bytes == 3 * slot_bytes
+    a, b = kv.manager.allocate(), kv.manager.allocate()
+    for slot, value in ((a, 1.5), (b, -2.0)):
+        kv.manager.stage(slot, 4096)
+        for t in (*kv.keys, *kv.values):
+            t[slot].fill_(value)
+    kv.manager.commit()
+    written = proc.memory_info().rss - before
+    assert written >= 1.9 * slot_bytes                           # only what was written is resident
+    kv.free(a)
+    dropped = before + written - proc.memory_info().rss
+    assert dropped >= 0.95 * slot_bytes, (dropped, slot_bytes)
+    assert all(torch.all(t[b] == -2.0) for t in (*kv.keys, *kv.values))          # the neighbour is untouched
+    assert kv.manager.lengths[a] == 0 and kv.manager.allocate() == a
+    assert torch.isfinite(kv.keys[0][a]).all()                 # what stays of the edges is old, finite data

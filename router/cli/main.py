@@ -104,7 +104,8 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                         "cannot fill the batch to the brim (default 1)")
     p.add_argument("--kv-cache-mb", type=float, default=4096,
                    help="KV cache all running sequences may reserve together; a request reserves prompt + max_tokens "
-                        "when it joins the batch and waits while that does not fit (default 4096)")
+                        "when it joins the batch and waits while that does not fit. The cache has a slot per "
+                        "--max-batch place; memory is backed as tokens are written (default 4096)")
     p.add_argument("--torch-threads", type=int, default=None,
                    help="intra-op threads of the router's dense part (default: torch's, one per core; with "
                         "--dense-dtype int8 the dense products run on ONNX Runtime's pool of every core and torch "

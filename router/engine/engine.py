@@ -22,12 +22,13 @@ import dataclasses
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
 import torch
 
-from faasmoe.proto.errors import BadRequest, FaasmoeError, Overloaded, RateLimited, StepFailed
+from faasmoe.proto.errors import FaasmoeError, Overloaded, StepFailed
+from faasmoe.router.engine.admission import check_request, raise_for
 from faasmoe.router.engine.sampling import sample
 from faasmoe.router.engine.scheduler import Limits, SeqView, plan_step
 from faasmoe.router.engine.sequence import FinishEvent, Request, Result, Sequence, TokenEvent
@@ -59,6 +60,17 @@ class EngineStats:
     step_s: float = 0.0
 
 
+@dataclass
+class _StepWork:
+    """What the scheduler decided for one step, as the executor and the updater need it."""
+
+    runs: list                                    # (sequence, tokens fed)
+    chunks: list = field(default_factory=list)    # SeqChunk per run
+    samplers: list = field(default_factory=list)  # sequences that sample a token after this step
+    decode_only: bool = False
+    row_owner: object = None                      # the run (index) of every packed row
+
+
 class Engine:
     def __init__(self, runner: ModelRunner, tokenizer, *, mesh=None, config: EngineConfig = EngineConfig(),
                  eos_ids: frozenset[int] = frozenset(), accounting=None):
@@ -76,8 +88,6 @@ class Engine:
         self.on_step: Callable[[float, int], None] | None = None     # (seconds, tokens): metrics hook
         self.accounting = accounting       # tenancy: fairness order, ledger (None: arrival order, no ledger)
         self.tenant_of: Callable[[str], object] = lambda name: None    # the tenants' limits (for refunds)
-        if accounting is not None and mesh is not None:
-            mesh.on_reply = accounting.on_reply
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -117,37 +127,16 @@ class Engine:
     # -- requests ----------------------------------------------------------------------------------------
     def check(self, request: Request) -> None:
         """Refuse what cannot be served (BadRequest names the field)."""
-        n = len(request.prompt_ids)
-        if n == 0:
-            raise BadRequest("the prompt is empty", "prompt")
-        if request.max_tokens < 1:
-            raise BadRequest(f"max_tokens must be at least 1, got {request.max_tokens}", "max_tokens")
-        limit = self.runner.max_positions
-        if n + request.max_tokens > limit:
-            raise BadRequest(f"this model's context is {limit} tokens; the prompt has {n} and max_tokens asks for "
-                             f"{request.max_tokens} more ({n + request.max_tokens}): shorten the prompt or lower "
-                             "max_tokens", "max_tokens")
-        if n + request.max_tokens > self.cache_tokens:
-            need_mib = (n + request.max_tokens) * self.runner.kv_bytes_per_token / 2**20
-            raise BadRequest(f"prompt + max_tokens ({n + request.max_tokens} tokens) need {need_mib:.0f} MiB of KV cache, "
-                             f"more than the server's {self.config.kv_cache_bytes / 2**20:.0f} MiB (--kv-cache-mb): "
-                             "lower max_tokens", "max_tokens")
-        vocab = self.runner.config.vocab_size
-        if any(not 0 <= t < vocab for t in request.prompt_ids):
-            raise BadRequest(f"prompt token ids must be in [0, {vocab})", "prompt")
+        check_request(request, self.runner.max_positions, self.runner.config.vocab_size, self.cache_tokens,
+                      self.runner.kv_bytes_per_token, self.config.kv_cache_bytes)
 
     def admit(self, tenant, request: Request) -> None:
         """The tenant's limits, from any thread: BadRequest when the request can never pass them, RateLimited
         (with Retry-After) when not now. An admitted request that is then not submitted must be refunded."""
-        if self.accounting is None:
-            return
-        decision = self.accounting.admit(tenant, self.in_flight(tenant.name),
-                                         len(request.prompt_ids) + request.max_tokens,
-                                         self.expected_wait_s(tenant.name))
-        if decision.status == 400:
-            raise BadRequest(decision.reason, "max_tokens")
-        if decision.status == 429:
-            raise RateLimited(decision.reason, decision.retry_after_s)
+        if self.accounting is not None:
+            raise_for(self.accounting.admit(tenant, self.in_flight(tenant.name),
+                                            len(request.prompt_ids) + request.max_tokens,
+                                            self.expected_wait_s(tenant.name)))
 
     def admit_and_submit(self, tenant, request: Request) -> Sequence:
         """:meth:`check`, :meth:`admit`, :meth:`submit`; what the limits took is given back if it is refused."""
@@ -250,6 +239,16 @@ class Engine:
                 self._finish(seq, "cancelled")
 
     async def step(self) -> None:
+        """One step: schedule (plain data, queues and KV slots), execute (the forward on the mesh), update
+        (sample, stream, finish)."""
+        work = self._schedule()
+        if work is None:
+            return
+        logits = await self._execute(work)
+        if logits is not None:
+            self._update(work, logits)
+
+    def _schedule(self) -> _StepWork | None:
         self._in_step = []
         if self.accounting is not None and len({s.request.tenant for s in self.waiting}) > 1:
             self.waiting = self.accounting.order(self.waiting)
@@ -259,57 +258,63 @@ class Engine:
                          self.limits, self._last_urgent)
         self._last_urgent = plan.urgent
         if not plan.runs:
-            return
+            return None
         by_id = {s.id: s for s in [*self.running, *self.waiting]}
         if self.accounting is not None and plan.admitted:
             self.accounting.admitted(by_id[i].request.tenant for i in plan.admitted)
-        for seq_id in plan.admitted:
+        for seq_id in plan.admitted:                  # joins: out of the queue, into a KV slot
             seq = by_id[seq_id]
             self.waiting.remove(seq)
             seq.slot = self.kv.manager.allocate()
             self.running.append(seq)
-        runs = [(by_id[i], n) for i, n in plan.runs]
-        self._in_step = [seq for seq, _ in runs]
-        segments, samplers = [], []
-        for seq, n in runs:
+        work = _StepWork([(by_id[i], n) for i, n in plan.runs])
+        self._in_step = [seq for seq, _ in work.runs]
+        for seq, n in work.runs:
             tokens, want = seq.feed(n)
-            segments.append(SeqChunk(seq.slot, tokens, want))
+            work.chunks.append(SeqChunk(seq.slot, tokens, want))
             if want:
-                samplers.append(seq)
-        decode_only = all(seq.prompt_left == 0 for seq, _ in runs)
+                work.samplers.append(seq)
+        work.decode_only = all(seq.prompt_left == 0 for seq, _ in work.runs)
+        work.row_owner = row_owners([len(c.token_ids) for c in work.chunks])
+        return work
+
+    async def _execute(self, work: _StepWork) -> torch.Tensor | None:
+        """The forward; on failure the step's requests fail (and only them) and None is returned."""
         rpcs_before = self.mesh.stats.rpcs if self.mesh is not None else 0
         self._step_no += 1
         ctx = None
         if self.mesh is not None:
-            tenants = {seq.request.tenant for seq, _ in runs}
+            tenants = {seq.request.tenant for seq, _ in work.runs}
             ctx = self.mesh.context(f"step-{self._step_no}", next(iter(tenants)) if len(tenants) == 1 else "",
                                     self.config.step_timeout_s)
             if self.accounting is not None:
-                ctx.owners, ctx.row_owner = self._in_step, row_owners([len(s.token_ids) for s in segments])
+                ctx.on_reply = self.accounting.reply_hook([s.request.tenant for s in self._in_step],
+                                                          [s.usage for s in self._in_step], work.row_owner)
         t0 = time.perf_counter()
         try:
-            logits = await self.runner.forward(self.kv, segments, ctx)
+            logits = await self.runner.forward(self.kv, work.chunks, ctx)
         except FaasmoeError as exc:
             self.stats.failed_steps += 1
             self._fail(self._in_step, StepFailed(f"the mesh failed this request's step: {exc}"))
-            return
+            return None
         except Exception as exc:  # noqa: BLE001 - a bug fails the step's requests, never the engine
             log.exception("step %d failed", self._step_no)
             self.stats.failed_steps += 1
             self._fail(self._in_step, StepFailed(f"internal error in step: {type(exc).__name__}: {exc}"))
-            return
-        elapsed_s = time.perf_counter() - t0
-        if ctx is not None and ctx.dropped:          # degraded mode: tell each request what it lost
-            owners = row_owners([len(s.token_ids) for s in segments])
-            for layer, expert, row in ctx.dropped:
-                seq = self._in_step[owners[row]]
+            return None
+        if ctx is not None:
+            for layer, expert, row in ctx.dropped:     # degraded mode: tell each request what it lost
+                seq = self._in_step[work.row_owner[row]]
                 seq.dropped[layer, expert] = seq.dropped.get((layer, expert), 0) + 1
-        self._account(runs, decode_only, rpcs_before, elapsed_s)
+        self._account(work.runs, work.decode_only, rpcs_before, time.perf_counter() - t0)
+        return logits
+
+    def _update(self, work: _StepWork, logits: torch.Tensor) -> None:
         if self.accounting is not None:
-            self.accounting.charge([(seq, n, seq.prompt_left > 0) for seq, n in runs])
-        for seq, n in runs:
+            self.accounting.charge([(seq, n, seq.prompt_left > 0) for seq, n in work.runs])
+        for seq, n in work.runs:
             seq.advance(n)
-        for seq, row in zip(samplers, logits):
+        for seq, row in zip(work.samplers, logits):
             try:
                 reason = seq.take(sample(row, seq.request.params, seq.generator), row)
             except Exception as exc:  # noqa: BLE001 - one request's sampling fails that request only
@@ -339,7 +344,7 @@ class Engine:
         with self._in_flight_lock:
             self._in_flight[seq.request.tenant] -= 1
         if seq.slot is not None:
-            self.kv.manager.free(seq.slot)
+            self.kv.free(seq.slot)
             seq.slot = None
         if self.accounting is not None:
             try:

@@ -27,7 +27,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Mapping, Protocol
+from typing import Callable, Mapping, Protocol
 
 import numpy as np
 
@@ -64,8 +64,9 @@ class StepContext:
     deadline_s: float
     routing: RoutingTable
     tenant_id: str = ""                  # set when the step carries one tenant's rows only
-    owners: list | None = None           # who the step's rows belong to (accounting): owners[row_owner[row]]
-    row_owner: np.ndarray | None = None
+    # the engine's hook for every node reply of this step: (layer, node, batch, reply header, row offset);
+    # the mesh knows nothing of whom the rows belong to
+    on_reply: Callable[[int, str, NodeBatch, object, int], None] | None = None
     dropped: list[tuple[int, int, int]] = field(default_factory=list)   # degraded: (layer, expert, row)
 
 
@@ -121,7 +122,6 @@ class ExpertMesh:
         self.compact_max_rows = compact_max_rows
         self.stats = MeshStats()          # updated on the loop only
         self.on_layer_done = None         # (layer, seconds) -> None: metrics hook
-        self.on_reply = None              # (ctx, layer, node, batch, header, row offset) -> None: accounting hook
         self.caller = ""                  # this router's id on the nodes (their fair queues are per caller)
         self._where = {layer: {e: fid for e, (fid, _) in lf.where.items()} for layer, lf in self.layers.items()}
         self._turn = 0
@@ -269,8 +269,8 @@ class ExpertMesh:
             p.results.setdefault(seg.expert_id, []).append(ExpertResult(tokens, seg.slots, out))
             p.pending[tokens, seg.slots] = False
             self.stats.answered_pairs += len(seg.tokens)
-        if self.on_reply is not None:
-            self.on_reply(p.ctx, p.layer, s.node, s.batch, header, s.offset)
+        if p.ctx.on_reply is not None:
+            p.ctx.on_reply(p.layer, s.node, s.batch, header, s.offset)
 
     async def _handle(self, p: PendingLayer, failures) -> None:
         """Decide how to retry the failed frames (see the module docstring)."""

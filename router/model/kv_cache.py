@@ -9,9 +9,9 @@ layer over the view ``[first_slot:last_slot + 1, :, :longest]`` masked by length
 appends that copy.
 
 The tensors are allocated once, zeroed by the operating system (``calloc``: untouched pages read as zeros and
-are backed only once a step writes them), so resident memory follows the tokens cached (a slot keeps the
-pages its longest sequence touched). Zeros matter: a masked position is still multiplied, and garbage there
-could be NaN. How many
+are backed only once a step writes them), and a freed slot's pages are handed back (``madvise(DONTNEED)``:
+a slot is one contiguous range of each tensor), so resident memory follows the tokens cached. Zeros matter:
+a masked position is still multiplied, and garbage there could be NaN; handed-back pages read as zeros again. How many
 tokens all running sequences may reserve together is the scheduler's ``cache_tokens`` (``--kv-cache-mb``);
 the slot count is its ``max_running``.
 """
@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import heapq
 
+import ctypes
 import math
+import mmap
 
 import numpy as np
 import torch
@@ -91,6 +93,14 @@ class KVCache:
         self.values = [_lazy_zeros(shape, dtype) for _ in range(n_layers)]
         self.bytes_per_token = n_layers * 2 * kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
 
+    def free(self, slot: int) -> None:
+        """The slot's sequence left: its slot is free again and its pages go back to the system."""
+        used = self.manager.lengths[slot] > 0 or slot in self.manager._staged
+        self.manager.free(slot)
+        if used:
+            for tensor in (*self.keys, *self.values):
+                _hand_back(tensor, slot)
+
     @property
     def reserved_bytes(self) -> int:
         """Address space reserved (not resident: see the module docstring)."""
@@ -101,3 +111,22 @@ def _lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """Zeros whose pages are mapped on first write (numpy's calloc; torch.zeros would write every byte)."""
     n_bytes = math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
     return torch.from_numpy(np.zeros(n_bytes, dtype=np.uint8)).view(dtype).view(shape)
+
+
+_MADV_DONTNEED = 4
+_PAGE = mmap.PAGESIZE
+try:
+    _libc = ctypes.CDLL("libc.so.6", use_errno=True)
+except OSError:               # not glibc: pages stay with the process (correct, only less frugal)
+    _libc = None
+
+
+def _hand_back(tensor: torch.Tensor, slot: int) -> None:
+    """Drop the resident pages of ``tensor[slot]`` (whole pages inside it; they read as zeros afterwards)."""
+    if _libc is None:
+        return
+    size = tensor.stride(0) * tensor.element_size()
+    start = tensor.data_ptr() + slot * size
+    first, last = -(-start // _PAGE) * _PAGE, (start + size) // _PAGE * _PAGE
+    if last > first:
+        _libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED)

@@ -80,18 +80,22 @@ class Accounting:
                                         prefill_tokens=n if prefill else 0, decode_tokens=0 if prefill else n)
 
     # -- the nodes' replies ------------------------------------------------------------------------------
-    def on_reply(self, ctx, layer: int, node: str, batch, header, offset: int) -> None:
-        if ctx.owners is None:
-            return
+    def reply_hook(self, tenants: list[str], usages: list[Usage], row_owner: np.ndarray):
+        """The step's hook for node replies (:attr:`StepContext.on_reply`): owner ``i`` of the step's rows
+        (``row_owner[row]``) is a request of tenant ``tenants[i]`` whose usage is ``usages[i]``."""
+        return lambda layer, node, batch, header, offset: self.on_reply(tenants, usages, row_owner, layer, batch,
+                                                                        header, offset)
+
+    def on_reply(self, tenants: list[str], usages: list[Usage], row_owner: np.ndarray, layer: int, batch, header,
+                 offset: int) -> None:
         segments = [(seg.call_index, seg.tokens) for seg in batch.segments]
-        shares, by_function = attribute(segments, header.results, ctx.row_owner, offset,
+        shares, by_function = attribute(segments, header.results, row_owner, offset,
                                         [c.function_id for c in batch.calls])
         per_tenant: dict[str, list] = {}
         for owner, share in shares.items():
-            seq = ctx.owners[owner]
-            seq.usage.add(Usage(expert_rows=share.rows, expert_calls=len(share.calls), expert_compute_s=share.compute_s,
-                                cold_starts=share.cold_starts(header.results)))
-            acc = per_tenant.setdefault(seq.request.tenant, [0, set(), 0.0])
+            usages[owner].add(Usage(expert_rows=share.rows, expert_calls=len(share.calls),
+                                    expert_compute_s=share.compute_s, cold_starts=share.cold_starts(header.results)))
+            acc = per_tenant.setdefault(tenants[owner], [0, set(), 0.0])
             acc[0] += share.rows
             acc[1] |= share.calls
             acc[2] += share.compute_s
@@ -100,7 +104,7 @@ class Accounting:
             self.ledger.experts(tenant, layer, rows, len(calls), compute_s, cold)
         with self._rows_lock:
             for (fid, owner), n in by_function.items():
-                key = (fid, ctx.owners[owner].request.tenant)
+                key = (fid, tenants[owner])
                 self._rows[key] = self._rows.get(key, 0) + n
 
     def take_rows(self) -> dict[tuple[str, str], int]:
