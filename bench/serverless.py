@@ -42,7 +42,8 @@ def cold_starts(store: Path, layer_only: int, repeats: int, budget_mb: float) ->
     """Deploy one layer's functions to one node with keep-alive 0: every call is a cold start."""
     from faasmoe.proto import frames, methods
     from faasmoe.router.control.local_mesh import LocalMesh
-    from faasmoe.router.control.session import RouterSession, header_of
+    from faasmoe.router.control.apply import header_of
+    from faasmoe.router.control.session import RouterSession
     from faasmoe.router.mesh.channel import make_channel
     from faasmoe.router.store.manifest import load_manifest
     manifest = load_manifest(store)

@@ -91,7 +91,7 @@ def engine_config(args):
 
 
 def place(args) -> int:
-    from faasmoe.router.control.session import node_specs
+    from faasmoe.router.control.survey import node_specs
     session = _session(args)
     try:
         with node_addresses(args) as (addresses, directory):

@@ -12,38 +12,29 @@ import logging
 import socket
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from faasmoe.proto import faasmoe_pb2 as pb
 from faasmoe.proto.credentials import TlsMaterial
 from faasmoe.proto.errors import MeshError, NodeUnavailable, PlacementError
-from faasmoe.proto.function_abi import resident_estimate_bytes
 from faasmoe.router.control import placement as pl
-from faasmoe.router.control.replicas import Contention, ReplicaPolicy, decide, waits_of
-from faasmoe.router.control.transition import Transition, transition
+from faasmoe.router.control.apply import PlacementApplier
 from faasmoe.router.control.client import NodeClient
+from faasmoe.router.control.replicas import Contention, ReplicaPolicy, decide, waits_of
+from faasmoe.router.control.survey import NodeSurvey, NodeView, node_specs
+from faasmoe.router.control.transition import Transition
 from faasmoe.router.mesh.grouping import LayerFunctions
-from faasmoe.router.mesh.routing import RoutingBoard
-from faasmoe.router.store.manifest import FunctionEntry, Manifest, load_manifest
+from faasmoe.router.store.manifest import Manifest, load_manifest
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class NodeView:
-    """What the router knows of a node right now."""
-
-    address: str
-    status: pb.StatusReply
-    capacity_bytes: int          # what this model may use there: node capacity minus other models' functions
-    held: frozenset[str]         # this model's function ids deployed there (by any router)
-    leased: frozenset[str]       # ... of which this router holds a lease
-
-
 class RouterSession:
+    """One router's session for one store, by role: the survey (:class:`NodeSurvey`: clients, node views),
+    the plan (here: placement over the surveyed nodes, the replica policy), the apply
+    (:class:`PlacementApplier`: make-before-break, routing, leases, warm-up), and recovery (here: dead nodes,
+    re-placement on the survivors)."""
+
     def __init__(self, store: str | Path, *, router_id: str | None = None, status_timeout_s: float = 5.0,
                  placement_options: pl.PlacementOptions | None = None, tls: TlsMaterial | None = None,
                  replica_policy: ReplicaPolicy | None = None):
@@ -51,63 +42,67 @@ class RouterSession:
         self.tls = tls                             # cluster credentials: mutual TLS to every node (None: plaintext)
         self.manifest: Manifest = load_manifest(self.store)
         self.router_id = router_id or default_router_id(self.manifest)
-        self.status_timeout_s = status_timeout_s
         # explicit placement options win: no policy then (the controller does not survey contention)
         self.replica_policy = replica_policy or (ReplicaPolicy() if placement_options is None else None)
         self.placement_options = placement_options or self.replica_policy.options()
         self.contention = Contention()             # the auto replica policy's memory
         self._contention_at_s: float | None = None
-        self.clients: dict[str, NodeClient] = {}
-        self.placement: dict[str, tuple[str, ...]] = {}
-        self.budgets: dict[str, int] = {}          # address -> memory budget bytes, from the last survey
-        self.routing = RoutingBoard()              # the routing table the engine's steps read
         self.layers = {layer: LayerFunctions({f.function_id: f.expert_ids for f in self.manifest.layer_functions(layer)})
                        for layer in self.manifest.moe_layers}
         self._by_id = {f.function_id: f for f in self.manifest.functions}
         self._lock = threading.RLock()
         self._place_lock = threading.Lock()
+        self.nodes = NodeSurvey(frozenset(self._by_id), self.router_id, tls, status_timeout_s)
+        self.applier = PlacementApplier(self.store, self.manifest, self.router_id, self.nodes, self._lock)
+        self.routing, self.placed_once = self.applier.routing, self.applier.placed_once
         self.dead: set[str] = set()
-        self.unreachable: dict[str, str] = {}     # address -> why, from the last survey
         self.on_mark_down: Callable[[str], None] | None = None     # set by callers that keep a NodeDirectory
-        self.placed_once = threading.Event()      # every function has been routed at least once
         self.down_listeners: list[Callable[[str], None]] = []     # called (any thread) when a node goes down
-        self.max_message_bytes: dict[str, int] = {}   # each node's advertised message limit (its Status)
         # with a node directory: the nodes it verified and sees up; recoveries place on these only, never on a
         # node discovery rejected (set by the placement controller)
         self.eligible: Callable[[], Iterable[str]] | None = None
 
-    # -- nodes -----------------------------------------------------------------------------------------
+    # -- survey (NodeSurvey) -----------------------------------------------------------------------------
+    @property
+    def clients(self) -> dict[str, NodeClient]:
+        return self.nodes.clients
+
+    @property
+    def unreachable(self) -> dict[str, str]:
+        return self.nodes.unreachable
+
+    @property
+    def max_message_bytes(self) -> dict[str, int]:
+        return self.nodes.max_message_bytes
+
     def client(self, address: str) -> NodeClient:
-        with self._lock:
-            if address not in self.clients:
-                self.clients[address] = NodeClient(address, tls=self.tls)
-            return self.clients[address]
+        return self.nodes.client(address)
 
     def survey(self, addresses: Sequence[str]) -> list[NodeView]:
-        """Status of every address, concurrently. Unreachable nodes are left out (and logged)."""
-        def one(address):
-            try:
-                return address, self.client(address).status(self.status_timeout_s), None
-            except MeshError as exc:
-                return address, None, exc
-        views = []
-        self.unreachable = {}
-        with ThreadPoolExecutor(max_workers=max(1, len(addresses))) as pool:
-            for address, status, err in pool.map(one, addresses):
-                if err is not None:
-                    log.info("left out of placement: %s", err)
-                    self.unreachable[address] = err.detail
-                    continue
-                if status.max_message_bytes:
-                    self.max_message_bytes[address] = status.max_message_bytes
-                mine = [f for f in status.functions if f.function_id in self._by_id]
-                foreign = sum(f.footprint_bytes or resident_estimate_bytes(f.size_bytes) for f in status.functions
-                              if f.function_id not in self._by_id)
-                views.append(NodeView(address, status, max(status.capacity_bytes - foreign, 0),
-                                      frozenset(f.function_id for f in mine),
-                                      frozenset(f.function_id for f in mine if self.router_id in f.owners)))
-        return views
+        return self.nodes.survey(addresses)
 
+    def answers(self, address: str, timeout_s: float = 1.0) -> bool:
+        return self.nodes.answers(address, timeout_s)
+
+    # -- apply (PlacementApplier) ------------------------------------------------------------------------
+    @property
+    def placement(self) -> dict[str, tuple[str, ...]]:
+        return self.applier.placement
+
+    @property
+    def budgets(self) -> dict[str, int]:
+        return self.applier.budgets
+
+    def apply(self, plan: dict[str, tuple[str, ...]], views: Sequence[NodeView]) -> tuple[int, int]:
+        return self.applier.apply(plan, views)
+
+    def transition_to(self, plan: dict[str, tuple[str, ...]], views: Sequence[NodeView]) -> Transition:
+        return self.applier.transition_to(plan, views)
+
+    def warm(self, timeout_s: float = 600.0) -> int:
+        return self.applier.warm(timeout_s)
+
+    # -- plan ----------------------------------------------------------------------------------------------
     def contention_round(self, addresses: Sequence[str]) -> bool:
         """``--replicas auto``: read the nodes' slot waits and update which functions hold a second copy.
         Returns True when that set changed (the caller re-places); a no-op for the other policies."""
@@ -131,7 +126,6 @@ class RouterSession:
             self.placement_options = policy.options(new.contended)
         return changed
 
-    # -- placement -------------------------------------------------------------------------------------
     def placement_functions(self) -> list[pl.FunctionSpec]:
         """The functions as placement sees them: sized by the memory they hold when loaded on a node."""
         return [pl.FunctionSpec(f.function_id, f.layer, f.footprint_bytes, f.expected_load, f.name)
@@ -145,54 +139,6 @@ class RouterSession:
         current = {fid: [v.address for v in views if fid in v.held] for fid in self._by_id}
         return pl.place(self.placement_functions(), node_specs(views), current, self.placement_options)
 
-    def transition_to(self, plan: dict[str, tuple[str, ...]], views: Sequence[NodeView]) -> Transition:
-        live = {v.address for v in views}
-        with self._lock:
-            routed = {fid: [n for n in nodes if n in live] for fid, nodes in self.placement.items()}
-        leased = {fid: [v.address for v in views if fid in v.leased] for fid in self._by_id}
-        return transition(routed, leased, plan)
-
-    def apply(self, plan: dict[str, tuple[str, ...]], views: Sequence[NodeView]) -> tuple[int, int]:
-        """Take the mesh from what ``views`` hold to ``plan``, make-before-break (see
-        :mod:`~faasmoe.router.control.transition`). Returns (leases taken, leases released)."""
-        t = self.transition_to(plan, views)
-        if t.drop:
-            self._route(t.routes_during)
-            self._release(t.drop)
-        by_node: dict[str, list[FunctionEntry]] = {}
-        for fid, address in t.deploy:
-            by_node.setdefault(address, []).append(self._by_id[fid])
-
-        def deploy_all(address):
-            client = self.client(address)
-            for entry in by_node[address]:
-                client.deploy(self.store / entry.file, header_of(entry, self.manifest.model_id, self.router_id))
-
-        if by_node:
-            with ThreadPoolExecutor(max_workers=len(by_node)) as pool:
-                list(pool.map(deploy_all, sorted(by_node)))
-        with self._lock:
-            self.budgets.update({v.address: v.status.memory_budget_bytes for v in views})
-        self._route(t.routes_after)
-        self._release(t.release)
-        if all(t.routes_after.get(fid) for fid in self._by_id):
-            self.placed_once.set()
-        return len(t.deploy), len(t.drop) + len(t.release)
-
-    def _route(self, routes: dict[str, tuple[str, ...]]) -> None:
-        with self._lock:
-            self.placement = dict(routes)
-            for address in {n for nodes in routes.values() for n in nodes}:
-                self.client(address)
-            self.routing.publish(routes)
-
-    def _release(self, pairs) -> None:
-        for fid, address in pairs:
-            try:
-                self.client(address).undeploy(fid, owner=self.router_id)
-            except MeshError as exc:
-                log.warning("undeploy %s from %s: %s", fid[:12], address, exc)
-
     def move(self, function_id: str, source: str, target: str) -> None:
         """Move one copy of ``function_id`` from ``source`` to ``target``, make-before-break (an operator's
         move; the controller may move it back on its next re-placement)."""
@@ -205,31 +151,6 @@ class RouterSession:
             plan[function_id] = tuple(sorted((nodes - {source}) | {target}))
             self.apply(plan, self.survey(sorted({n for ns in plan.values() for n in ns} | {source})))
 
-    def warm(self, timeout_s: float = 600.0) -> int:
-        """Load placed functions on their nodes now (prefetch), so first calls meet no cold start. Each node
-        gets the hottest of its functions (manifest ``expected_load``) that fit its memory budget.
-        Returns the number of function copies loaded."""
-        with self._lock:
-            held: dict[str, list[FunctionEntry]] = {}
-            for fid, nodes in self.placement.items():
-                for address in nodes:
-                    held.setdefault(address, []).append(self._by_id[fid])
-            budgets = dict(self.budgets)
-
-        def one(address: str) -> int:
-            chosen, used = [], 0
-            for entry in sorted(held[address], key=lambda e: (-e.expected_load, e.layer, e.name)):
-                need = entry.footprint_bytes
-                if used + need <= budgets.get(address, 0):
-                    chosen.append(entry.function_id)
-                    used += need
-            return len(self.client(address).load(chosen, wait=True, timeout_s=timeout_s).loaded) if chosen else 0
-
-        if not held:
-            return 0
-        with ThreadPoolExecutor(max_workers=len(held)) as pool:
-            return sum(pool.map(one, sorted(held)))
-
     def place_and_deploy(self, addresses: Sequence[str]) -> tuple[dict, list[NodeView]]:
         """Survey ``addresses`` (minus nodes known dead), plan, deploy the difference. Serialised: the
         controller (mesh changes) and recovery (a failed call) may both ask at once."""
@@ -239,6 +160,7 @@ class RouterSession:
             self.apply(plan, views)
             return plan, views
 
+    # -- recovery ------------------------------------------------------------------------------------------
     def placement_holds(self) -> bool:
         """Every function is routed to at least one node not known dead (what /health reports)."""
         with self._lock:
@@ -268,14 +190,6 @@ class RouterSession:
         """``address`` answers health checks again: it may be placed on."""
         with self._lock:
             self.dead.discard(address)
-
-    def answers(self, address: str, timeout_s: float = 1.0) -> bool:
-        """Does the node answer a Status call now (a broken connection is not a dead node)?"""
-        try:
-            self.client(address).status(timeout_s)
-            return True
-        except MeshError:
-            return False
 
     def recover(self, address: str, err: MeshError) -> None:
         """A node failed mid-request: drop it, re-place its functions on the survivors and deploy them."""
@@ -308,13 +222,12 @@ class RouterSession:
         with self._place_lock:
             with self._lock:
                 pairs = [(fid, n) for fid, nodes in self.placement.items() for n in nodes if n not in self.dead]
-            self._route({})
-            self._release(pairs)
+            self.applier.route({})
+            self.applier.release_pairs(pairs)
             return len(pairs)
 
     def close(self) -> None:
-        for client in self.clients.values():
-            client.close()
+        self.nodes.close()
 
 
 class SessionControl:
@@ -348,14 +261,3 @@ def default_router_id(manifest: Manifest) -> str:
     """One owner per host and model: repeated runs of the router for a store take the same leases instead of
     piling up new ones. Routers that run at the same time on one host for one store need their own --router-id."""
     return f"{socket.gethostname()}/{manifest.model_id}"
-
-
-def header_of(entry: FunctionEntry, model_id: str, owner: str = "") -> pb.FunctionHeader:
-    return pb.FunctionHeader(function_id=entry.function_id, size_bytes=entry.bytes, layer=entry.layer,
-                             expert_ids=list(entry.expert_ids), model_id=model_id, dtype=entry.dtype, owner=owner,
-                             footprint_bytes=entry.footprint_bytes)
-
-
-def node_specs(views: Sequence[NodeView]) -> list[pl.NodeSpec]:
-    """The nodes as placement sees them."""
-    return [pl.NodeSpec(v.address, v.capacity_bytes, max(1, v.status.threads)) for v in views]
