@@ -25,7 +25,6 @@ import argparse
 import asyncio
 import json
 import os
-import queue
 import random
 import signal
 import statistics
@@ -159,22 +158,12 @@ class Router:
     """``faasmoe-router serve`` in the router namespace; its stderr goes to a log."""
 
     def __init__(self, host, args: list[str], log_path: Path, ready_timeout_s: float = 300):
-        from faasmoe.proto.ready import ROUTER_READY, parse_ready
+        from faasmoe.proto.ready import ROUTER_READY, ReadyLines
         self.log = open(log_path, "w")
         self.proc = host.popen([sys.executable, "-m", "faasmoe.router", "serve", *args], stdout=subprocess.PIPE,
                                stderr=self.log, text=True)
-        lines: queue.Queue = queue.Queue()
-        threading.Thread(target=lambda: [lines.put(x) for x in self.proc.stdout] + [lines.put(None)],
-                         daemon=True).start()
-        deadline = time.monotonic() + ready_timeout_s
-        while True:
-            line = lines.get(timeout=max(deadline - time.monotonic(), 0.01))
-            if line is None:
-                raise RuntimeError(f"the router exited ({self.proc.wait()}); see {log_path}")
-            info = parse_ready(line, ROUTER_READY)
-            if info is not None:
-                self.info = info
-                return
+        self.info = ReadyLines(self.proc.stdout, self.proc).wait(ROUTER_READY, ready_timeout_s,
+                                                                 f"the router (see {log_path})")
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -4,12 +4,10 @@
 from __future__ import annotations
 
 import os
-import queue
 import signal
 import subprocess
 import sys
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +16,8 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from faasmoe.proto.ready import ROUTER_READY, parse_ready
+from faasmoe.proto.errors import FaasmoeError
+from faasmoe.proto.ready import ROUTER_READY, ReadyLines
 from faasmoe.router.engine.reference import reference_generate
 from faasmoe.router.store.split import split_checkpoint
 from model_factory import make_checkpoint
@@ -62,21 +61,11 @@ class RouterProcess:
                                      env=env | {"PYTHONUNBUFFERED": "1"})
         self.stderr: list[str] = []
         threading.Thread(target=self._drain_stderr, daemon=True).start()
-        lines: queue.Queue = queue.Queue()
-        threading.Thread(target=lambda: [lines.put(line) for line in self.proc.stdout] + [lines.put(None)],
-                         daemon=True).start()
-        deadline = time.monotonic() + ready_timeout_s
-        while True:
-            try:
-                line = lines.get(timeout=max(deadline - time.monotonic(), 0.01))
-            except queue.Empty:
-                self.stop()
-                raise TimeoutError(f"router not ready in {ready_timeout_s} s: {''.join(self.stderr)[-2000:]}")
-            if line is None:
-                raise RuntimeError(f"router exited with {self.proc.wait()}: {''.join(self.stderr)[-2000:]}")
-            info = parse_ready(line, ROUTER_READY)
-            if info is not None:
-                break
+        try:
+            info = ReadyLines(self.proc.stdout, self.proc).wait(ROUTER_READY, ready_timeout_s, "the router")
+        except FaasmoeError as exc:
+            self.stop()
+            raise AssertionError(f"{exc}: {''.join(self.stderr)[-2000:]}") from None
         self.url, self.model = info["url"], info["model"]
         wait_for(lambda: httpx.get(f"{self.url}/health").status_code == 200, 60, "the router to be healthy")
 

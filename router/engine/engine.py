@@ -143,7 +143,7 @@ class Engine:
         self.check(request)
         self.admit(tenant, request)
         try:
-            return self.submit(request)
+            return self._submit_checked(request)
         except Exception:
             if self.accounting is not None:
                 self.accounting.refund(tenant, len(request.prompt_ids) + request.max_tokens)
@@ -152,6 +152,9 @@ class Engine:
     def submit(self, request: Request) -> Sequence:
         """Queue a request (from any thread; never waits for a step). Its events go to the caller's loop."""
         self.check(request)
+        return self._submit_checked(request)
+
+    def _submit_checked(self, request: Request) -> Sequence:
         if self._task is not None and self._task.done():
             raise StepFailed("the engine has stopped; restart the server")
         seq = Sequence(request, self.tokenizer, self.eos_ids)

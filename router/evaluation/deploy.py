@@ -11,11 +11,9 @@ there is one) behind the same OpenAI-compatible API:
 from __future__ import annotations
 
 import math
-import queue
 import signal
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +21,7 @@ from pathlib import Path
 import httpx
 
 from faasmoe.proto.errors import FaasmoeError
-from faasmoe.proto.ready import ROUTER_READY, parse_ready
+from faasmoe.proto.ready import ROUTER_READY, ReadyLines
 from faasmoe.router.control.local_mesh import LocalMesh
 from faasmoe.router.evaluation.scenario import DeploymentSpec
 from faasmoe.router.evaluation.sampler import Cgroup
@@ -31,30 +29,21 @@ from faasmoe.router.evaluation.sampler import Cgroup
 READY_TIMEOUT_S = 300.0
 
 
-def launch_server(cmd: list[str], prefix: list[str], log_path: Path) -> tuple[subprocess.Popen, queue.Queue]:
+def launch_server(cmd: list[str], prefix: list[str], log_path: Path) -> tuple[subprocess.Popen, ReadyLines]:
     """Start a faasmoe HTTP server without waiting for it (:func:`wait_ready` does)."""
     with open(log_path, "ab") as log:                   # the child keeps its own descriptor
         proc = subprocess.Popen([*prefix, *cmd], stdout=subprocess.PIPE, stderr=log, text=True)
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout] + [lines.put(None)], daemon=True).start()
-    return proc, lines
+    return proc, ReadyLines(proc.stdout, proc)
 
 
-def wait_ready(proc: subprocess.Popen, lines: queue.Queue, name: str, log_path: Path) -> str:
+def wait_ready(proc: subprocess.Popen, lines: ReadyLines, name: str, log_path: Path) -> str:
     """The URL of a launched server, once it has printed its ready line and answers /health."""
     deadline = time.monotonic() + READY_TIMEOUT_S
-    while True:
-        try:
-            line = lines.get(timeout=max(0.01, deadline - time.monotonic()))
-        except queue.Empty:
-            proc.kill()
-            raise FaasmoeError(f"{name} did not start within {READY_TIMEOUT_S:.0f} s (see {log_path})") from None
-        if line is None:
-            raise FaasmoeError(f"{name} exited with {proc.wait()} before it was ready (see {log_path})")
-        info = parse_ready(line, ROUTER_READY)
-        if info is not None:
-            url = info["url"]
-            break
+    try:
+        url = lines.wait(ROUTER_READY, READY_TIMEOUT_S, f"{name} (see {log_path})")["url"]
+    except FaasmoeError:
+        proc.kill()
+        raise
     while httpx.get(f"{url}/health").status_code != 200:
         if time.monotonic() > deadline or proc.poll() is not None:
             proc.kill()

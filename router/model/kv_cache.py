@@ -97,12 +97,11 @@ class KVCache:
         self.bytes_per_token = n_layers * 2 * kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
 
     def free(self, slot: int) -> None:
-        """The slot's sequence left: its slot is free again and its pages go back to the system."""
-        used = self.manager.lengths[slot] > 0 or slot in self.manager._staged
+        """The slot's sequence left: its slot is free again and its pages go back to the system (pages never
+        written are not resident, so handing them back costs nothing)."""
         self.manager.free(slot)
-        if used:
-            for tensor in (*self.keys, *self.values):
-                _hand_back(tensor, slot)
+        for tensor in (*self.keys, *self.values):
+            _hand_back(tensor, slot)
 
     def _lazy_zeros(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         n_bytes = math.prod(shape) * torch.tensor([], dtype=dtype).element_size()

@@ -122,18 +122,18 @@ class ModelRunner:
         keys, values = kv.keys[i], kv.values[i]
         out = torch.empty((n_rows, q.shape[1] * self.head_dim), dtype=q.dtype)
         if plan.decode_rows is not None:                  # one call for every one-token row
-            rows, slots, at = plan.decode_rows, plan.decode_slots, plan.decode_at
+            rows, slots, at, index = plan.decode_rows, plan.decode_slots, plan.decode_at, plan.decode_index
             keys[slots, :, at] = k[0, :, rows].transpose(0, 1)
             values[slots, :, at] = v[0, :, rows].transpose(0, 1)
             lo, hi, longest = plan.slot_range
             qb = q[0, :, rows].transpose(0, 1)[:, :, None]          # [n, heads, 1, head_dim]
             if plan.mask is not None:
                 padded = qb.new_zeros((hi - lo, *qb.shape[1:]))
-                padded[slots - lo] = qb
+                padded[index] = qb
                 qb = padded
             o, _ = self.attention(attn, qb, keys[lo:hi, :, :longest], values[lo:hi, :, :longest], plan.mask,
                                   dropout=0.0, scaling=attn.scaling)
-            out[rows] = (o[slots - lo] if plan.mask is not None else o).reshape(len(rows), -1)
+            out[rows] = (o[index] if plan.mask is not None else o).reshape(len(rows), -1)
         for slot, lo, hi, past in plan.chunks:            # prompt chunks: one call each, as transformers
             n = hi - lo
             keys[slot, :, past:past + n] = k[0, :, lo:hi]
@@ -162,8 +162,9 @@ class _AttentionPlan:
         lo, hi = min(s for s, _, _ in decode), max(s for s, _, _ in decode) + 1
         longest = max(p for _, _, p in decode) + 1
         self.slot_range = (lo, hi, longest)
+        self.decode_index = self.decode_slots - lo          # each decode row's place in the slots' view
         if len(decode) == 1:                               # as transformers: no mask, exactly its length
             return
         lengths = torch.ones(hi - lo, dtype=torch.long)    # slots in the range without a decode row: ignored
-        lengths[self.decode_slots - lo] = self.decode_at + 1
+        lengths[self.decode_index] = self.decode_at + 1
         self.mask = (torch.arange(longest)[None, :] < lengths[:, None])[:, None, None, :]
