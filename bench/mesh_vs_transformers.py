@@ -212,7 +212,7 @@ def run_phase(name: str, argv: list[str]) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", help="Qwen2MoeForCausalLM directory")
+    p.add_argument("--model", help="Hugging Face MoE model directory (a supported family)")
     p.add_argument("--full-dims", action="store_true", help="Qwen1.5-MoE dims cut to 2 layers, random weights")
     p.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "faasmoe-bench"))
     p.add_argument("--store")

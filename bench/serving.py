@@ -259,7 +259,7 @@ def summarize(mesh: dict, tf: dict, args) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", help="Qwen2MoeForCausalLM directory")
+    p.add_argument("--model", help="Hugging Face MoE model directory (a supported family)")
     p.add_argument("--qwen-dims", action="store_true", help="Qwen1.5-MoE dims, random weights from a seed")
     p.add_argument("--layers", type=int, default=4, help="layers of the --qwen-dims model (default 4)")
     p.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "faasmoe-bench"))

@@ -1,5 +1,5 @@
 """``faasmoe-router serve-full``: the same HTTP API and engine over a whole transformers model in this one
-process (its routed experts run by transformers' own ``Qwen2MoeExperts``): the full-model baselines of the
+process (its routed experts run by transformers' own experts module): the full-model baselines of the
 resource benchmarks, measured with exactly the serving stack the mesh uses."""
 
 from __future__ import annotations
@@ -28,12 +28,12 @@ log = logging.getLogger(__name__)
 
 def load_full_model(model_dir: Path, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
+    from faasmoe.router.store.checkpoint import read_config
+    read_config(model_dir)               # a supported family, or an error naming the supported ones
     try:
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, attn_implementation="sdpa")
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{model_dir}: cannot load the model ({exc})") from None
-    if model.config.model_type != "qwen2_moe":
-        raise CheckpointError(f"{model_dir}: model_type {model.config.model_type!r} is not qwen2_moe")
     return model.eval()
 
 

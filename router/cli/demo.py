@@ -29,7 +29,8 @@ DEMO_MODEL_NAME = "faasmoe-demo"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="Hugging Face Qwen2MoeForCausalLM directory (default: a small random model)")
+    p.add_argument("--model", help="Hugging Face MoE model directory, any supported family (default: a small random "
+                   "Qwen2-MoE model)")
     p.add_argument("--nodes", type=int, default=3, help="node processes to start on 127.0.0.1 (default 3)")
     p.add_argument("--group-size", type=int, default=4, help="experts per function (default 4)")
     p.add_argument("--prompt", default=DEMO_PROMPT)
@@ -111,7 +112,7 @@ def run(args) -> int:
     else:
         print(f"prompt: {args.prompt!r}\ncompletion: {out.text!r}")
         if not args.model:
-            print("(random weights, so the text is noise; --model DIR runs a trained Qwen2-MoE checkpoint)")
+            print("(random weights, so the text is noise; --model DIR runs a trained checkpoint)")
         print(f"split {report['split_s']} s into {report['functions']} functions (G={report['group_size']}); "
               f"{args.nodes} nodes started in {report['start_nodes_s']} s; "
               f"{report['function_copies']} copies deployed in {report['deploy_s']} s")

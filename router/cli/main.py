@@ -209,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     full = sub.add_parser("serve-full", help="serve a whole model in this process over the same API (the "
                                              "full-model baseline of the benchmarks; no mesh)")
-    full.add_argument("--model", required=True, help="Qwen2MoeForCausalLM directory")
+    full.add_argument("--model", required=True, help="Hugging Face MoE model directory (a supported family)")
     add_dense_dtype_argument(full, "--dtype", full_model=True)
     full.add_argument("--host", default="127.0.0.1", help="address of the HTTP API (default 127.0.0.1)")
     full.add_argument("--port", type=int, default=8000, help="port of the HTTP API (default 8000; 0 = any free)")

@@ -42,20 +42,25 @@ class Bf16Embedding(torch.nn.Module):
 
 
 def swap_projections(model, make) -> None:
-    """Replace every attention projection and every shared-expert (or dense-layer MLP) projection of ``model`` by
-    ``make(linear)``."""
+    """Replace every ``nn.Linear`` of each layer's attention module and of its shared experts (or of a dense
+    layer's MLP) by ``make(linear)``: whatever a family names them (q/k/v/o, MLA's low-rank projections, ...).
+    Routers and the shared expert's one-output gate stay as they are."""
     for layer in model.model.layers:
-        attn = layer.self_attn
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            setattr(attn, name, make(getattr(attn, name)))
-        mlp = getattr(layer.mlp, "shared_expert", layer.mlp)        # a dense layer's MLP is one too
-        if hasattr(mlp, "gate_proj"):
-            for name in ("gate_proj", "up_proj", "down_proj"):
-                setattr(mlp, name, make(getattr(mlp, name)))
+        parts = [layer.self_attn]
+        mlp = layer.mlp
+        if hasattr(mlp, "experts"):
+            parts += [getattr(mlp, name) for name in ("shared_expert", "shared_experts") if hasattr(mlp, name)]
+        else:
+            parts.append(mlp)
+        for part in parts:
+            for name, child in list(part.named_modules()):
+                if isinstance(child, torch.nn.Linear) and name:
+                    parent_name, _, attr = name.rpartition(".")
+                    setattr(part.get_submodule(parent_name) if parent_name else part, attr, make(child))
 
 
 def store_in_bfloat16(model) -> None:
-    """Swap the large dense matrices of a ``Qwen2MoeForCausalLM`` for bfloat16-stored modules (on the meta device
+    """Swap the large dense matrices of a model of any family for bfloat16-stored modules (on the meta device
     before its weights are loaded, as the router does, or with weights, which are rounded to bfloat16)."""
     swap_projections(model, Bf16Linear)
     if not model.config.tie_word_embeddings:            # a tied table stays float32 with lm_head

@@ -1,5 +1,6 @@
-"""The router's model: transformers' own ``Qwen2MoeForCausalLM`` with every MoE layer's routed experts
-replaced by a weightless :class:`RemoteExperts`. Only dense tensors are loaded, so the router never holds
+"""The router's model: transformers' own model class of the store's family (:mod:`faasmoe.router.families`:
+``Qwen2MoeForCausalLM``, ``Qwen3MoeForCausalLM``, ``MixtralForCausalLM``, ...) with every MoE layer's routed
+experts replaced by a weightless :class:`RemoteExperts`. Only dense tensors are loaded, so the router never holds
 routed-expert weights; the engine's runner drives transformers' own modules (norms, attention projections,
 RoPE, attention kernel, gate, shared expert, lm_head) and sends the routed experts' rows to the mesh.
 
@@ -20,10 +21,10 @@ import os
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig
-from transformers.models.qwen2_moe import modeling_qwen2_moe as qm
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from faasmoe.proto.errors import CheckpointError, ConfigError, FaasmoeError
+from faasmoe.router.families import Family, family_of
 from faasmoe.router.model.bf16 import store_in_bfloat16
 from faasmoe.router.model.int8 import store_in_int8
 from faasmoe.router.store.checkpoint import read_header, read_tensor
@@ -33,7 +34,8 @@ log = logging.getLogger(__name__)
 
 
 class RemoteExperts(torch.nn.Module):
-    """Stands where ``Qwen2MoeExperts`` stood: the layer's routed experts live on the mesh and hold no weights
+    """Stands where the block's experts module (``Qwen2MoeExperts``, ``MixtralExperts``, ...) stood: the layer's
+    routed experts live on the mesh and hold no weights
     here. The engine's :class:`~faasmoe.router.model.runner.ModelRunner` sends their rows to the mesh itself
     (overlapped with the shared expert); calling this module is a programming error."""
 
@@ -46,17 +48,20 @@ class RemoteExperts(torch.nn.Module):
                            "faasmoe.router.engine, not with the model's own forward")
 
 
-def load_dense(model: torch.nn.Module, path: Path) -> tuple[list[str], list[str]]:
+def load_dense(model: torch.nn.Module, path: Path, family: Family | None = None) -> tuple[list[str], list[str]]:
     """Copy the store's dense tensors into ``model``'s parameters one at a time, each converted to its
     parameter's dtype (positioned reads, no whole-file copy); a module with ``load_weight`` (the int8 dense part)
-    takes its weight itself. Returns (missing, unexpected) names."""
+    takes its weight itself. Checkpoint names become module names by the family's rule. Returns (missing,
+    unexpected) names."""
     state, modules = model.state_dict(), dict(model.named_modules())
+    family = family or family_of(model.config.model_type)
     takers = {f"{name}.weight": m for name, m in modules.items() if hasattr(m, "load_weight")}
     infos = read_header(path)
     fd = os.open(path, os.O_RDONLY)
     try:
         with torch.inference_mode():
-            for name, info in infos.items():
+            for stored, info in infos.items():
+                name = family.module_name(stored)
                 taker = takers.get(name)
                 want = (taker.out_features, taker.in_features) if taker is not None else (
                     tuple(state[name].shape) if name in state else None)
@@ -71,26 +76,25 @@ def load_dense(model: torch.nn.Module, path: Path) -> tuple[list[str], list[str]
                     state[name].copy_(read_tensor(fd, info))
     finally:
         os.close(fd)
-    expected = set(state) | set(takers)
-    return sorted(expected - set(infos)), sorted(set(infos) - expected)
+    expected, found = set(state) | set(takers), {family.module_name(n) for n in infos}
+    return sorted(expected - found), sorted(found - expected)
 
 
 def build_mesh_model(store: str | Path, manifest: Manifest,
-                     dtype: torch.dtype = torch.float32) -> qm.Qwen2MoeForCausalLM:
+                     dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """transformers' model of ``store`` with only its dense weights: each MoE layer's routed experts are a
     weightless :class:`RemoteExperts` (they run on the mesh). ``dtype`` float32, bfloat16 or int8 (see above)."""
     store = Path(store)
     if dtype not in (torch.float32, torch.bfloat16, torch.int8):
         raise ConfigError(f"the dense part is float32, bfloat16 or int8, not {dtype}")
     # the runner relies on SDPA's semantics (no mask = causal prefill, boolean masks); transformers' default
+    family = family_of(_model_type(store), str(store / "config.json"))
     config = AutoConfig.from_pretrained(str(store), attn_implementation="sdpa")
-    if config.model_type != "qwen2_moe":
-        raise CheckpointError(f"{store / 'config.json'}: model_type {config.model_type!r} is not qwen2_moe")
     with torch.device("meta"):
-        model = qm.Qwen2MoeForCausalLM(config)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
     for i in manifest.moe_layers:        # the layers the split found experts in
         mlp = model.model.layers[i].mlp if i < len(model.model.layers) else None
-        if not isinstance(mlp, qm.Qwen2MoeSparseMoeBlock):
+        if not hasattr(mlp, "experts"):
             raise CheckpointError(f"{store / 'manifest.json'}: layer {i} has expert functions but no MoE block "
                                   "in config.json; the store does not match its config")
         mlp.experts = RemoteExperts(i)
@@ -101,7 +105,7 @@ def build_mesh_model(store: str | Path, manifest: Manifest,
     model.to_empty(device="cpu")
     path = store / manifest.dense_file
     try:
-        missing, unexpected = load_dense(model, path)
+        missing, unexpected = load_dense(model, path, family)
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read the dense weights ({exc})") from None
     if config.tie_word_embeddings:
@@ -111,9 +115,18 @@ def build_mesh_model(store: str | Path, manifest: Manifest,
         raise CheckpointError(f"{store / manifest.dense_file}: dense weights do not match the config "
                               f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     # to_empty leaves RoPE's non-persistent inv_freq buffers uninitialised: rebuild them.
-    model.model.rotary_emb = qm.Qwen2MoeRotaryEmbedding(config=config)
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
     model.eval()
     return model
+
+
+def _model_type(store: Path) -> object:
+    """config.json's model_type, read before transformers sees it (so an unsupported one fails by name)."""
+    import json
+    try:
+        return json.loads((store / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise CheckpointError(f"{store / 'config.json'}: unreadable ({exc})") from None
 
 
 def dense_bytes(model: torch.nn.Module) -> int:

@@ -2,10 +2,10 @@
 
 - :class:`MeshExperts`: on the mesh (the router's normal case). ``submit`` sends the rows right after the gate;
   ``collect`` gathers the outputs and combines them.
-- :class:`LocalExperts`: transformers' own ``Qwen2MoeExperts`` modules of a full model, in this process (a
+- :class:`LocalExperts`: transformers' own experts modules (``Qwen2MoeExperts``, ...) of a full model, in this process (a
   full-model server on the same engine: the baselines of the benchmarks).
 
-The mesh combine is transformers' ``Qwen2MoeExperts.forward`` in numpy: experts in ascending order, each
+The mesh combine is transformers' experts ``forward`` (the same in every family) in numpy: experts in ascending order, each
 expert's rows in (slot, token) order, output × routing weight, added into zeros (a token meets an expert at
 most once, so this is its ``index_add_``).
 """

@@ -103,7 +103,7 @@ class Int8Linear(torch.nn.Module):
 
 
 def store_in_int8(model) -> None:
-    """Swap a ``Qwen2MoeForCausalLM``'s projections and ``lm_head`` for :class:`Int8Linear` and its embedding table
+    """Swap a model's projections and ``lm_head`` for :class:`Int8Linear` and its embedding table
     for a bfloat16 one (meta device: weights come through ``load_weight``; with weights: quantized now)."""
     swap_projections(model, Int8Linear)
     if not model.config.tie_word_embeddings:            # a tied table stays float32 and so does lm_head

@@ -88,13 +88,16 @@ class KVCache:
     """The tensors behind a :class:`KVManager`."""
 
     def __init__(self, n_layers: int, n_slots: int, kv_heads: int, slot_len: int, head_dim: int,
-                 dtype: torch.dtype):
+                 dtype: torch.dtype, value_dim: int | None = None):
+        """``head_dim``: the keys' width; ``value_dim``: the values' (default the same; MLA caches a latent
+        and a rotated key of different widths)."""
+        value_dim = head_dim if value_dim is None else value_dim
         self.manager = KVManager(n_slots, slot_len)
-        shape = (n_slots, kv_heads, slot_len, head_dim)
         self._maps: list[mmap.mmap] = []          # the tensors' memory (kept alive with them)
-        self.keys = [self._lazy_zeros(shape, dtype) for _ in range(n_layers)]
-        self.values = [self._lazy_zeros(shape, dtype) for _ in range(n_layers)]
-        self.bytes_per_token = n_layers * 2 * kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
+        self.keys = [self._lazy_zeros((n_slots, kv_heads, slot_len, head_dim), dtype) for _ in range(n_layers)]
+        self.values = [self._lazy_zeros((n_slots, kv_heads, slot_len, value_dim), dtype) for _ in range(n_layers)]
+        self.bytes_per_token = (n_layers * kv_heads * (head_dim + value_dim)
+                                * torch.tensor([], dtype=dtype).element_size())
 
     def free(self, slot: int) -> None:
         """The slot's sequence left: its slot is free again and its pages go back to the system (pages never

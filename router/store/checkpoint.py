@@ -1,12 +1,13 @@
-"""Read a Hugging Face ``Qwen2MoeForCausalLM`` checkpoint lazily, tensor by tensor.
+"""Read a Hugging Face MoE checkpoint of a supported family (:mod:`faasmoe.router.families`) lazily, tensor by
+tensor.
 
-:func:`open_checkpoint` checks everything it can without reading tensor data: ``config.json``, the
-safetensors files (single ``model.safetensors`` or sharded with ``model.safetensors.index.json``), every
-file's header against its size (a truncated or corrupt file fails here), dtypes, and the routed experts of
-every MoE layer in either layout:
+:func:`open_checkpoint` checks everything it can without reading tensor data: ``config.json`` (its
+``model_type`` picks the family), the safetensors files (single ``model.safetensors`` or sharded with
+``model.safetensors.index.json``), every file's header against its size (a truncated or corrupt file fails
+here), dtypes, and the routed experts of every MoE layer in either layout:
 
-- per-expert (checkpoints on disk, e.g. Qwen1.5-MoE): ``model.layers.{l}.mlp.experts.{e}.{gate,up,down}_proj.weight``
-  with gate/up ``[I, H]`` and down ``[H, I]``;
+- per-expert (checkpoints on disk): ``model.layers.{l}.mlp.experts.{e}.{gate,up,down}_proj.weight`` with
+  gate/up ``[I, H]`` and down ``[H, I]`` (Mixtral: ``block_sparse_moe.experts.{e}.{w1,w3,w2}.weight``);
 - fused (transformers 5 state dicts): ``model.layers.{l}.mlp.experts.gate_up_proj`` ``[E, 2I, H]`` (gate rows
   first) and ``model.layers.{l}.mlp.experts.down_proj`` ``[E, H, I]``.
 
@@ -29,6 +30,8 @@ from typing import TYPE_CHECKING, Iterator
 import numpy as np
 
 from faasmoe.proto.errors import CheckpointError
+from faasmoe.router.families import Family, family_of
+from faasmoe.router.families.base import positive_int
 
 if TYPE_CHECKING:
     import torch
@@ -38,16 +41,11 @@ log = logging.getLogger(__name__)
 CONFIG = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-MODEL_TYPE = "qwen2_moe"
-ARCHITECTURE = "Qwen2MoeForCausalLM"
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8,
                "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 EXPERT_DTYPES = ("F32", "F16", "BF16", "F64")
 MAX_HEADER_BYTES = 100 * 2**20
-_EXPERT_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(.+)$")
-_PER_EXPERT_RE = re.compile(r"^(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 _FUSED = ("gate_up_proj", "down_proj")
-_PER_EXPERT = ("gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
@@ -71,11 +69,12 @@ class MoeConfig:
     moe_intermediate_size: int
     moe_layers: tuple[int, ...]
     raw: dict
+    family: Family
 
     @property
     def name(self) -> str:
         """Config-derived model name, independent of where the checkpoint lives."""
-        return (f"{MODEL_TYPE}-{self.num_layers}L-{self.num_experts}E-{self.hidden_size}H-"
+        return (f"{self.family.model_type}-{self.num_layers}L-{self.num_experts}E-{self.hidden_size}H-"
                 f"{self.moe_intermediate_size}I-{self.raw.get('vocab_size', 0)}V")
 
 
@@ -89,25 +88,19 @@ def read_config(model_dir: Path) -> MoeConfig:
         raise CheckpointError(f"{path}: unreadable JSON ({exc})") from None
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path}: not a JSON object")
-    archs = raw.get("architectures") or [ARCHITECTURE]
-    if raw.get("model_type") != MODEL_TYPE or ARCHITECTURE not in archs:
-        raise CheckpointError(f"{path}: model_type {raw.get('model_type')!r} / architectures {archs} is not supported; "
-                              f"faasmoe splits {MODEL_TYPE} ({ARCHITECTURE}) checkpoints")
+    family = family_of(raw.get("model_type"), str(path))
+    archs = raw.get("architectures") or [family.architecture]
+    if family.architecture not in archs:
+        raise CheckpointError(f"{path}: architectures {archs} do not include {family.architecture}, the class of "
+                              f"model_type {family.model_type!r}")
     if raw.get("hidden_act", "silu") != "silu":
         raise CheckpointError(f"{path}: hidden_act {raw.get('hidden_act')!r} is not supported (expert functions use silu)")
-    ints = {}
-    for key in ("num_hidden_layers", "hidden_size", "num_experts", "num_experts_per_tok", "moe_intermediate_size"):
-        value = raw.get(key)
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise CheckpointError(f"{path}: {key} must be a positive integer, got {value!r}")
-        ints[key] = value
-    step = raw.get("decoder_sparse_step", 1)
-    mlp_only = raw.get("mlp_only_layers") or []
-    if not isinstance(step, int) or step <= 0 or not isinstance(mlp_only, list):
-        raise CheckpointError(f"{path}: decoder_sparse_step {step!r} / mlp_only_layers {mlp_only!r} are malformed")
-    layers = tuple(l for l in range(ints["num_hidden_layers"]) if l not in mlp_only and (l + 1) % step == 0)
-    return MoeConfig(ints["num_hidden_layers"], ints["hidden_size"], ints["num_experts"], ints["num_experts_per_tok"],
-                     ints["moe_intermediate_size"], layers, raw)
+    ints = {key: positive_int(raw, key, str(path))
+            for key in ("num_hidden_layers", "hidden_size", "num_experts_per_tok", family.expert_width_key)}
+    experts = family.num_experts(raw, str(path))
+    layers = family.moe_layers(raw)
+    return MoeConfig(ints["num_hidden_layers"], ints["hidden_size"], experts, ints["num_experts_per_tok"],
+                     ints[family.expert_width_key], layers, raw, family)
 
 
 def read_header(path: Path) -> dict[str, TensorInfo]:
@@ -191,15 +184,18 @@ class Checkpoint:
     # ---- checks -------------------------------------------------------------------------------------------------
     def _classify(self) -> None:
         cfg, seen = self.config, {}
+        family = cfg.family
+        expert_re = re.compile(rf"^model\.layers\.(\d+)\.(?:mlp|{re.escape(family.block)})\.experts\.(.+)$")
+        per_expert_re = re.compile(rf"^(\d+)\.({'|'.join(map(re.escape, family.expert_keys))})\.weight$")
         for name in self.tensors:
-            m = _EXPERT_RE.match(name)
+            m = expert_re.match(name)
             if not m:
                 continue
             layer, rest = int(m.group(1)), m.group(2)
             if layer not in cfg.moe_layers:
                 raise CheckpointError(f"{self._file(name)}: {name} is a routed-expert tensor but config.json says "
                                       f"layer {layer} is not an MoE layer")
-            pe = _PER_EXPERT_RE.match(rest)
+            pe = per_expert_re.match(rest)
             if pe and int(pe.group(1)) >= cfg.num_experts:
                 raise CheckpointError(f"{self._file(name)}: {name} names expert {pe.group(1)} but num_experts is "
                                       f"{cfg.num_experts}")
@@ -224,15 +220,17 @@ class Checkpoint:
                                           f"{'/'.join(EXPERT_DTYPES)}")
 
     def _expected(self, layer: int) -> Iterator[tuple[str, tuple[int, ...]]]:
-        c, prefix = self.config, f"model.layers.{layer}.mlp.experts"
+        c = self.config
         h, i, e = c.hidden_size, c.moe_intermediate_size, c.num_experts
         if self.layouts[layer] == "fused":
+            prefix = f"model.layers.{layer}.mlp.experts"
             yield f"{prefix}.gate_up_proj", (e, 2 * i, h)
             yield f"{prefix}.down_proj", (e, h, i)
             return
+        prefix, (gate, up, down) = c.family.expert_prefix(layer), c.family.expert_keys
         for expert in range(e):
-            for proj in _PER_EXPERT:
-                yield f"{prefix}.{expert}.{proj}.weight", ((h, i) if proj == "down_proj" else (i, h))
+            for proj in (gate, up, down):
+                yield f"{prefix}.{expert}.{proj}.weight", ((h, i) if proj == down else (i, h))
 
     def _file(self, name: str) -> Path:
         return self.tensors[name].file
@@ -273,13 +271,13 @@ class Checkpoint:
     def expert_weights(self, layer: int, expert: int) -> tuple[np.ndarray, np.ndarray]:
         """Expert ``expert`` of ``layer`` as float32 ``(gate_up [2I, H], down [H, I])``."""
         import torch
-        prefix = f"model.layers.{layer}.mlp.experts"
         if self.layouts[layer] == "fused":
+            prefix = f"model.layers.{layer}.mlp.experts"
             gate_up, down = self._read(f"{prefix}.gate_up_proj", expert), self._read(f"{prefix}.down_proj", expert)
         else:
-            p = f"{prefix}.{expert}"
-            gate_up = torch.cat([self._read(f"{p}.gate_proj.weight"), self._read(f"{p}.up_proj.weight")], dim=0)
-            down = self._read(f"{p}.down_proj.weight")
+            p, (gate, up, down_key) = f"{self.config.family.expert_prefix(layer)}.{expert}", self.config.family.expert_keys
+            gate_up = torch.cat([self._read(f"{p}.{gate}.weight"), self._read(f"{p}.{up}.weight")], dim=0)
+            down = self._read(f"{p}.{down_key}.weight")
         return (np.ascontiguousarray(gate_up.to(torch.float32).numpy()),
                 np.ascontiguousarray(down.to(torch.float32).numpy()))
 

@@ -1,4 +1,4 @@
-"""``faasmoe split``: turn a Qwen2-MoE checkpoint into a store (see :mod:`faasmoe.router.store.manifest`).
+"""``faasmoe split``: turn an MoE checkpoint (any family of :mod:`faasmoe.router.families`) into a store (see :mod:`faasmoe.router.store.manifest`).
 
 Streams: the dense tensors are copied byte for byte from the source files into ``dense.safetensors`` (one
 chunk at a time, original names and dtype), and each function reads only its G experts (one slice of a fused
@@ -33,7 +33,8 @@ from typing import Callable
 
 from faasmoe.proto.errors import CheckpointError, ConfigError
 from faasmoe.proto.function_abi import FP32, Precision, function_resident_bytes
-from faasmoe.router.store.checkpoint import ARCHITECTURE, Checkpoint
+from faasmoe.router.families import FAMILIES
+from faasmoe.router.store.checkpoint import Checkpoint
 from faasmoe.router.store.manifest import FORMAT, MANIFEST, FunctionEntry, Manifest
 from faasmoe.router.store.onnx_function import OPSET, build_function
 from faasmoe.router.store.quantize import PRECISIONS, parse_precision
@@ -190,7 +191,7 @@ def split_checkpoint(model_dir: str | Path, out_dir: str | Path, group_size: int
                     bar.set_postfix_str(function_paths(layer, ids)[0], refresh=False)
                     entries.append(_write_function(ckpt, tmp, layer, ids, precision, bar.update))
             ids_hash = hashlib.sha256("\n".join(e.function_id for e in entries).encode()).hexdigest()[:12]
-            manifest = Manifest(format=FORMAT, model_id=f"{cfg.name}-{ids_hash}", architecture=ARCHITECTURE,
+            manifest = Manifest(format=FORMAT, model_id=f"{cfg.name}-{ids_hash}", architecture=cfg.family.architecture,
                                 num_layers=cfg.num_layers, num_experts=cfg.num_experts, top_k=cfg.top_k,
                                 hidden_size=cfg.hidden_size, moe_layers=cfg.moe_layers, group_size=g,
                                 dtype=_dtype(precision), dense_file=DENSE_FILE, dense_bytes=dense_bytes,
@@ -217,7 +218,8 @@ def _progress_bar(total_bytes: int, enabled: bool):
 
 # ---- CLI pieces for the umbrella command ------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model_dir", type=Path, help="Hugging Face Qwen2-MoE checkpoint directory (safetensors)")
+    parser.add_argument("model_dir", type=Path, help="Hugging Face MoE checkpoint directory (safetensors) of a "
+                        f"supported family ({', '.join(FAMILIES)}: config.json's model_type)")
     parser.add_argument("--out", metavar="STORE", type=Path, required=True, help="store directory to write")
     parser.add_argument("--group-size", metavar="G", type=int, default=None,
                         help=f"experts per function, 1..num_experts (default {DEFAULT_GROUP_SIZE})")

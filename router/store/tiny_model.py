@@ -43,6 +43,12 @@ def make_model(*, seed: int = 0, dtype: str = "float32", **kw) -> "torch.nn.Modu
     config = make_config(**kw)
     torch.manual_seed(seed)
     model = Qwen2MoeForCausalLM(config).eval()
+    init_weights(model, seed)
+    return model.to(getattr(torch, dtype))
+
+
+def init_weights(model: "torch.nn.Module", seed: int) -> None:
+    """Seeded weights with fan-in scaling (norms near 1, biases small; DeepSeek-V3's routing bias too)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in sorted(model.named_parameters()):
@@ -55,7 +61,9 @@ def make_model(*, seed: int = 0, dtype: str = "float32", **kw) -> "torch.nn.Modu
                 p.copy_(noise)
             else:
                 p.copy_(noise * p.shape[-1] ** -0.5)
-    return model.to(getattr(torch, dtype))
+        for name, b in sorted(model.named_buffers()):
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(0.1 * torch.randn(b.shape, generator=gen))
 
 
 def _per_expert(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
