@@ -30,7 +30,8 @@ import torch
 from faasmoe.proto.errors import FaasmoeError, Overloaded, StepFailed
 from faasmoe.router.engine.admission import check_request, raise_for
 from faasmoe.router.engine.sampling import sample
-from faasmoe.router.engine.scheduler import Limits, SeqView, plan_step
+from faasmoe.router.engine.queues import BatchQueues
+from faasmoe.router.engine.scheduler import Limits
 from faasmoe.router.engine.sequence import FinishEvent, Request, Result, Sequence, TokenEvent
 from faasmoe.router.model.runner import ModelRunner, SeqChunk
 from faasmoe.router.tenancy.accounting import row_owners
@@ -78,12 +79,10 @@ class Engine:
         self.cache_tokens = max(1, config.kv_cache_bytes // runner.kv_bytes_per_token)
         self.limits = dataclasses.replace(config.limits, cache_tokens=self.cache_tokens,
                                           reserved_slots=config.limits.reserved_slots if accounting else 0)
-        self._last_urgent = False
         # one slot per batch place, each as long as a sequence may be (untouched pages cost nothing)
         self.kv = runner.new_kv_cache(self.limits.max_running, min(runner.max_positions, self.cache_tokens))
         self.eos_ids = eos_ids
-        self.waiting: list[Sequence] = []
-        self.running: list[Sequence] = []
+        self.queues = BatchQueues(self.limits)
         self.stats = EngineStats()
         self.on_step: Callable[[float, int], None] | None = None     # (seconds, tokens): metrics hook
         self.accounting = accounting       # tenancy: fairness order, ledger (None: arrival order, no ledger)
@@ -113,9 +112,8 @@ class Engine:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
-        for seq in [*self.running, *self.waiting]:
+        for seq in self.queues.take_all():
             self._finish(seq, "error", StepFailed("the server is shutting down"))
-        self.running, self.waiting = [], []
 
     async def __aenter__(self) -> Engine:
         await self.start()
@@ -175,7 +173,7 @@ class Engine:
             self._finish(seq, "cancelled" if seq.cancelled else "error",
                          None if seq.cancelled else StepFailed("the engine has stopped; restart the server"))
             return
-        self.waiting.append(seq)
+        self.queues.arrive(seq)
         self.stats.requests += 1
         self._wake.set()
 
@@ -223,7 +221,7 @@ class Engine:
     async def _run(self) -> None:
         while True:
             self._drop_cancelled()
-            if not self.running and not self.waiting:
+            if not self.queues:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
@@ -236,13 +234,11 @@ class Engine:
             await asyncio.sleep(0)          # let handlers and streams run between steps
 
     def _drop_cancelled(self) -> None:
-        for group in (self.running, self.waiting):
-            for seq in [s for s in group if s.cancelled]:
-                group.remove(seq)
-                self._finish(seq, "cancelled")
+        for seq in self.queues.take_cancelled():
+            self._finish(seq, "cancelled")
 
     async def step(self) -> None:
-        """One step: schedule (plain data, queues and KV slots), execute (the forward on the mesh), update
+        """One step: schedule (the plan is plain data; the queues and the KV manager apply it), execute (the forward on the mesh), update
         (sample, stream, finish)."""
         work = self._schedule()
         if work is None:
@@ -253,23 +249,13 @@ class Engine:
 
     def _schedule(self) -> _StepWork | None:
         self._in_step = []
-        if self.accounting is not None and len({s.request.tenant for s in self.waiting}) > 1:
-            self.waiting = self.accounting.order(self.waiting)
-        urgent = self._urgent()
-        plan = plan_step([SeqView(s.id, s.prompt_left, s.reserve) for s in self.running],
-                         [SeqView(s.id, s.prompt_left, s.reserve, s.id in urgent) for s in self.waiting],
-                         self.limits, self._last_urgent)
-        self._last_urgent = plan.urgent
+        several = self.accounting is not None and len({s.request.tenant for s in self.waiting}) > 1
+        plan = self.queues.plan(self.accounting.order if several else None, self._urgent())
         if not plan.runs:
             return None
-        by_id = {s.id: s for s in [*self.running, *self.waiting]}
+        by_id = self.queues.admit(plan, self.kv.manager.allocate)     # joins: out of the queue, into a KV slot
         if self.accounting is not None and plan.admitted:
             self.accounting.admitted(by_id[i].request.tenant for i in plan.admitted)
-        for seq_id in plan.admitted:                  # joins: out of the queue, into a KV slot
-            seq = by_id[seq_id]
-            self.waiting.remove(seq)
-            seq.slot = self.kv.manager.allocate()
-            self.running.append(seq)
         work = _StepWork([(by_id[i], n) for i, n in plan.runs])
         self._in_step = [seq for seq, _ in work.runs]
         for seq, n in work.runs:
@@ -326,7 +312,7 @@ class Engine:
                 continue
             self.stats.completion_tokens += 1
             if reason is not None:
-                self.running.remove(seq)
+                self.queues.leave([seq])
                 self._finish(seq, reason)
 
     def _account(self, runs, decode_only: bool, rpcs_before: int, elapsed_s: float) -> None:
@@ -367,6 +353,14 @@ class Engine:
                 first.setdefault(s.request.tenant, s.id)
         return set(first.values())
 
+    @property
+    def waiting(self) -> list[Sequence]:
+        return self.queues.waiting
+
+    @property
+    def running(self) -> list[Sequence]:
+        return self.queues.running
+
     def in_flight(self, tenant: str) -> int:
         """``tenant``'s requests submitted and not finished (from any thread)."""
         with self._in_flight_lock:
@@ -380,10 +374,8 @@ class Engine:
 
     def _fail(self, seqs: list[Sequence], error: FaasmoeError) -> None:
         log.warning("step %d: %d requests failed: %s", self._step_no, len(seqs), error)
+        self.queues.leave(seqs)
         for seq in seqs:
-            for group in (self.running, self.waiting):
-                if seq in group:
-                    group.remove(seq)
             self._finish(seq, "error", error)
 
 
