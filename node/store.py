@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import hashlib
 import logging
@@ -170,6 +171,13 @@ class ContentStore:
                                      "was corrupted or the id is wrong, deploy it again")
             self.path(function_id).parent.mkdir(exist_ok=True)
             os.replace(tmp, self.path(function_id))
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):      # the disk filled before the budget did
+                raise NodeFull(f"node {self.node}: the disk under {self.root} is full ({exc.strerror}) while storing "
+                               f"function {function_id[:12]} ({size_bytes / MIB:.1f} MiB); free disk space or lower "
+                               "--disk-budget-mb to what the disk holds", node=self.node) from None
+            raise
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise

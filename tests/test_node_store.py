@@ -118,3 +118,24 @@ def test_each_function_has_its_own_folder_and_the_flat_layout_moves_in(tmp_path)
     (tmp_path / f"{old}.onnx").write_bytes(old_data)                 # a store from before the folders
     again = ContentStore(tmp_path, 10_000)
     assert again.has(old) and again.path(old).read_bytes() == old_data and not (tmp_path / f"{old}.onnx").exists()
+
+
+def test_a_full_disk_is_a_full_node(tmp_path):
+    """The disk fills before the disk budget does (a 64 KiB tmpfs, a 10 MiB budget): the upload is refused as
+    NodeFull, naming the disk, and leaves nothing behind."""
+    import subprocess
+    from conftest import skip_or_fail
+    if os.geteuid() != 0:
+        skip_or_fail("mounting a small tmpfs needs root")
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(small)], check=True)
+    try:
+        store = ContentStore(small, 10 << 20)
+        fid, data = blob(200_000, 7)
+        with pytest.raises(NodeFull, match="disk under .* is full"):
+            receive(store, fid, len(data), data)
+        assert leftovers(small) == [] and not store.has(fid)
+        store.close()
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
