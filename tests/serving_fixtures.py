@@ -41,8 +41,8 @@ class TinyModel:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
 
-def tiny_model(root: Path, group_size: int = 4) -> TinyModel:
-    model_dir = make_checkpoint(root / "model", **TINY)
+def tiny_model(root: Path, group_size: int = 4, **overrides) -> TinyModel:
+    model_dir = make_checkpoint(root / "model", **{**TINY, **overrides})
     store = root / "store"
     split_checkpoint(model_dir, store, group_size=group_size, progress=False)
     reference = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()

@@ -34,10 +34,10 @@ def add(path, name, *flags) -> str:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("tenants")
-    tiny = tiny_model(root)
+    tiny = tiny_model(root, max_position_embeddings=4096)      # room for a request that outlasts any stall
     path = root / "tenants.toml"
     keys = {"alice": add(path, "alice", "--weight", "2"),
-            "bob": add(path, "bob", "--max-concurrent", "1", "--max-tokens-per-request", "250"),
+            "bob": add(path, "bob", "--max-concurrent", "1", "--max-tokens-per-request", "3000"),
             "carol": add(path, "carol", "--tokens-per-minute", "200")}
     keys["admin"] = tenants_cli("admin-key", "--file", str(path)).stdout.strip()
     log = root / "usage.jsonl"
@@ -84,11 +84,12 @@ def test_keys(setup):
 def test_limits(setup):
     server, tiny, _, keys, _, _ = setup
     bob, carol = client(server, keys["bob"]), client(server, keys["carol"])
-    with pytest.raises(openai.BadRequestError, match="at most 250"):      # (this also opens bob's connection)
-        bob.completions.create(model="store", prompt="x", max_tokens=252)
-    # bob may have 1 request in flight: the running one takes as many tokens as the model's context allows, so
-    # it is still generating when the second arrives on bob's open connection; leaving the stream cancels it
-    body = {"model": "store", "prompt": "long one", "max_tokens": 240, "temperature": 0, "stream": True,
+    with pytest.raises(openai.BadRequestError, match="at most 3000"):    # (this also opens bob's connection)
+        bob.completions.create(model="store", prompt="x", max_tokens=3002)
+    # bob may have 1 request in flight: the running one wants 2,900 tokens (seconds of generation, more than any
+    # stall of a loaded machine), so it is still generating when the second arrives on bob's open connection;
+    # leaving the stream cancels it
+    body = {"model": "store", "prompt": "long one", "max_tokens": 2900, "temperature": 0, "stream": True,
             "ignore_eos": True}
     with httpx.stream("POST", f"{server.url}/v1/completions", json=body,
                       headers={"Authorization": f"Bearer {keys['bob']}"}) as running:
