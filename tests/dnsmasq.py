@@ -43,7 +43,7 @@ class DnsServer:
     def __init__(self, workdir: Path):
         binary = shutil.which("dnsmasq") or ("/usr/sbin/dnsmasq" if Path("/usr/sbin/dnsmasq").exists() else None)
         if binary is None:
-            skip_or_fail("needs dnsmasq (apt-get install dnsmasq)")
+            skip_or_fail("needs dnsmasq (apt-get install dnsmasq-base)")
         self.binary = binary
         self.host, self.port = "127.0.0.1", free_udp_port()
         self.conf = workdir / "dnsmasq.conf"
