@@ -239,6 +239,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from faasmoe.node.cgroup import fit_to_container, memory_limit_bytes
+    try:
+        config = fit_to_container(config, memory_limit_bytes())    # never past the container's memory limit
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if not tune_malloc():
         log.warning("could not set malloc's mmap threshold (not glibc?): RSS may stay high after releases")
     try:

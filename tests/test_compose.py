@@ -9,6 +9,7 @@ image installs). The node image's healthcheck one-liner runs against a real node
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
 import re
@@ -227,6 +228,23 @@ def test_services_networks_and_dependencies():
                     f"{name} starts by default but depends on {target}, which only runs with a profile"
 
 
+def test_networks_are_ours_and_closed():
+    """The mesh network is internal (no route off the machine) on a fixed subnet inside 10.231.0.0/16, the range
+    the tests own; only the router also joins "api" (no NAT), to publish its port on loopback only."""
+    owned = ipaddress.ip_network("10.231.0.0/16")
+    for name, network in COMPOSE["networks"].items():
+        (pool,) = network["ipam"]["config"]
+        assert ipaddress.ip_network(pool["subnet"]).subnet_of(owned), f"{name}: {pool['subnet']} outside {owned}"
+    assert COMPOSE["networks"][NETWORK]["internal"] is True
+    api = COMPOSE["networks"]["api"]
+    assert api["driver_opts"]["com.docker.network.bridge.enable_ip_masquerade"] == "false"
+    assert [n for n, svc in SERVICES.items() if "api" in svc["networks"]] == ["router"]
+    for name, service in SERVICES.items():
+        for port in service.get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), f"{name}: port {port} published beyond loopback"
+    assert [n for n, svc in SERVICES.items() if svc.get("ports")] == ["router"]
+
+
 def test_volumes_are_declared_and_bind_sources_exist():
     declared = set(COMPOSE.get("volumes") or {})
     for name, service in SERVICES.items():
@@ -239,7 +257,11 @@ def test_volumes_are_declared_and_bind_sources_exist():
 
 def test_broker():
     broker = SERVICES["broker"]
-    assert broker["image"].startswith("eclipse-mosquitto:2")
+    assert broker["image"].startswith("faasmoe-broker"), "Debian's mosquitto, built here: no registry needed"
+    dockerfile = Dockerfile(COMPOSE_DIR / broker["build"]["context"] / "Dockerfile")
+    assert "apt-get install" in shell_words(dockerfile) and "mosquitto" in shell_words(dockerfile)
+    assert dockerfile.all("FROM") == ["${BASE}"] and "BASE" in broker["build"]["args"]
+    assert [u for kw, u in dockerfile.final_stage() if kw == "USER"] == ["mosquitto"]
     (config,) = [(COMPOSE_DIR / s) for s, t, ro in mounts(broker) if t == "/mosquitto/config/mosquitto.conf" and ro]
     lines = {" ".join(line.split()) for line in config.read_text().splitlines() if not line.startswith("#")}
     assert {"listener 1883", "allow_anonymous true"} <= lines
@@ -281,7 +303,7 @@ def test_node_service(name):
     assert config.host == "0.0.0.0", f"{name}: must listen on every interface to be reachable"
     assert "--port" not in argv and config.port == int(env["FAASMOE_NODE_PORT"]) > 0, \
         f"{name}: give a fixed port as FAASMOE_NODE_PORT (the healthcheck reads it)"
-    assert config.mdns, f"{name}: must advertise over mDNS for the router's --discover"
+    assert not config.mdns, f"{name}: the internal network drops multicast; the router lists the nodes (x-nodes)"
     assert config.mqtt_url and config.mqtt_url.startswith("mqtt://broker:"), f"{name}: MQTT goes to the broker"
     assert config.metrics_port, f"{name}: no metrics port"
     named = {target: source for source, target, ro in mounts(service) if is_named(source) and not ro}
@@ -289,11 +311,14 @@ def test_node_service(name):
 
     assert config.profile in list_profiles(), f"{name}: --profile {config.profile!r} is not a shipped profile"
     profile = load_profile(config.profile)
-    assert "deploy" not in service, f"{name}: limits are service-level mem_limit/cpus, not deploy.resources"
+    assert "deploy" not in service, f"{name}: limits are service-level mem_limit/cpu_quota, not deploy.resources"
     assert str(service.get("mem_limit")).lower() == profile.container_mem_limit.lower(), \
         f"{name}: mem_limit {service.get('mem_limit')!r} != profile {profile.name} {profile.container_mem_limit!r}"
-    assert float(service.get("cpus", 0)) == profile.container_cpus, \
-        f"{name}: cpus {service.get('cpus')!r} != profile {profile.name} {profile.container_cpus}"
+    # A quota per period, not "cpus" (docker refuses cpus above the host's core count; the quota it takes)
+    assert "cpus" not in service, f"{name}: give the CPU limit as cpu_quota / cpu_period"
+    assert service["cpu_quota"] / service["cpu_period"] == profile.container_cpus, \
+        f"{name}: cpu_quota/cpu_period {service['cpu_quota']}/{service['cpu_period']} != profile {profile.name} " \
+        f"{profile.container_cpus}"
 
 
 def test_nodes_are_distinct():
@@ -398,7 +423,10 @@ def test_split_router_generate_agree(monkeypatch):
         (volume,) = [(s, ro) for s, t, ro in mounts(SERVICES[name]) if store.is_relative_to(t) and is_named(s)]
         assert volume == ("store", not writable), f"{name}: store volume mount {volume}"
 
-    assert serve.discover and gen.discover
+    # mDNS cannot cross an internal docker network (multicast is dropped), so the router lists every node service
+    listed = {f"{name}:{node_environment(name)['FAASMOE_NODE_PORT']}" for name in services_of("node")}
+    assert not serve.discover and not gen.discover
+    assert set(serve.nodes.split(",")) == set(gen.nodes.split(",")) == listed, "--nodes must list every node service"
     assert serve.mqtt.startswith("mqtt://broker:") and serve.port and serve.host == "0.0.0.0"
     assert serve.tenants, "a router on 0.0.0.0 needs a tenants file (it refuses to start without one)"
     assert any(Path(serve.tenants).parent == Path(t) and ro for _, t, ro in mounts(SERVICES["router"])), \
@@ -425,6 +453,8 @@ def test_dockerfile_copies_what_the_build_needs(kind):
     assert context == REPO, f"{kind}: build from the repository root"
     sources = [src for group in dockerfile.copies() for src in group]
     for src in sources:
+        if src.startswith("compose/local/") and "*" in src:
+            continue            # made by compose/build-images when this machine has it (a glob may match nothing)
         assert list(context.glob(src.rstrip("/"))), f"{dockerfile.path.name}: COPY source {src!r} does not exist"
     copied = {src.rstrip("/") for src in sources}
     meta = pyproject()
@@ -432,8 +462,12 @@ def test_dockerfile_copies_what_the_build_needs(kind):
     if isinstance(meta["project"].get("readme"), str):
         needed.add(meta["project"]["readme"])
     assert needed <= copied, f"{dockerfile.path.name}: 'pip install .' also needs {sorted(needed - copied)}"
-    assert dockerfile.all("FROM")[0].startswith("python:3.11-slim")
-    assert dockerfile.final_stage()[0][1].startswith("python:3.11-slim")
+    # The base is a build argument (a local Debian image without a registry), the registry's by default.
+    assert dockerfile.instructions[0] == ("ARG", "BASE=python:3.11-slim")
+    assert [f.split()[0] for f in dockerfile.all("FROM")] == ["${BASE}", "${BASE}"]
+    for name in services_of(kind):
+        assert SERVICES[name]["build"]["args"]["BASE"] == "python:3.11-slim", f"{name}: default base"
+    assert RAW["services"][services_of(kind)[0]]["build"]["args"]["BASE"].startswith("${FAASMOE_BASE_IMAGE:-")
     users = [rest for kw, rest in dockerfile.final_stage() if kw == "USER"]
     assert users and users[-1] not in ("root", "0"), f"{dockerfile.path.name}: run as a non-root user"
 
@@ -441,7 +475,7 @@ def test_dockerfile_copies_what_the_build_needs(kind):
 def test_node_image_has_no_router_dependencies():
     _, dockerfile = dockerfile_of("node")
     runs = shell_words(dockerfile)
-    assert '".[node]"' in runs or "'.[node]'" in runs, "the node image installs .[node]"
+    assert '"/src[node]"' in runs, "the node image installs .[node]"
     for banned in ("torch", "transformers", "[router]", "[all]", "[dev]"):
         assert banned not in runs, f"Dockerfile.node installs {banned!r}"
     assert not set(pyproject()["project"]["optional-dependencies"]["node"]) & {"torch", "transformers"}
@@ -452,10 +486,10 @@ def test_node_image_has_no_router_dependencies():
 
 def test_router_image_installs_cpu_torch_first():
     _, dockerfile = dockerfile_of("router")
-    runs = [rest for kw, rest in dockerfile.instructions if kw == "RUN"]
-    torch_at = next(i for i, r in enumerate(runs) if "download.pytorch.org/whl/cpu" in r)
-    all_at = next(i for i, r in enumerate(runs) if '".[all]"' in r)
-    assert torch_at < all_at, "install the CPU torch wheel before .[all]"
+    runs = shell_words(dockerfile)
+    assert "TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in dockerfile.all("ARG"), "the CPU index by default"
+    assert 0 <= runs.index('"$TORCH_SPEC"') < runs.index('"/src[all]"'), "install the CPU torch wheel before .[all]"
+    assert "--find-links /tmp/faasmoe-local/wheels" in runs, "the wheels compose/build-images brought along"
     assert dockerfile.exec_form("ENTRYPOINT") == ["faasmoe-router"]
 
 
@@ -500,3 +534,22 @@ def test_node_healthcheck_against_a_real_node(tmp_path):
             port = int(node.address.rsplit(":", 1)[1])
             assert check(port, enrolled) == 0, "healthcheck fails against an enrolled node"
             assert check(port, plain) != 0, "a plaintext check passes against a mutual-TLS node"
+
+
+# ------------------------------------------------------------------------------- building without a registry
+
+
+def test_build_scripts_hold_nothing_of_this_machine():
+    """The mirror, the package indexes and the local wheels are read at build time (apt's sources, pip's own
+    configuration), never written into the repository."""
+    files = [p for p in (COMPOSE_DIR.rglob("*")) if p.is_file() and "local" not in p.relative_to(COMPOSE_DIR).parts]
+    files += list((REPO / "deploy").rglob("*.yaml")) + [REPO / ".ci" / "run"]
+    for path in files:
+        text = path.read_text(encoding="utf-8", errors="replace")
+        for banned in ("deb.debian.org", "security.debian.org", "/opt/wheels", "/opt/pypi", "file://", "/etc/xdg",
+                       "/work/", "pypi.org"):
+            assert banned not in text, f"{path.relative_to(REPO)} names {banned!r}: read it at build time instead"
+    base = (COMPOSE_DIR / "base" / "build.sh").read_text()
+    assert "apt-get indextargets" in base and "VERSION_CODENAME" in base, "mirror and release from this machine"
+    assert "pip config list" in (COMPOSE_DIR / "base" / "pip_context.py").read_text().replace('", "', " ")
+    assert (REPO / ".gitignore").read_text().count("/compose/local/*") == 1

@@ -88,7 +88,7 @@ class RouterServer:
         host, port = cluster.listen_address(None if options.enroll_listen == "default" else options.enroll_listen)
         server = es.enroll_server(cluster, host, port)
         task, bound = await es.start(server)
-        self.announce(f"node enrolment on https://{host}:{bound} (nodes dial {cluster.address})")
+        self.front.announce(f"node enrolment on https://{host}:{bound} (nodes dial {cluster.address})")
         return server, task
 
     async def run(self) -> None:

@@ -30,6 +30,16 @@ def static_nodes(args) -> list[str]:
     return static
 
 
+def discovery(args) -> dict:
+    """NodeDirectory's discovery arguments from ``--discover [dns-srv:NAME]`` and ``--mdns-interface``."""
+    mode = args.discover or ""
+    if getattr(args, "dns_srv_interval_s", 5.0) <= 0:
+        raise ConfigError("--dns-srv-interval-s must be > 0")
+    return {"mdns_interfaces": (args.mdns_interface or []) if mode == "mdns" else None,
+            "dns_srv": mode if mode.startswith("dns-srv:") else None,
+            "dns_srv_interval_s": getattr(args, "dns_srv_interval_s", 5.0)}
+
+
 @contextmanager
 def node_addresses(args):
     """Yield the addresses of the nodes to use (static ``--nodes`` and/or ``--discover``)."""
@@ -37,7 +47,7 @@ def node_addresses(args):
     if not args.discover:
         yield static, None
         return
-    directory = NodeDirectory(static=static, mdns_interfaces=args.mdns_interface or [], tls=cluster_tls(args))
+    directory = NodeDirectory(static=static, tls=cluster_tls(args), **discovery(args))
     directory.start()
     try:
         directory.wait_for(lambda states: False, args.discover_wait_s)   # collect answers for a while
@@ -239,8 +249,7 @@ def serve(args) -> int:
     config = engine_config(args)
     dense_threads(args)
     session = _session(args)
-    directory = NodeDirectory(static=static, mdns_interfaces=(args.mdns_interface or []) if args.discover else None,
-                              tls=session.tls)
+    directory = NodeDirectory(static=static, tls=session.tls, **discovery(args))
     if args.tenant and not args.tenants:
         raise ConfigError("--tenant NAME (private mode) needs --tenants FILE")
     options = ServeOptions(host=args.host, port=args.port, model_name=args.model_name, warm=args.warm,

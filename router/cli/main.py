@@ -39,6 +39,23 @@ def parse(parser: argparse.ArgumentParser, argv):
         raise SystemExit(2) from None
 
 
+def discover_mode(text: str) -> str | None:
+    """``--discover`` alone is mDNS; ``--discover dns-srv:NAME[@HOST[:PORT]]`` resolves a DNS SRV name (Kubernetes);
+    from the environment, 1/true/… mean mDNS and 0/false/… none."""
+    value = text.strip()
+    if value.lower() in ("mdns",) + TRUE:
+        return "mdns"
+    if value.lower() in FALSE:
+        return None
+    if value.startswith("dns-srv:"):
+        from faasmoe.router.control.dns_srv import parse_spec
+        try:
+            return str(parse_spec(value))
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    raise argparse.ArgumentTypeError(f"--discover {value!r}: give no value (mDNS), mdns, or dns-srv:SRV-NAME[@HOST[:PORT]]")
+
+
 def _from_env(action: argparse.Action, name: str, text: str):
     try:
         if isinstance(action, argparse._StoreTrueAction):
@@ -49,7 +66,7 @@ def _from_env(action: argparse.Action, name: str, text: str):
         if isinstance(action, argparse._AppendAction):
             return [convert(part.strip()) for part in text.split(",") if part.strip()]
         return convert(text)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, argparse.ArgumentTypeError) as exc:
         raise ConfigError(f"{name}={text!r} is not valid for {action.option_strings[0]}: {exc}") from None
 
 
@@ -74,12 +91,15 @@ def add_mesh_arguments(p: argparse.ArgumentParser, store: bool = True) -> None:
         p.add_argument("--store", required=True, help="store written by 'faasmoe split'")
     p.add_argument("--nodes", default="",
                    help="static node list HOST:PORT[,HOST:PORT...]")
-    p.add_argument("--discover", action="store_true",
-                   help="find nodes over mDNS (_faasmoe._tcp.local.)")
+    p.add_argument("--discover", nargs="?", const="mdns", default=None, type=discover_mode, metavar="dns-srv:NAME",
+                   help="find nodes over mDNS (_faasmoe._tcp.local.), or with dns-srv:NAME[@HOST[:PORT]] from the DNS SRV "
+                        "records of NAME, e.g. dns-srv:_grpc._tcp.faasmoe-nodes.NAMESPACE.svc.cluster.local (Kubernetes)")
     p.add_argument("--mdns-interface", action="append", default=None,
                    help="IPv4 address of an interface to browse mDNS on (repeatable; default: all)")
     p.add_argument("--discover-wait-s", type=float, default=3.0,
-                   help="how long to wait for mDNS answers before planning (default 3)")
+                   help="how long to wait for mDNS or DNS answers before planning (default 3)")
+    p.add_argument("--dns-srv-interval-s", type=float, default=5.0,
+                   help="with --discover dns-srv:NAME: how often NAME is resolved again (default 5)")
     p.add_argument("--cluster", default=None, metavar="DIR",
                    help="the cluster folder ('faasmoe-router init-cluster'): mutual TLS to every node, and a "
                         "discovered node is used only when its certificate matches its advertisement (default: "

@@ -1,4 +1,5 @@
-"""The router's node directory: static ``host:port`` nodes plus mDNS records, kept honest by gRPC health checks.
+"""The router's node directory: static ``host:port`` nodes plus mDNS or DNS SRV records, kept honest by gRPC
+health checks.
 
 A node is ``up`` only while the standard gRPC health service answers SERVING. mDNS only tells us a node exists
 (a crashed node stays listed for minutes); every known node gets one channel and one checker thread that calls
@@ -9,8 +10,9 @@ one after at most about ``health_interval_s + health_timeout_s``.
 Discovery is a hint, never an authority:
 
 - With cluster credentials (``tls``) a node counts as up only after :func:`faasmoe.router.control.probe.probe`
-  saw the chain validate and the certificate's fingerprint equal the one in its mDNS record (static nodes: any
-  node certificate of the cluster). A spoofed record, with the wrong certificate or none, gets no call.
+  saw the chain validate and the certificate's fingerprint equal the one in its mDNS record (static nodes and
+  DNS SRV records, which carry no fingerprint: any node certificate of the cluster). A spoofed record, with the
+  wrong certificate or none, gets no call.
 - A goodbye, or a record for the same node at another address, only makes the directory check the old entry
   at once: it is removed when its health check fails, kept while the node still answers.
 - Records that never come up are dropped after ``DROP_NEVER_UP_AFTER`` failed checks, and at most
@@ -36,6 +38,7 @@ from faasmoe.proto.errors import ConfigError, MeshError
 from faasmoe.router.mesh.channel import make_channel
 from faasmoe.router.control.probe import Verified, probe
 from faasmoe.router.control.discovery import MdnsBrowser, NodeRecord
+from faasmoe.router.control.dns_srv import DEFAULT_INTERVAL_S as SRV_INTERVAL_S, SrvBrowser
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +116,8 @@ class NodeDirectory:
         health_timeout_s: float = 1.0,
         failures_to_down: int = 1,
         tls: TlsMaterial | None = None,  # cluster credentials: probe every node, mutual TLS health checks
+        dns_srv: str | None = None,  # an SRV name (dns_srv.parse_spec) to resolve every dns_srv_interval_s
+        dns_srv_interval_s: float = SRV_INTERVAL_S,
     ):
         if health_interval_s <= 0 or health_timeout_s <= 0 or failures_to_down < 1:
             raise ConfigError("health interval and timeout must be > 0 s and failures_to_down >= 1")
@@ -125,7 +130,11 @@ class NodeDirectory:
         self._subscribers: list[Callable[[DirectoryEvent], None]] = []
         self._events: queue.SimpleQueue[DirectoryEvent | None] = queue.SimpleQueue()
         self._dispatcher: threading.Thread | None = None
-        self._browser = MdnsBrowser(mdns_interfaces, self._on_mdns) if mdns_interfaces is not None else None
+        self._browsers: list[MdnsBrowser | SrvBrowser] = []
+        if mdns_interfaces is not None:
+            self._browsers.append(MdnsBrowser(mdns_interfaces, self._on_mdns))
+        if dns_srv is not None:
+            self._browsers.append(SrvBrowser(dns_srv, self._on_mdns, interval_s=dns_srv_interval_s))
         self._running = False
 
     # -- lifecycle ---------------------------------------------------------------------------------------
@@ -139,16 +148,16 @@ class NodeDirectory:
             self._dispatcher.start()
             for address in self._static:
                 self._add(address, static=True, record=None)
-        if self._browser is not None:
-            try:
-                self._browser.start()
-            except BaseException:
-                self.stop()
-                raise
+        try:
+            for browser in self._browsers:
+                browser.start()
+        except BaseException:
+            self.stop()
+            raise
 
     def stop(self) -> None:
-        if self._browser is not None:
-            self._browser.stop()
+        for browser in self._browsers:
+            browser.stop()
         with self._cond:
             if not self._running:
                 return
@@ -227,7 +236,7 @@ class NodeDirectory:
                 self._emit("down", entry)
             entry.wake.set()
 
-    # -- mDNS (hints) ------------------------------------------------------------------------------------
+    # -- mDNS and DNS SRV (hints) ----------------------------------------------------------------------------
     def _on_mdns(self, node_id: str, record: NodeRecord | None) -> None:
         with self._cond:
             if not self._running:
@@ -323,11 +332,12 @@ class NodeDirectory:
         if self.tls is None or entry.verified is not None:
             return
         record = entry.record
-        if record is not None and not record.cert and not entry.static:
+        mdns = record is not None and record.source == "mdns"     # SRV records name no node and no certificate
+        if mdns and not record.cert and not entry.static:
             raise ConfigError("its mDNS record carries no certificate fingerprint")
         found = probe(entry.address, self.tls, record.cert if record is not None and record.cert else None,
                       self._timeout_s)
-        if record is not None and record.node_id != found.node_id:
+        if mdns and record.node_id != found.node_id:
             raise ConfigError(f"advertised as {record.node_id!r} but its certificate is node:{found.node_id}")
         with self._cond:
             entry.verified = found
