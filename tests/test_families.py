@@ -131,13 +131,28 @@ def test_sliding_window_is_exact(mesh, tmp_path):
 
     async def run():
         async with local_serving(store, mesh.addresses) as serving:
-            one = [await serving.engine.generate(Request(tuple(r.prompt_token_ids), 16, SamplingParams()))
-                   for r in refs]
+            one = [await serving.engine.generate(Request(tuple(r.prompt_token_ids), 16, SamplingParams(),
+                                                         keep_logits=True)) for r in refs]
             both = await asyncio.gather(*(serving.engine.generate(Request(tuple(r.prompt_token_ids), 16,
                                                                           SamplingParams())) for r in refs))
             return one, both
     one, both = asyncio.run(run())
     assert [r.token_ids for r in one] == [r.token_ids for r in refs] == [r.token_ids for r in both]
+    for alone, ref in zip(one, refs):              # every token's logits, past the full window too
+        assert (alone.logits - ref.logits).abs().max().item() <= 1e-4
+
+
+def test_extra_layers_past_the_model_are_skipped(tmp_path):
+    """DeepSeek-V3's release carries a multi-token-prediction layer past num_hidden_layers (transformers ignores
+    it): the split skips it instead of refusing the checkpoint."""
+    model_dir = make_family_checkpoint(tmp_path / "model", "deepseek_v3", seed=2)
+    tensors = load_file(str(model_dir / "model.safetensors"))
+    extra = {k.replace("model.layers.2.", "model.layers.3.", 1): v.clone() for k, v in tensors.items()
+             if k.startswith("model.layers.2.")}
+    save_file({**tensors, **extra}, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
+    split_checkpoint(model_dir, tmp_path / "store", group_size=4, progress=False)
+    dense = load_file(str(tmp_path / "store" / "dense.safetensors"))
+    assert not any(k.startswith("model.layers.3.") for k in dense) and "model.layers.2.mlp.gate.weight" in dense
 
 
 @pytest.mark.parametrize("name", FAMILY_NAMES)

@@ -45,8 +45,8 @@ class BatchQueues:
         waiting = {s.id: s for s in self.waiting}
         for seq_id in plan.admitted:
             seq = waiting[seq_id]
+            seq.slot = allocate_slot()             # first: a sequence that gets no slot stays queued
             self.waiting.remove(seq)
-            seq.slot = allocate_slot()
             self.running.append(seq)
             by_id[seq_id] = seq
         return by_id

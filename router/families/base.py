@@ -46,6 +46,7 @@ class Family:
     # transformers' order of the addition)
     shared: Callable[[Any, Any], Any] = no_shared
     latent_kv: bool = False               # the attention caches a compressed latent (DeepSeek's MLA)
+    windowed: bool = False                # its model masks attention by a sliding window when configured
 
     def num_experts(self, raw: dict, where: str) -> int:
         key = next((k for k in self.experts_keys if raw.get(k) is not None), self.experts_keys[0])

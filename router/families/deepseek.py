@@ -8,7 +8,10 @@ from faasmoe.router.families.base import Family
 
 
 def _moe_layers(raw: dict) -> tuple[int, ...]:
-    first = raw.get("first_k_dense_replace", 0) or 0
+    first = raw.get("first_k_dense_replace")
+    if first is None:                      # transformers' default for the model type (V3: 3, V2: 0)
+        from transformers import AutoConfig
+        first = AutoConfig.for_model(raw["model_type"]).first_k_dense_replace
     return tuple(range(first, raw["num_hidden_layers"]))
 
 

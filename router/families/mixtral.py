@@ -5,4 +5,4 @@ Checkpoints name the block ``block_sparse_moe`` and the expert matrices ``w1`` (
 from faasmoe.router.families.base import Family, every_layer
 
 FAMILY = Family("mixtral", "MixtralForCausalLM", ("num_local_experts",), "intermediate_size", every_layer,
-                block="block_sparse_moe", expert_keys=("w1", "w3", "w2"))
+                block="block_sparse_moe", expert_keys=("w1", "w3", "w2"), windowed=True)

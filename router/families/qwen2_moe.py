@@ -11,4 +11,4 @@ def _shared(mlp, hidden):
 
 
 FAMILY = Family("qwen2_moe", "Qwen2MoeForCausalLM", ("num_experts",), "moe_intermediate_size", sparse_step_layers,
-                shared=_shared)
+                shared=_shared, windowed=True)

@@ -66,7 +66,7 @@ class ModelRunner:
         try:
             plan = AttentionPlan([(c.slot, len(c.token_ids), kv.manager.stage(c.slot, len(c.token_ids)))
                                   for c in chunks])
-            logits = await self._forward(StepAttention(kv, plan, self.family.latent_kv), chunks, ctx)
+            logits = await self._forward(StepAttention(kv, plan, self.family.latent_kv, self.family.windowed), chunks, ctx)
         except BaseException:
             kv.manager.rollback()
             raise

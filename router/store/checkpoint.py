@@ -46,6 +46,7 @@ DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16
 EXPERT_DTYPES = ("F32", "F16", "BF16", "F64")
 MAX_HEADER_BYTES = 100 * 2**20
 _FUSED = ("gate_up_proj", "down_proj")
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 @dataclass(frozen=True)
@@ -176,12 +177,23 @@ class Checkpoint:
             raise CheckpointError(f"{self.dir}: not a directory")
         self.config = read_config(self.dir)
         self.source, self.tensors = _locate(self.dir)
+        self._drop_extra_layers()
         self.layouts: dict[int, str] = {}     # MoE layer -> "per_expert" | "fused"
         self._expert_names: set[str] = set()
         self._handles: dict[Path, int] = {}          # open file descriptors
         self._classify()
 
     # ---- checks -------------------------------------------------------------------------------------------------
+    def _drop_extra_layers(self) -> None:
+        """Layers past ``num_hidden_layers`` are not the model's (DeepSeek-V3's multi-token-prediction layer, which
+        transformers ignores too): neither split nor copied."""
+        extra = [n for n in self.tensors if (m := _LAYER_RE.match(n)) and int(m.group(1)) >= self.config.num_layers]
+        if extra:
+            log.info("%s: %d tensors of layers past num_hidden_layers (%d) are not part of the model; skipped",
+                     self.source, len(extra), self.config.num_layers)
+            for name in extra:
+                del self.tensors[name]
+
     def _classify(self) -> None:
         cfg, seen = self.config, {}
         family = cfg.family
@@ -216,8 +228,10 @@ class Checkpoint:
                     raise CheckpointError(f"{info.file}: {name} has shape {list(info.shape)}, expected {list(shape)} "
                                           f"from config.json")
                 if info.dtype not in EXPERT_DTYPES:
+                    fp8 = " (an FP8 checkpoint, as DeepSeek-V3's release: convert it to bfloat16 first)" \
+                        if info.dtype.startswith("F8") else ""
                     raise CheckpointError(f"{info.file}: {name} has dtype {info.dtype}; experts must be one of "
-                                          f"{'/'.join(EXPERT_DTYPES)}")
+                                          f"{'/'.join(EXPERT_DTYPES)}{fp8}")
 
     def _expected(self, layer: int) -> Iterator[tuple[str, tuple[int, ...]]]:
         c = self.config
