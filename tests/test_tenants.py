@@ -94,10 +94,17 @@ def test_limits(setup):
     with httpx.stream("POST", f"{server.url}/v1/completions", json=body,
                       headers={"Authorization": f"Bearer {keys['bob']}"}) as running:
         assert running.status_code == 200
-        next(line for line in running.iter_lines() if line.startswith("data:"))
-        with pytest.raises(openai.RateLimitError) as busy:
-            bob.completions.create(model="store", prompt="x", max_tokens=5)
-        assert int(busy.value.response.headers["Retry-After"]) >= 1
+        lines = running.iter_lines()
+        seen = [next(line for line in lines if line.startswith("data:")) for _ in range(2)]
+        assert all('"error"' not in line for line in seen), seen          # it is generating
+        try:
+            done = bob.completions.create(model="store", prompt="x", max_tokens=5)
+        except openai.RateLimitError as busy:
+            assert int(busy.response.headers["Retry-After"]) >= 1
+        else:                                  # say what the running request and the router were doing
+            rest = [line for line in lines if line.startswith("data:")][-3:]
+            pytest.fail(f"bob's second request was not refused ({done.usage}); his first stream began {seen}, "
+                        f"ended {rest}; router: {''.join(server.stderr)[-3000:]}")
     polling.wait_for(lambda: bob.completions.create(model="store", prompt="x", max_tokens=2).usage, 10,
                      "bob's slot to be free again", ignore=(openai.RateLimitError,))
     # carol: 200 tokens per minute (3.3 per second); each request reserves prompt + max_tokens
