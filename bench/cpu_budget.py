@@ -21,11 +21,9 @@ import psutil
 import torch
 
 from report import print_flat, save
+from serving import CODE_PROMPTS
 
-PROMPTS = ["def quicksort(xs):\n    ", "import os\nimport sys\n\n", "class Stack:\n    def __init__(self):",
-           "for i in range(10):\n    ", "def read_config(path):\n    with open(path) as fh:",
-           "# parse the command line\nimport argparse\n", "async def fetch(url, session):\n",
-           "def fibonacci(n):\n    if n < 2:\n        return n\n"]
+PROMPTS = CODE_PROMPTS            # the serving benchmark's prompts
 
 
 def cpu_s(procs) -> float:

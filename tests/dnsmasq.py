@@ -18,6 +18,7 @@ import dns.resolver
 from conftest import skip_or_fail
 from mosquitto import free_port
 from polling import wait_for
+from processes import terminate
 
 START_TIMEOUT_S = 10.0
 
@@ -85,11 +86,6 @@ class DnsServer:
         wait_for(answers, START_TIMEOUT_S, f"dnsmasq on {self.host}:{self.port}")
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+        if self.process is not None:
+            terminate(self.process)
         self.process = None

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import skip_or_fail
+from processes import terminate
 
 START_TIMEOUT_S = 10.0
 
@@ -49,13 +50,7 @@ class Broker:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+        terminate(self.process)
 
 
 def _accepting(port: int) -> bool:
